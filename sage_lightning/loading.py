@@ -1,0 +1,242 @@
+"""Where weights come from: diffusers pipelines (hub id or folder), the tiny random stack, ShapesWorld.
+
+This is the only module that knows paths and hub ids. Everything returns plain diffusers /
+transformers objects, so a tiny model, ShapesWorld and Stable Diffusion go through the same code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sage_lightning.errors import SageError, closest_names
+
+SHAPESWORLD_DIR = Path(__file__).parent / "shapesworld" / "weights"
+TOKENIZER_CACHE = Path(os.environ.get("SAGE_CACHE", Path.home() / ".cache" / "sage_lightning")) / "clip_bpe"
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "pndm": PNDMScheduler,
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class DiffusionModel:
+    """The parts of a latent text-to-image model that SAGE differentiates through (all frozen)."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: SchedulerMixin
+    name: str = "model"
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """The equivalent diffusers pipeline (shares the modules; no safety checker)."""
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, self.text_encoder]
+
+    def freeze(self) -> DiffusionModel:
+        for module in self.modules():
+            module.requires_grad_(False).eval()
+        return self
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusionModel:
+        for module in self.modules():
+            module.to(device=device, dtype=dtype)
+        return self
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-to-printable mapping (as in open_clip's SimpleTokenizer)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def write_clip_bpe_files(folder: Path) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of the real CLIP BPE (49408 tokens) into ``folder``.
+
+    Built offline from ``bpe_simple_vocab_16e6.txt.gz`` that open_clip ships, in the order open_clip's
+    ``SimpleTokenizer`` uses, so ids equal open_clip's (and OpenAI CLIP's / Stable Diffusion 1.x's).
+    """
+    import open_clip.tokenizer as oct
+
+    with gzip.open(oct.default_bpe(), "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_vocab, tmp_merges = folder / "vocab.json.tmp", folder / "merges.txt.tmp"
+    tmp_vocab.write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    tmp_merges.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tmp_vocab.replace(folder / "vocab.json")
+    tmp_merges.replace(folder / "merges.txt")
+    return folder
+
+
+@lru_cache(maxsize=4)
+def clip_tokenizer(folder: str | None = None) -> CLIPTokenizer:
+    """The Stable Diffusion 1.x CLIP tokenizer (pads with ``<|endoftext|>``), built offline."""
+    path = Path(folder) if folder else TOKENIZER_CACHE
+    if not (path / "vocab.json").exists() or not (path / "merges.txt").exists():
+        write_clip_bpe_files(path)
+    return CLIPTokenizer.from_pretrained(
+        str(path), local_files_only=True, model_max_length=77, pad_token="<|endoftext|>"
+    )
+
+
+# ------------------------------------------------------------------------------------- tiny stack
+def build_tiny(seed: int = 0, prediction_type: str = "epsilon", hidden: int = 32) -> DiffusionModel:
+    """A Stable-Diffusion-shaped stack with random weights (as diffusers' ``get_dummy_components``).
+
+    UNet 32x32x4 latents, a VAE with scale factor 2 (64 px images), a 2-layer CLIP text encoder on
+    the real 49408-token vocabulary, DDIM. Seeded: the same seed gives the same weights.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=hidden,
+        attention_head_dim=(2, 4), norm_num_groups=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=64,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=hidden,
+            intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2,
+            vocab_size=49408, max_position_embeddings=77,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, prediction_type=prediction_type, steps_offset=1,
+    )
+    return DiffusionModel(unet, vae, text_encoder, clip_tokenizer(), scheduler, name="tiny").freeze()
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise SageError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def make_scheduler(name: str, config: dict) -> SchedulerMixin:
+    """A scheduler of family ``name`` (ddim, euler, dpm++, pndm) from another scheduler's config."""
+    key = name.lower()
+    if key not in SCHEDULERS:
+        raise SageError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[key].from_config(config)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1] \
+        or Path(source).expanduser().exists()
+
+
+def load_diffusion(
+    source: str = "shapesworld",
+    *,
+    scheduler: str | None = "ddim",
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    local_files_only: bool = False,
+    seed: int = 0,
+) -> DiffusionModel:
+    """Load a text-to-image latent diffusion model, frozen.
+
+    ``source``: ``"shapesworld"`` (the embedded default), ``"tiny"`` (random weights, ``seed``), a local
+    folder saved by ``save_pretrained``, or a hub id such as ``"runwayml/stable-diffusion-v1-5"``.
+    ``scheduler`` replaces the pipeline's scheduler by that family (None keeps it).
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    if source == "tiny":
+        model = build_tiny(seed=seed)
+    else:
+        path = SHAPESWORLD_DIR / "pipeline" if source == "shapesworld" else Path(source).expanduser()
+        if source == "shapesworld" and not (path / "model_index.json").exists():
+            raise SageError(
+                f"ShapesWorld weights are missing at {path}: reinstall sage-lightning or rebuild them "
+                "with `sage-shapesworld build`"
+            )
+        is_local = source == "shapesworld" or _looks_like_path(source)
+        if is_local and not (path / "model_index.json").exists():
+            why = "does not exist" if not path.exists() else "has no model_index.json"
+            raise SageError(
+                f"model folder {str(path)!r} {why}: pass a folder written by save_pretrained, a hub id, "
+                "'shapesworld' or 'tiny'"
+            )
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(path) if is_local else source, local_files_only=local_files_only or is_local,
+                safety_checker=None, requires_safety_checker=False,
+            )
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SageError(
+                f"cannot load model {source!r} ({first[:200]}): check the hub id or folder, or your network"
+                " / `local_files_only`"
+            ) from err
+        model = DiffusionModel(
+            pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, name=source
+        )
+    if scheduler is not None:
+        model.scheduler = make_scheduler(scheduler, model.scheduler.config)
+    return model.freeze().to(device, torch_dtype)
+
+
+def known_sources() -> list[str]:
+    return ["shapesworld", "tiny"]
+
+
+__all__ = [
+    "DiffusionModel", "build_tiny", "clip_tokenizer", "load_diffusion", "make_scheduler",
+    "write_clip_bpe_files", "closest_names",
+]
