@@ -1,0 +1,1 @@
+"""ShapesWorld: the embedded, trained tiny text-to-image world (generator, models, judge)."""
