@@ -1,0 +1,180 @@
+"""The differentiable denoising loop (latents + prompt embeddings -> image) and its gradient modes.
+
+The forward value is always the model's real output: for the same latents, embeddings, scheduler,
+steps and guidance it equals diffusers' ``StableDiffusionPipeline(..., output_type="pt")``.
+What the gradient modes change is only which steps keep an autograd graph:
+
+* ``FullGradient``: exact gradient through every step (optional per-step activation checkpointing).
+* ``LastKGradient``: graph through the last ``k`` steps; the initial latent reaches the first graphed
+  step through an identity skip (``x <- x + (z - z.detach())``).
+* ``ResidualGradient``: SAGE's residual approximation (SAGE_METHOD.md, latent search): at step ``k``,
+  ``x_k <- x_k + w * (z - z.detach())`` (zero in value), so ``dL/dz = w * dL/dx_k``; steps before ``k``
+  run without a graph, steps after with one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from sage_lightning.errors import SageError
+from sage_lightning.loading import DiffusionModel
+
+
+@dataclass
+class GradientMode:
+    """Which denoising steps keep a graph. ``checkpoint``: recompute UNet activations in backward."""
+
+    checkpoint: bool = False
+
+    def graph_start(self, num_steps: int) -> int:
+        """Index of the first step that runs with an autograd graph."""
+        return 0
+
+    def skip_weight(self) -> float | None:
+        """Weight of the skip from the initial latent to the first graphed step (None: no skip)."""
+        return None
+
+
+@dataclass
+class FullGradient(GradientMode):
+    """Exact gradient through the whole chain."""
+
+
+@dataclass
+class LastKGradient(GradientMode):
+    """Graph through the last ``k`` steps; identity skip from the initial latent to step ``N - k``."""
+
+    k: int = 5
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise SageError(f"LastKGradient k={self.k} must be at least 1")
+
+    def graph_start(self, num_steps: int) -> int:
+        return max(num_steps - self.k, 0)
+
+    def skip_weight(self) -> float | None:
+        return 1.0
+
+
+@dataclass
+class ResidualGradient(GradientMode):
+    """SAGE's residual connection from the initial latent to intermediate step ``step``, weight ``weight``.
+
+    ``step``: a step index (int >= 0) or a fraction of the steps (float in [0, 1)).
+    """
+
+    step: float = 0.5
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.step < 0 or (isinstance(self.step, float) and self.step >= 1):
+            raise SageError(f"ResidualGradient step={self.step} must be an index >= 0 or a fraction in [0, 1)")
+
+    def graph_start(self, num_steps: int) -> int:
+        index = int(round(self.step * num_steps)) if isinstance(self.step, float) else int(self.step)
+        return min(index, num_steps - 1)
+
+    def skip_weight(self) -> float | None:
+        return self.weight
+
+
+class DiffusionSampler:
+    """Generate images ``[B, 3, H, W]`` in [0, 1] from initial latents ``[B, C, h, w]`` and text embeddings.
+
+    ``cond``: ``[B, L, D]`` (or ``[1, L, D]``, broadcast); ``uncond``: same, needed when guidance > 1.
+    Stateless between calls: every call sets up a fresh copy of the scheduler.
+    """
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        num_steps: int = 50,
+        guidance_scale: float = 7.5,
+        grad_mode: GradientMode | None = None,
+        eta: float = 0.0,
+    ) -> None:
+        if num_steps < 1:
+            raise SageError(f"num_steps={num_steps} must be at least 1")
+        if guidance_scale < 0:
+            raise SageError(f"guidance_scale={guidance_scale} must be >= 0 (1 or less disables guidance)")
+        self.model = model
+        self.num_steps = num_steps
+        self.guidance_scale = guidance_scale
+        self.grad_mode = grad_mode or FullGradient()
+        self.eta = eta
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance on (as diffusers: guidance_scale > 1)."""
+        return self.guidance_scale > 1.0
+
+    def unet_evaluations(self, batch_size: int) -> int:
+        """UNet forward evaluations of one call (conditional and unconditional counted apart)."""
+        return batch_size * self.num_steps * (2 if self.guided else 1)
+
+    def fresh_scheduler(self, device: torch.device):
+        scheduler = type(self.model.scheduler).from_config(self.model.scheduler.config)
+        scheduler.set_timesteps(self.num_steps, device=device)
+        return scheduler
+
+    def _step_kwargs(self, scheduler) -> dict:
+        accepted = set(inspect.signature(scheduler.step).parameters)
+        return {"eta": self.eta} if "eta" in accepted else {}
+
+    def _noise_prediction(self, x: Tensor, t: Tensor, embeddings: Tensor) -> Tensor:
+        out = self.model.unet(x, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+        if self.guided:
+            uncond, cond = out.chunk(2)
+            out = uncond + self.guidance_scale * (cond - uncond)
+        return out
+
+    def _guided_eps(self, scheduler, x: Tensor, t: Tensor, embeddings: Tensor, use_checkpoint: bool) -> Tensor:
+        model_input = torch.cat([x, x]) if self.guided else x
+        model_input = scheduler.scale_model_input(model_input, t)
+        needs_graph = torch.is_grad_enabled() and (model_input.requires_grad or embeddings.requires_grad)
+        if use_checkpoint and needs_graph:
+            return activation_checkpoint(self._noise_prediction, model_input, t, embeddings, use_reentrant=True)
+        return self._noise_prediction(model_input, t, embeddings)
+
+    def _embeddings(self, cond: Tensor, uncond: Tensor | None, batch: int) -> Tensor:
+        cond = cond.expand(batch, -1, -1) if cond.shape[0] == 1 else cond
+        if cond.shape[0] != batch:
+            raise SageError(f"{cond.shape[0]} prompt embeddings for {batch} latents: give 1 or {batch}")
+        if not self.guided:
+            return cond
+        if uncond is None:
+            raise SageError("guidance_scale > 1 needs unconditional embeddings: pass uncond")
+        return torch.cat([uncond.expand(batch, -1, -1) if uncond.shape[0] == 1 else uncond, cond])
+
+    def denoise(self, latents: Tensor, cond: Tensor, uncond: Tensor | None = None) -> Tensor:
+        """Run the denoising loop from initial latents ``z``; returns the final latents."""
+        scheduler = self.fresh_scheduler(latents.device)
+        uncond = None if uncond is None else uncond.to(latents.dtype)
+        embeddings = self._embeddings(cond.to(latents.dtype), uncond, latents.shape[0])
+        step_kwargs = self._step_kwargs(scheduler)
+        mode = self.grad_mode
+        start, weight = mode.graph_start(self.num_steps), mode.skip_weight()
+        grad_on = torch.is_grad_enabled()
+        x = latents * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps):
+            if i == start and weight is not None:
+                x = x.detach() + weight * (latents - latents.detach())
+            with torch.set_grad_enabled(grad_on and i >= start):
+                eps = self._guided_eps(scheduler, x, t, embeddings, mode.checkpoint)
+                x = scheduler.step(eps, t, x, **step_kwargs, return_dict=False)[0]
+        return x
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """VAE decode to images in [0, 1] (as the pipeline's ``output_type="pt"``)."""
+        vae = self.model.vae
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    def __call__(self, latents: Tensor, cond: Tensor, uncond: Tensor | None = None) -> Tensor:
+        return self.decode(self.denoise(latents, cond, uncond))

@@ -1,0 +1,29 @@
+"""Shared fixtures: the tiny random stack (as diffusers' get_dummy_components), saved and re-loaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sage_lightning.loading import DiffusionModel, build_tiny, load_diffusion
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> DiffusionModel:
+    return build_tiny(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny) -> str:
+    """The tiny stack saved with save_pretrained, as a user's local model folder."""
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    tiny.pipeline().save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_dir) -> DiffusionModel:
+    """The tiny stack re-loaded through the same loader a user's Stable Diffusion goes through."""
+    return load_diffusion(tiny_dir, scheduler="ddim")
