@@ -1,0 +1,146 @@
+"""The discriminator D: an ensemble of frozen classifiers and SAGE's surrogate loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sage_lightning.errors import SageError
+from sage_lightning.surrogate.classnames import resolve_classes
+from sage_lightning.surrogate.members import EnsembleMember, _check_images
+
+
+@dataclass
+class EnsembleOutput:
+    """What the discriminator D says about a batch.
+
+    Attributes:
+        loss: scalar, mean of ``per_sample_loss`` over the batch.
+        per_sample_loss: :math:`(B,)` surrogate loss, ``mean_m (2 p_m(c) - 1)`` (or, towards a
+            target t, ``mean_m (1 - 2 p_m(t))``).
+        probs: :math:`(M, B)` each member's softmax probability of the class.
+        topk: :math:`(M, B, k)` each member's top-k class indices.
+        failed: :math:`(B,)` bool, every member has the class outside its top-k and below tau.
+    """
+
+    loss: Tensor
+    per_sample_loss: Tensor
+    probs: Tensor
+    topk: Tensor
+    failed: Tensor
+
+
+class ClassifierEnsemble(nn.Module):
+    """The discriminator D of SAGE: frozen classifiers that must all miss the class.
+
+    Surrogate loss for class c: ``mean_m (2 p_m(c) - 1)`` per sample (minimise it to drive every
+    member away from c). A sample is a failure when every member puts c outside its top-k and
+    ``p_m(c) < tau``. With ``towards=True`` (:meth:`targeted_loss`, for the universal-token
+    search) the loss is ``mean_m (1 - 2 p_m(t))`` (minimise it to pull every member towards t);
+    ``failed`` keeps its meaning for the given class. Members are frozen (eval mode, no parameter
+    grads); gradients flow to the images.
+
+    Args:
+        members: the classifiers, all with the same class list.
+        top_k: k of the failure test.
+        tau: probability threshold of the failure test.
+
+    Shape:
+        - images: :math:`(B, 3, H, W)` in [0, 1], any size (members resize).
+        - target: :math:`(B,)` long class indices.
+        - output: :class:`EnsembleOutput`.
+    """
+
+    def __init__(self, members: list[EnsembleMember], top_k: int = 5, tau: float = 0.1) -> None:
+        super().__init__()
+        members = list(members)
+        if not members:
+            raise SageError("the ensemble has no members; give at least one EnsembleMember")
+        for i, m in enumerate(members):
+            if not isinstance(m, EnsembleMember):
+                raise SageError(f"ensemble member {i} is a {type(m).__name__}; give EnsembleMember instances")
+        ref = list(members[0].class_names)
+        for i, m in enumerate(members[1:], start=1):
+            names = list(m.class_names)
+            if names != ref:
+                diff = next((j for j, (a, b) in enumerate(zip(ref, names, strict=False)) if a != b), None)
+                where = (
+                    f"{len(names)} classes vs {len(ref)}"
+                    if diff is None
+                    else f"class {diff} is {names[diff]!r} vs {ref[diff]!r}"
+                )
+                raise SageError(
+                    f"ensemble member {i} ({type(m).__name__}) has a different class list than member 0 "
+                    f"({where}); give every member the same class_names"
+                )
+        if not 1 <= int(top_k) <= len(ref):
+            raise SageError(f"top_k={top_k} is out of range; use 1..{len(ref)}")
+        if not 0.0 < float(tau) <= 1.0:
+            raise SageError(f"tau={tau} is out of range; use a probability in (0, 1]")
+        self.members = nn.ModuleList(members)
+        self.top_k = int(top_k)
+        self.tau = float(tau)
+        self.requires_grad_(False)
+        self.train(False)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.members[0].class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.members[0].class_names)
+
+    def resolve(self, names_or_indices: Sequence[str | int] | str | int) -> list[int]:
+        """Class names or indices as indices into this ensemble's class list (SageError if unknown)."""
+        return resolve_classes(names_or_indices, self.class_names)
+
+    def train(self, mode: bool = True) -> ClassifierEnsemble:
+        return super().train(False)
+
+    def member_probs(self, images: Tensor) -> Tensor:
+        """Softmax probabilities of every member, :math:`(M, B, C)` (float32)."""
+        return torch.stack([m(images).float().softmax(-1) for m in self.members])
+
+    def forward(self, images: Tensor, target: Tensor, towards: bool = False) -> EnsembleOutput:
+        target = self._check_target(images, target)
+        probs_all = self.member_probs(images)  # [M, B, C]
+        return self.from_probs(probs_all, target, towards=towards)
+
+    def targeted_loss(self, images: Tensor, target: Tensor) -> EnsembleOutput:
+        """Loss ``mean_m (1 - 2 p_m(t))`` towards class t (universal-token search)."""
+        return self(images, target, towards=True)
+
+    def from_probs(self, probs_all: Tensor, target: Tensor, towards: bool = False) -> EnsembleOutput:
+        """Loss and failure decision from member probabilities :math:`(M, B, C)` and target :math:`(B,)`."""
+        M, B, _ = probs_all.shape
+        idx = target.to(probs_all.device).view(1, B, 1).expand(M, B, 1)
+        p = probs_all.gather(-1, idx).squeeze(-1)  # [M, B]
+        topk = probs_all.detach().topk(self.top_k, dim=-1).indices  # [M, B, k]
+        in_topk = (topk == idx).any(-1)  # [M, B]
+        failed = (~in_topk & (p.detach() < self.tau)).all(0)  # [B]
+        per_sample = (1 - 2 * p).mean(0) if towards else (2 * p - 1).mean(0)
+        return EnsembleOutput(
+            loss=per_sample.mean(), per_sample_loss=per_sample, probs=p, topk=topk, failed=failed
+        )
+
+    def _check_target(self, images: Tensor, target: Tensor | Sequence[int] | int) -> Tensor:
+        _check_images(images)
+        B = images.shape[0]
+        target = torch.as_tensor(target, device=images.device)
+        if target.ndim == 0:
+            target = target.expand(B)
+        if target.shape != (B,) or target.dtype.is_floating_point or target.dtype == torch.bool:
+            raise SageError(
+                f"target has shape {tuple(target.shape)}, dtype {target.dtype}; pass class indices [B] (long)"
+            )
+        target = target.long()
+        if bool(((target < 0) | (target >= self.num_classes)).any()):
+            raise SageError(
+                f"target {target.tolist()} has indices out of range; use 0..{self.num_classes - 1} "
+                "(ensemble.resolve(names) maps names to indices)"
+            )
+        return target

@@ -1,0 +1,184 @@
+"""The discriminator D: surrogate loss, failure decision, gradients, exact Canny, class-name errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from sage_lightning.errors import SageError
+from sage_lightning.surrogate import (
+    CannyEdgeMember,
+    ClassifierEnsemble,
+    EnsembleMember,
+    OpenClipZeroShotMember,
+    TimmMember,
+    imagenet_class_names,
+    resolve_classes,
+)
+
+NAMES = [f"class{i}" for i in range(10)]
+
+
+class FixedProbsMember(EnsembleMember):
+    """Returns log(probs) for every image, so its softmax is ``probs`` (one row per sample)."""
+
+    def __init__(self, probs: list[list[float]], class_names: list[str] = NAMES) -> None:
+        super().__init__()
+        self.class_names = list(class_names)
+        self.register_buffer("fixed", torch.tensor(probs, dtype=torch.float64).log().float())
+
+    def logits(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.fixed[: images01.shape[0]] + 0 * images01.mean((1, 2, 3))[:, None]
+
+
+@pytest.fixture(scope="module")
+def timm_member() -> TimmMember:
+    torch.manual_seed(0)
+    return TimmMember("test_resnet", NAMES, pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def clip_member(tmp_path_factory) -> OpenClipZeroShotMember:
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    torch.manual_seed(0)
+    templates = ["a photo of a {}.", "art of the {}."]
+    return OpenClipZeroShotMember(f"local-dir:{folder}", None, NAMES[:4], templates)
+
+
+def _images(b: int = 2, size: int = 40) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.rand(b, 3, size, size)
+
+
+def _probs_with(target_prob: float, top: list[float], n: int = 10) -> list[float]:
+    """A distribution over n classes: class 0 gets target_prob, classes 1.. get ``top``, the rest share."""
+    rest = n - 1 - len(top)
+    return [target_prob, *top] + [(1 - target_prob - sum(top)) / rest] * rest
+
+
+def test_loss_matches_hand_computation():
+    p1 = [[0.5, 0.2, 0.1, 0.05, 0.05, 0.04, 0.03, 0.01, 0.01, 0.01]] * 2
+    p2 = [[0.1, 0.6, 0.1, 0.05, 0.05, 0.04, 0.03, 0.01, 0.01, 0.01]] * 2
+    ens = ClassifierEnsemble([FixedProbsMember(p1), FixedProbsMember(p2)], top_k=5, tau=0.1)
+    target = torch.tensor([0, 2])
+    out = ens(_images(), target)
+    expected = [((2 * p1[0][c] - 1) + (2 * p2[0][c] - 1)) / 2 for c in (0, 2)]  # [0.1, -0.8]
+    assert out.per_sample_loss.tolist() == pytest.approx(expected, abs=1e-6)
+    assert out.loss.item() == pytest.approx(sum(expected) / 2, abs=1e-6)
+    assert out.probs.shape == (2, 2) and out.topk.shape == (2, 2, 5) and out.failed.shape == (2,)
+    assert out.probs[:, 0].tolist() == pytest.approx([0.5, 0.1], abs=1e-6)
+    assert out.topk[1, 0, 0].item() == 1
+    towards = ens.targeted_loss(_images(), target)
+    assert towards.per_sample_loss.tolist() == pytest.approx([-e for e in expected], abs=1e-6)
+    assert ens(_images(), target, towards=True).loss.item() == pytest.approx(-sum(expected) / 2, abs=1e-6)
+
+
+def test_failure_decision():
+    fooled = _probs_with(0.01, [0.3, 0.2, 0.2, 0.1, 0.1])  # c=0 last, p < tau
+    in_topk = _probs_with(0.12, [0.5, 0.1, 0.1, 0.1])  # c=0 second: inside top-5
+    confident_outside = _probs_with(0.11, [0.16] * 5)  # c=0 sixth, but p >= tau
+    assert sorted(range(10), key=lambda j: -confident_outside[j]).index(0) == 5
+    ens = ClassifierEnsemble(
+        [FixedProbsMember([fooled, fooled, fooled]), FixedProbsMember([fooled, in_topk, confident_outside])],
+        top_k=5,
+        tau=0.1,
+    )
+    out = ens(_images(3), torch.zeros(3, dtype=torch.long))
+    assert out.failed.tolist() == [True, False, False]
+    assert out.failed.dtype == torch.bool
+
+
+def test_gradients_reach_image_and_members_stay_frozen(timm_member, clip_member):
+    edge = CannyEdgeMember(TimmMember("test_resnet", NAMES[:4]), low_threshold=50, high_threshold=100)
+    for member in (timm_member, clip_member, edge):
+        ens = ClassifierEnsemble([member], top_k=2)
+        ens.train()  # Lightning calls this; members must stay in eval mode
+        assert not any(m.training for m in ens.modules())
+        assert not any(p.requires_grad for p in ens.parameters())
+        x = _images(2, 48).requires_grad_(True)
+        out = ens(x, torch.tensor([1, 3]))
+        out.loss.backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all(), type(member).__name__
+        assert x.grad.abs().sum() > 0, type(member).__name__
+        assert all(p.grad is None for p in ens.parameters())
+
+
+def test_edge_map_is_exactly_cv2_canny():
+    rng = np.random.default_rng(0)
+    img = np.full((64, 80, 3), 30, np.uint8)
+    img[10:40, 15:50] = (200, 40, 90)
+    cv2.circle(img, (55, 40), 15, (20, 220, 120), -1)
+    img = np.clip(img.astype(int) + rng.integers(-25, 25, img.shape), 0, 255).astype(np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    x = torch.cat([x, torch.rand(1, 3, 64, 80)]).requires_grad_(True)
+    member = CannyEdgeMember(FixedProbsMember([[0.1] * 10] * 2), low_threshold=100, high_threshold=200)
+    edges = member.edge_map(x)
+    assert edges.shape == (2, 1, 64, 80)
+    for i in range(2):
+        u8 = (x[i].detach() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        ref = cv2.Canny(cv2.cvtColor(np.ascontiguousarray(u8), cv2.COLOR_RGB2GRAY), 100, 200)
+        assert ref.any()
+        assert np.array_equal(edges[i, 0].detach().numpy(), (ref > 0).astype(np.float32))
+    sketch = member.sketch(x)  # black edges on white
+    assert sketch.shape == (2, 3, 64, 80) and torch.equal(sketch[:, 1], 1 - edges[:, 0])
+    edges.sum().backward()  # straight-through: the surrogate's gradient reaches the image
+    assert x.grad.abs().sum() > 0
+
+
+def test_unknown_class_name_suggests_close_match():
+    names = imagenet_class_names()
+    assert len(names) == 1000 and names[0] == "tench"
+    assert resolve_classes(["goldfish", 3, "7", "Tench"], names) == [1, 3, 7, 0]
+    with pytest.raises(SageError, match="goldfish"):
+        resolve_classes(["goldfsh"], names)
+    with pytest.raises(SageError, match="ambiguous"):
+        resolve_classes("missile", names)
+    with pytest.raises(SageError, match="out of range"):
+        resolve_classes([1000], names)
+    ens = ClassifierEnsemble([FixedProbsMember([[0.1] * 10])])
+    assert ens.resolve(["class3"]) == [3]
+    with pytest.raises(SageError, match="class3"):
+        ens.resolve("clas3")
+
+
+def test_members_with_different_class_lists_are_rejected():
+    other = [f"thing{i}" for i in range(10)]
+    with pytest.raises(SageError, match="different class list.*class 0 is 'thing0'"):
+        ClassifierEnsemble([FixedProbsMember([[0.1] * 10]), FixedProbsMember([[0.1] * 10], other)])
+    with pytest.raises(SageError, match="different class list"):
+        ClassifierEnsemble([FixedProbsMember([[0.1] * 10]), FixedProbsMember([[0.2] * 5], NAMES[:5])])
+    with pytest.raises(SageError, match="top_k"):
+        ClassifierEnsemble([FixedProbsMember([[0.1] * 10])], top_k=11)
+
+
+def test_bad_target_is_a_clear_error():
+    ens = ClassifierEnsemble([FixedProbsMember([[0.1] * 10] * 2)])
+    with pytest.raises(SageError, match="out of range"):
+        ens(_images(), torch.tensor([0, 10]))
+    with pytest.raises(SageError, match="long"):
+        ens(_images(), torch.tensor([0.0, 1.0]))
+    assert math.isfinite(ens(_images(), 4).loss.item())  # a scalar target is broadcast over the batch
+
+
+def test_ensemble_from_jsonargparse_config():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(ClassifierEnsemble, "discriminator")
+    member = {"class_path": "sage_lightning.surrogate.TimmMember",
+              "init_args": {"model_name": "test_resnet", "class_names": NAMES[:3]}}
+    cfg = parser.parse_object({"discriminator": {"members": [member], "top_k": 2, "tau": 0.2}})
+    ens = parser.instantiate(cfg).discriminator
+    assert isinstance(ens, ClassifierEnsemble) and isinstance(ens.members[0], TimmMember)
+    assert ens.top_k == 2 and ens.tau == 0.2 and ens.class_names == NAMES[:3]
