@@ -1,0 +1,76 @@
+"""ShapesWorld's geometric judge: accuracy on fresh images (fast version), blur, blanks, colours."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from sage_lightning.shapesworld.generator import COLOURS, SHAPES, Scene, make_batch, render
+from sage_lightning.shapesworld.judge import judge_image, judge_shapes, to_uint8
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    images, _, ids, scenes = make_batch(200, seed=2024)
+    return images, ids, scenes
+
+
+def test_shape_accuracy_on_fresh_images(fresh):
+    images, ids, _ = fresh
+    pred = judge_shapes(images)
+    acc = np.mean([p == SHAPES[i] for p, i in zip(pred, ids, strict=True)])
+    assert acc >= 0.95, acc
+
+
+def test_every_class_recognised(fresh):
+    images, ids, _ = fresh
+    pred = np.array([str(p) for p in judge_shapes(images)])
+    for k, name in enumerate(SHAPES):
+        hit = pred[ids == k] == name
+        assert hit.size and hit.mean() >= 0.85, (name, hit.mean())
+
+
+def test_colour_accuracy(fresh):
+    images, _, scenes = fresh
+    colours = [judge_image(img, with_features=False).colour for img in images[:80]]
+    acc = np.mean([c == s.colour for c, s in zip(colours, scenes[:80], strict=True)])
+    assert acc >= 0.95, acc
+
+
+def test_blurred_images(fresh):
+    images, ids, _ = fresh
+    blurred = np.stack([cv2.GaussianBlur(img, (0, 0), 1.0) for img in images[:100]])
+    acc = np.mean([p == SHAPES[i] for p, i in zip(judge_shapes(blurred), ids[:100], strict=True)])
+    assert acc >= 0.9, acc
+
+
+@pytest.mark.parametrize("value", [0, 128, 255])
+def test_blank_image_has_no_shape(value):
+    verdict = judge_image(np.full((64, 64, 3), value, np.uint8))
+    assert verdict.shape is None and verdict.colour is None
+
+
+def test_noise_and_gradient_without_object():
+    rng = np.random.default_rng(0)
+    noise = np.clip(128 + rng.normal(0, 6, (64, 64, 3)), 0, 255).astype(np.uint8)
+    ramp = np.linspace(40, 200, 64, dtype=np.float32)
+    gradient = np.stack([np.broadcast_to(ramp, (64, 64))] * 3, -1).astype(np.uint8)
+    assert judge_image(noise).shape is None
+    assert judge_image(gradient).shape is None
+
+
+def test_single_scene_and_features():
+    scene = Scene(shape="ring", colour="blue", size="large", background="plain", background_colour="white",
+                  style="photo", center=(32.0, 32.0), radius=24.0, rotation=0.0, detail=1)
+    v = judge_image(render(scene))
+    assert (v.shape, v.colour) == ("ring", "blue")
+    assert v.features["holes"] == 1 and v.confidence > 0.8 and set(v.scores) == set(SHAPES)
+
+
+def test_other_sizes_and_float_input():
+    images, _, ids, _ = make_batch(10, seed=7, size=96)
+    assert np.mean([p == SHAPES[i] for p, i in zip(judge_shapes(images), ids, strict=True)]) >= 0.9
+    floats = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    assert np.array_equal(to_uint8(floats), images)
+    assert len(COLOURS) == 8
