@@ -229,7 +229,7 @@ def load_diffusion(
         )
     if scheduler is not None:
         model.scheduler = make_scheduler(scheduler, model.scheduler.config)
-    return model.freeze().to(device, torch_dtype)
+    return model.freeze().to(device, None if torch_dtype == torch.float32 else torch_dtype)
 
 
 def known_sources() -> list[str]:
@@ -240,3 +240,47 @@ __all__ = [
     "DiffusionModel", "build_tiny", "clip_tokenizer", "load_diffusion", "make_scheduler",
     "write_clip_bpe_files", "closest_names",
 ]
+
+
+# ------------------------------------------------------------------------------ default ensembles
+def _tiny_shape_names() -> list[str]:
+    from sage_lightning.shapesworld.generator import SHAPES
+
+    return list(SHAPES)
+
+
+def default_ensemble(source: str):
+    """The discriminator D that goes with a model source when the config names none.
+
+    ``shapesworld``: the world's own classifiers (two timm architectures and the Canny-edge member).
+    ``tiny``: random timm test models on the ShapesWorld class names (debugging only: meaningless).
+    Other sources have no default: a config must list the members (see configs/models/).
+    """
+    import json
+
+    from sage_lightning.surrogate import CannyEdgeMember, ClassifierEnsemble, TimmMember
+
+    if source == "tiny":
+        names = _tiny_shape_names()
+        torch.manual_seed(0)
+        members = [TimmMember("test_resnet", names), TimmMember("test_vit", names)]
+        members.append(CannyEdgeMember(TimmMember("test_resnet", names)))
+        return ClassifierEnsemble(members)
+    if source == "shapesworld":
+        folder = SHAPESWORLD_DIR / "classifiers"
+        configs = sorted(folder.glob("*/config.json"))
+        if not configs:
+            raise SageError(f"ShapesWorld classifiers are missing in {folder}: rebuild them with `sage-shapesworld build`")
+        members = []
+        for path in configs:
+            cfg = json.loads(path.read_text())
+            member = TimmMember(
+                cfg["model_name"], cfg["class_names"], checkpoint_path=str(path.parent / "model.safetensors"),
+                model_kwargs=cfg.get("model_kwargs"),
+            )
+            members.append(CannyEdgeMember(member) if cfg.get("input") == "canny" else member)
+        return ClassifierEnsemble(members)
+    raise SageError(
+        f"model {source!r} has no default ensemble: list the members under model.ensemble in the config "
+        "(see configs/models/sd15.yaml)"
+    )

@@ -15,7 +15,6 @@ What the gradient modes change is only which steps keep an autograd graph:
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,11 +24,14 @@ from sage_lightning.errors import SageError
 from sage_lightning.loading import DiffusionModel
 
 
-@dataclass
 class GradientMode:
-    """Which denoising steps keep a graph. ``checkpoint``: recompute UNet activations in backward."""
+    """Which denoising steps keep a graph. ``checkpoint``: recompute UNet activations in backward.
 
-    checkpoint: bool = False
+    Plain classes (not dataclasses) so that configs pick one by ``class_path``.
+    """
+
+    def __init__(self, checkpoint: bool = False) -> None:
+        self.checkpoint = checkpoint
 
     def graph_start(self, num_steps: int) -> int:
         """Index of the first step that runs with an autograd graph."""
@@ -39,21 +41,26 @@ class GradientMode:
         """Weight of the skip from the initial latent to the first graphed step (None: no skip)."""
         return None
 
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
 
-@dataclass
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+
 class FullGradient(GradientMode):
     """Exact gradient through the whole chain."""
 
 
-@dataclass
 class LastKGradient(GradientMode):
     """Graph through the last ``k`` steps; identity skip from the initial latent to step ``N - k``."""
 
-    k: int = 5
-
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise SageError(f"LastKGradient k={self.k} must be at least 1")
+    def __init__(self, k: int = 5, checkpoint: bool = False) -> None:
+        super().__init__(checkpoint)
+        if k < 1:
+            raise SageError(f"LastKGradient k={k} must be at least 1")
+        self.k = k
 
     def graph_start(self, num_steps: int) -> int:
         return max(num_steps - self.k, 0)
@@ -62,19 +69,17 @@ class LastKGradient(GradientMode):
         return 1.0
 
 
-@dataclass
 class ResidualGradient(GradientMode):
     """SAGE's residual connection from the initial latent to intermediate step ``step``, weight ``weight``.
 
     ``step``: a step index (int >= 0) or a fraction of the steps (float in [0, 1)).
     """
 
-    step: float = 0.5
-    weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.step < 0 or (isinstance(self.step, float) and self.step >= 1):
-            raise SageError(f"ResidualGradient step={self.step} must be an index >= 0 or a fraction in [0, 1)")
+    def __init__(self, step: int | float = 0.5, weight: float = 1.0, checkpoint: bool = False) -> None:
+        super().__init__(checkpoint)
+        if step < 0 or (isinstance(step, float) and step >= 1):
+            raise SageError(f"ResidualGradient step={step} must be an index >= 0 or a fraction in [0, 1)")
+        self.step, self.weight = step, weight
 
     def graph_start(self, num_steps: int) -> int:
         index = int(round(self.step * num_steps)) if isinstance(self.step, float) else int(self.step)

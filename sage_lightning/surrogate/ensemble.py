@@ -144,3 +144,15 @@ class ClassifierEnsemble(nn.Module):
                 "(ensemble.resolve(names) maps names to indices)"
             )
         return target
+
+
+def member_names(ensemble: ClassifierEnsemble) -> list[str]:
+    """Readable, unique names of the members, for result files (``0:resnet10t``, ``2:canny+resnet10t``)."""
+
+    def name(member: nn.Module) -> str:
+        inner = getattr(member, "classifier", None)
+        if inner is not None:
+            return "canny+" + name(inner)
+        return getattr(member, "model_name", type(member).__name__)
+
+    return [f"{i}:{name(m)}" for i, m in enumerate(ensemble.members)]

@@ -1,0 +1,7 @@
+"""Callbacks of the SAGE searches: clamping, projection, result writing."""
+
+from callbacks.clamp import ClampPerturbation
+from callbacks.failure_writer import FailureWriter
+from callbacks.projection import LatentProjection
+
+__all__ = ["ClampPerturbation", "FailureWriter", "LatentProjection"]

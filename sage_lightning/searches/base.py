@@ -1,0 +1,242 @@
+"""What every SAGE search over (class, prompt, seed) targets shares: frozen models and target states.
+
+A target is *running* until the discriminator D declares a failure (*found*) or its iteration budget is
+spent (*exhausted*). One epoch = one iteration for every running target; the datamodule asks
+``running_targets()`` at each epoch start, so finished targets cost nothing more. Under DDP each rank
+attacks its own targets and the state changes are summed across ranks after every step, so all ranks
+agree on every target's state; the adversarial parameters are replicated and their gradients averaged
+by DDP, which leaves the sign (the only thing a sign-gradient step uses) unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from sage_lightning.errors import SageError
+from sage_lightning.loading import DiffusionModel, load_diffusion
+from sage_lightning.optim import SignSGD
+from sage_lightning.sampler import DiffusionSampler, GradientMode, ResidualGradient
+from sage_lightning.surrogate import ClassifierEnsemble, EnsembleOutput
+from sage_lightning.targets import Target
+from sage_lightning.text import PromptEncoder
+
+RUNNING, FOUND, EXHAUSTED = 0, 1, 2
+
+
+@dataclass
+class StepOutputs:
+    """What one step produced, for the writer and the loggers (rows = real targets of this rank)."""
+
+    targets: Tensor  # [b] target ids
+    iterations: Tensor  # [b] updates applied before this evaluation
+    images: Tensor  # [b, 3, H, W]
+    latents: Tensor  # [b, C, h, w] the latents that produced the images
+    output: EnsembleOutput  # sliced to the b real rows
+    finished: Tensor  # [b] bool: found or exhausted at this evaluation
+    found: Tensor  # [b] bool
+
+
+class _Frozen:
+    """Holds the frozen models outside the module tree: never checkpointed, moved, trained or DDP-synced."""
+
+    def __init__(self, model: DiffusionModel, ensemble: ClassifierEnsemble, encoder: PromptEncoder):
+        self.model, self.ensemble, self.encoder = model, ensemble, encoder
+
+    def to(self, device: torch.device) -> None:
+        self.model.to(device)
+        self.ensemble.to(device)
+
+
+def _default_ensemble(source: str) -> ClassifierEnsemble:
+    from sage_lightning.loading import default_ensemble
+
+    return default_ensemble(source)
+
+
+class TargetSearch(L.LightningModule):
+    """Base of the searches. Subclasses define the adversarial parameters and ``training_step``.
+
+    Args:
+        diffusion: model source for :func:`sage_lightning.loading.load_diffusion` (``shapesworld``,
+            ``tiny``, a folder or a hub id).
+        ensemble: the discriminator D; None takes the source's default ensemble.
+        num_steps, guidance_scale, scheduler: sampling of the text-to-image model.
+        grad_mode: how gradients cross the denoising loop (default: SAGE's residual connection).
+        max_iterations: attack iterations per target before it counts as exhausted.
+        lr: step size of the default sign-gradient optimizer (a config ``optimizer:`` overrides it).
+    """
+
+    def __init__(
+        self,
+        diffusion: str = "shapesworld",
+        ensemble: ClassifierEnsemble | None = None,
+        num_steps: int = 20,
+        guidance_scale: float = 3.0,
+        scheduler: str = "ddim",
+        grad_mode: GradientMode | None = None,
+        max_iterations: int = 100,
+        lr: float = 0.05,
+        dtype: str = "float32",
+        local_files_only: bool = False,
+    ) -> None:
+        super().__init__()
+        if max_iterations < 0:
+            raise SageError(f"max_iterations={max_iterations} must be >= 0")
+        if num_steps < 1:
+            raise SageError(f"num_steps={num_steps} must be at least 1")
+        if not lr > 0:
+            raise SageError(f"lr={lr} must be > 0")
+        self.diffusion_source, self.scheduler_name, self.dtype_name = diffusion, scheduler, dtype
+        self.local_files_only = local_files_only
+        self.num_steps, self.guidance_scale, self.max_iterations, self.lr = num_steps, guidance_scale, max_iterations, lr
+        self.grad_mode = grad_mode or ResidualGradient()
+        self._ensemble_arg = ensemble
+        self._frozen: _Frozen | None = None
+        self.targets: list[Target] = []
+        self.step_outputs: StepOutputs | None = None
+        self.stepped_targets = torch.zeros(0, dtype=torch.long)
+
+    # ----------------------------------------------------------------------------------- set-up
+    @property
+    def frozen(self) -> _Frozen:
+        if self._frozen is None:
+            raise RuntimeError("the search is not set up: call trainer.fit (or module.prepare(targets))")
+        return self._frozen
+
+    @property
+    def sampler(self) -> DiffusionSampler:
+        return DiffusionSampler(self.frozen.model, self.num_steps, self.guidance_scale, self.grad_mode)
+
+    def prepare(self, targets_of) -> None:
+        """Load the frozen models and build the targets; ``targets_of(class_names) -> list[Target]``."""
+        if self._frozen is not None:
+            return
+        ensemble = self._ensemble_arg or _default_ensemble(self.diffusion_source)
+        targets = targets_of(ensemble.class_names)  # bad classes fail here, before the model loads
+        if not targets:
+            raise SageError("the target list is empty: give at least one class in data.classes")
+        model = load_diffusion(
+            self.diffusion_source, scheduler=self.scheduler_name, dtype=self.dtype_name,
+            local_files_only=self.local_files_only,
+        )
+        ensemble.requires_grad_(False).eval()
+        self._frozen = _Frozen(model, ensemble, PromptEncoder(model.tokenizer, model.text_encoder))
+        self.targets = targets
+        self.class_index = torch.tensor([ensemble.class_names.index(t.class_name) for t in targets])
+        self.status = torch.zeros(len(targets), dtype=torch.long)
+        self.iterations = torch.zeros(len(targets), dtype=torch.long)
+        self.init_parameters()
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise SageError("a search needs a datamodule that supplies targets (data: in the config)")
+        self.prepare(datamodule.targets)
+
+    def on_fit_start(self) -> None:
+        self.frozen.to(self.device)
+
+    def init_parameters(self) -> None:
+        """Create the adversarial parameters (the module's only trainable parameters)."""
+        raise NotImplementedError
+
+    def configure_optimizers(self):
+        return SignSGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+    # ------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def prompt_embeddings(self, prompts: list[str]) -> Tensor:
+        return self.frozen.encoder(prompts).to(self.device)
+
+    def generate(self, latents: Tensor, cond: Tensor) -> Tensor:
+        uncond = self.prompt_embeddings([""]) if self.sampler.guided else None
+        return self.sampler(latents, cond, uncond)
+
+    def unet_evaluations(self, iterations: int) -> int:
+        """UNet evaluations a target used: forward calls of ``iterations + 1`` evaluations, plus one
+        backward call per graphed step of each of the ``iterations`` updates (cond/uncond apart)."""
+        sampler = self.sampler
+        forward = sampler.unet_evaluations(1)
+        graphed = self.num_steps - self.grad_mode.graph_start(self.num_steps)
+        backward = graphed * (2 if sampler.guided else 1) * (2 if self.grad_mode.checkpoint else 1)
+        return (iterations + 1) * forward + iterations * backward
+
+    # --------------------------------------------------------------------------- target states
+    def running_targets(self) -> list[int]:
+        return torch.nonzero(self.status == RUNNING).flatten().tolist()
+
+    def _all_ranks_sum(self, tensor: Tensor) -> Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            tensor = tensor.to(self.device)
+            dist.all_reduce(tensor)
+        return tensor.cpu()
+
+    def advance(self, ids: Tensor, images: Tensor, latents: Tensor, output: EnsembleOutput) -> Tensor:
+        """SAGE's per-target stopping rule; returns the mask of rows that keep being optimised.
+
+        ``ids``: ``[B]`` target ids with ``-1`` for padding. Called once per step on every rank.
+        """
+        real = (ids >= 0).cpu()
+        rows = ids.clamp(min=0).cpu()
+        iterations = self.iterations[rows]
+        found = real & output.failed.cpu()
+        exhausted = real & ~found & (iterations >= self.max_iterations)
+        active = real & ~found & ~exhausted
+        status_change = torch.zeros_like(self.status)
+        status_change[rows[found]] = FOUND
+        status_change[rows[exhausted]] = EXHAUSTED
+        stepped = torch.zeros_like(self.iterations)
+        stepped[rows[active]] = 1
+        changes = self._all_ranks_sum(torch.stack([status_change, stepped]))
+        self.status += changes[0]
+        self.iterations += changes[1]
+        self.stepped_targets = torch.nonzero(changes[1]).flatten()
+        keep = real.to(images.device)
+        self.step_outputs = StepOutputs(
+            targets=rows[real], iterations=iterations[real], images=images.detach()[keep],
+            latents=latents.detach()[keep], output=_slice(output, keep), finished=(found | exhausted)[real],
+            found=found[real],
+        )
+        done = int((self.status != RUNNING).sum())
+        self.log("targets_done", float(done), prog_bar=True, batch_size=len(ids))
+        self.log("failures", float((self.status == FOUND).sum()), prog_bar=True, batch_size=len(ids))
+        return active.to(images.device)
+
+    def on_train_start(self) -> None:
+        if not self.running_targets():
+            self.trainer.should_stop = True
+
+    def on_train_epoch_end(self) -> None:
+        if not self.running_targets():
+            self.trainer.should_stop = True
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sage_state"] = {
+            "status": self.status.clone(), "iterations": self.iterations.clone(),
+            "targets": [t.to_dict() for t in self.targets],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("sage_state")
+        if state is None:
+            raise SageError("the checkpoint holds no SAGE search state: resume from a checkpoint of a sage run")
+        if state["targets"] != [t.to_dict() for t in self.targets]:
+            raise SageError(
+                "the checkpoint was made for other targets than this config gives: resume with the run's "
+                "config.yaml (sage fit --config RUN/config.yaml --ckpt_path last)"
+            )
+        self.status.copy_(state["status"])
+        self.iterations.copy_(state["iterations"])
+
+
+def _slice(output: EnsembleOutput, keep: Tensor) -> EnsembleOutput:
+    return EnsembleOutput(
+        loss=output.loss.detach(), per_sample_loss=output.per_sample_loss.detach()[keep],
+        probs=output.probs.detach()[:, keep], topk=output.topk[:, keep], failed=output.failed[keep],
+    )

@@ -1,0 +1,50 @@
+"""Latent-space SAGE (SAGE_METHOD.md, "Latent-space search").
+
+For each target (class c, prompt p, seed s): z0 = N(0, I) from s; find delta so that the image of
+z = z0 + delta under prompt p fails the discriminator D, by sign-gradient steps on
+``loss = mean_m (2 p_m(c) - 1)``; clamping and the Gaussian-shell projection are callbacks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sage_lightning.searches.base import TargetSearch
+from sage_lightning.targets import seeded_latent
+
+
+class LatentSearch(TargetSearch):
+    """Trainable parameters: ``delta`` ``[N_targets, C, h, w]``, the adversarial latent perturbations.
+
+    Example (the same as ``sage fit --config configs/latent_search.yaml``)::
+
+        search = LatentSearch(diffusion="shapesworld", max_iterations=20)
+        trainer.fit(search, datamodule=ClassPromptDataModule(classes=["star"], seeds_per_class=4))
+    """
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        unet = self.frozen.model.unet
+        return (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+
+    def init_parameters(self) -> None:
+        self.delta = nn.Parameter(torch.zeros(len(self.targets), *self.latent_shape()))
+
+    def adversarial_rows(self) -> nn.Parameter:
+        """The parameter whose rows (one per target) the clamp callback acts on."""
+        return self.delta
+
+    def initial_latents(self, ids: Tensor) -> Tensor:
+        """z0 of each target, ``[B, C, h, w]``: a function of the target's seed only."""
+        shape = self.latent_shape()
+        return torch.stack([seeded_latent(self.targets[int(i)].seed, shape) for i in ids]).to(self.device)
+
+    def training_step(self, ids: Tensor, batch_idx: int) -> Tensor:
+        rows = ids.clamp(min=0)
+        z = self.initial_latents(rows) + self.delta[rows]
+        cond = self.prompt_embeddings([self.targets[int(i)].prompt for i in rows])
+        images = self.generate(z, cond)
+        output = self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device))
+        active = self.advance(ids, images, z, output)
+        self.log("loss", output.loss, prog_bar=True, batch_size=len(ids))
+        return (output.per_sample_loss * active).sum()

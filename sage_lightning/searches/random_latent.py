@@ -1,0 +1,62 @@
+"""The baseline any user tries first: fresh random latents, same budget in the same units as SAGE.
+
+For each target, draw latents z ~ N(0, I) (the first is the target's own z0, the same one SAGE starts
+from), generate, and stop at the first one that D declares a failure. ``match_sage_iterations``
+converts a latent-search budget (iterations of forward + backward) into forward-only draws, so both
+spend the same number of UNet evaluations.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sage_lightning.errors import SageError
+from sage_lightning.searches.latent import LatentSearch
+from sage_lightning.targets import seeded_latent
+
+DRAW_SEED_STRIDE = 1_000_003
+
+
+class RandomLatentSearch(LatentSearch):
+    """Random sampling of latents. No trainable parameters; ``max_iterations`` = extra draws.
+
+    Args:
+        match_sage_iterations: if given, ``max_iterations`` is set so that the draws cost as many UNet
+            evaluations as that many latent-search iterations with ``grad_mode`` would.
+    """
+
+    def __init__(self, *args, match_sage_iterations: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+        self.match_sage_iterations = match_sage_iterations
+
+    def init_parameters(self) -> None:
+        if self.match_sage_iterations is not None:
+            budget = LatentSearch.unet_evaluations(self, self.match_sage_iterations)
+            self.max_iterations = budget // self.sampler.unet_evaluations(1) - 1
+
+    def unet_evaluations(self, iterations: int) -> int:
+        return (iterations + 1) * self.sampler.unet_evaluations(1)
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            raise SageError("RandomLatentSearch runs on one device: drop --trainer.devices/strategy for the baseline")
+        super().setup(stage)
+
+    def configure_optimizers(self):
+        return None
+
+    def draw(self, target: int, iteration: int) -> Tensor:
+        seed = self.targets[target].seed
+        shape = self.latent_shape()
+        return seeded_latent(seed if iteration == 0 else seed + DRAW_SEED_STRIDE * iteration, shape)
+
+    @torch.no_grad()
+    def training_step(self, ids: Tensor, batch_idx: int) -> None:
+        rows = ids.clamp(min=0)
+        z = torch.stack([self.draw(int(i), int(self.iterations[i])) for i in rows]).to(self.device)
+        cond = self.prompt_embeddings([self.targets[int(i)].prompt for i in rows])
+        images = self.generate(z, cond)
+        output = self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device))
+        self.advance(ids, images, z, output)
