@@ -55,17 +55,26 @@ class SageCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
-        kwargs.setdefault("trainer_defaults", {
-            "default_root_dir": DEFAULT_RUN_DIR, "max_epochs": -1, "num_sanity_val_steps": 0,
-            "limit_val_batches": 0, "accelerator": "cpu", "devices": 1,
-        })
+        kwargs.setdefault(
+            "trainer_defaults",
+            {
+                "default_root_dir": DEFAULT_RUN_DIR,
+                "max_epochs": -1,
+                "num_sanity_val_steps": 0,
+                "limit_val_batches": 0,
+                "accelerator": "cpu",
+                "devices": 1,
+            },
+        )
         super().__init__(TargetSearch, None, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({
-            "model": {"class_path": "sage_lightning.searches.LatentSearch"},
-            "data": {"class_path": "datamodules.ClassPromptDataModule"},
-        })
+        parser.set_defaults(
+            {
+                "model": {"class_path": "sage_lightning.searches.LatentSearch"},
+                "data": {"class_path": "datamodules.ClassPromptDataModule"},
+            }
+        )
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
         root = Path(config.get("default_root_dir") or DEFAULT_RUN_DIR)
@@ -76,8 +85,15 @@ class SageCLI(LightningCLI):
             config["logger"] = CSVLogger(str(root), name="logs")
         given = list(config.get("callbacks") or []) + list(callbacks)
         if not any(isinstance(c, ModelCheckpoint) for c in given):
-            callbacks.append(ModelCheckpoint(dirpath=str(root / "checkpoints"), save_last=True, save_top_k=0,
-                                             every_n_epochs=1, save_on_train_epoch_end=True))
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=str(root / "checkpoints"),
+                    save_last=True,
+                    save_top_k=0,
+                    every_n_epochs=1,
+                    save_on_train_epoch_end=True,
+                )
+            )
         if not any(isinstance(c, FailureWriter) for c in given):
             callbacks.append(FailureWriter())
         return super()._instantiate_trainer(config, callbacks)
@@ -94,7 +110,9 @@ class SageCLI(LightningCLI):
         if ckpt == "last":
             ckpt = str(root / "checkpoints" / "last.ckpt")
             if not Path(ckpt).is_file():
-                raise SageError(f"no checkpoint to resume in {str(root)!r} (no checkpoints/last.ckpt): drop --ckpt_path")
+                raise SageError(
+                    f"no checkpoint to resume in {str(root)!r} (no checkpoints/last.ckpt): drop --ckpt_path"
+                )
         if ckpt is not None:
             _check_checkpoint(Path(ckpt))
             cfg["ckpt_path"] = ckpt

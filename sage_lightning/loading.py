@@ -54,8 +54,13 @@ class DiffusionModel:
     def pipeline(self) -> StableDiffusionPipeline:
         """The equivalent diffusers pipeline (shares the modules; no safety checker)."""
         return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
             requires_safety_checker=False,
         )
 
@@ -76,9 +81,7 @@ class DiffusionModel:
 # ---------------------------------------------------------------------------------------- tokenizer
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte-to-printable mapping (as in open_clip's SimpleTokenizer)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
-    )
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(2**8):
@@ -132,29 +135,51 @@ def build_tiny(seed: int = 0, prediction_type: str = "epsilon", hidden: int = 32
     """
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=hidden,
-        attention_head_dim=(2, 4), norm_num_groups=32,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=hidden,
+        attention_head_dim=(2, 4),
+        norm_num_groups=32,
     )
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3,
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=64,
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=64,
         norm_num_groups=32,
     )
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=hidden,
-            intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2,
-            vocab_size=49408, max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            hidden_size=hidden,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
         )
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, prediction_type=prediction_type, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type=prediction_type,
+        steps_offset=1,
     )
     return DiffusionModel(unet, vae, text_encoder, clip_tokenizer(), scheduler, name="tiny").freeze()
 
@@ -177,8 +202,11 @@ def make_scheduler(name: str, config: dict) -> SchedulerMixin:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1] \
+    return (
+        source.startswith((".", "/", "~"))
+        or os.sep in source.strip("/").split("/", 1)[-1]
         or Path(source).expanduser().exists()
+    )
 
 
 def load_diffusion(
@@ -215,8 +243,10 @@ def load_diffusion(
             )
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                str(path) if is_local else source, local_files_only=local_files_only or is_local,
-                safety_checker=None, requires_safety_checker=False,
+                str(path) if is_local else source,
+                local_files_only=local_files_only or is_local,
+                safety_checker=None,
+                requires_safety_checker=False,
             )
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -224,9 +254,7 @@ def load_diffusion(
                 f"cannot load model {source!r} ({first[:200]}): check the hub id or folder, or your network"
                 " / `local_files_only`"
             ) from err
-        model = DiffusionModel(
-            pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, name=source
-        )
+        model = DiffusionModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, name=source)
     if scheduler is not None:
         model.scheduler = make_scheduler(scheduler, model.scheduler.config)
     return model.freeze().to(device, None if torch_dtype == torch.float32 else torch_dtype)
@@ -237,8 +265,13 @@ def known_sources() -> list[str]:
 
 
 __all__ = [
-    "DiffusionModel", "build_tiny", "clip_tokenizer", "load_diffusion", "make_scheduler",
-    "write_clip_bpe_files", "closest_names",
+    "DiffusionModel",
+    "build_tiny",
+    "clip_tokenizer",
+    "load_diffusion",
+    "make_scheduler",
+    "write_clip_bpe_files",
+    "closest_names",
 ]
 
 
@@ -270,12 +303,16 @@ def default_ensemble(source: str):
         folder = SHAPESWORLD_DIR / "classifiers"
         configs = sorted(folder.glob("*/config.json"))
         if not configs:
-            raise SageError(f"ShapesWorld classifiers are missing in {folder}: rebuild them with `sage-shapesworld build`")
+            raise SageError(
+                f"ShapesWorld classifiers are missing in {folder}: rebuild them with `sage-shapesworld build`"
+            )
         members = []
         for path in configs:
             cfg = json.loads(path.read_text())
             member = TimmMember(
-                cfg["model_name"], cfg["class_names"], checkpoint_path=str(path.parent / "model.safetensors"),
+                cfg["model_name"],
+                cfg["class_names"],
+                checkpoint_path=str(path.parent / "model.safetensors"),
                 model_kwargs=cfg.get("model_kwargs"),
             )
             members.append(CannyEdgeMember(member) if cfg.get("input") == "canny" else member)

@@ -75,7 +75,9 @@ class RunFolder:
         _replace_atomically(self.root / relpath, lambda p: Image.fromarray(array).save(p, format="PNG"))
         return relpath
 
-    def save_tensors(self, relpath: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    def save_tensors(
+        self, relpath: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    ) -> str:
         """Save tensors with safetensors; returns the path relative to the run folder."""
         cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         _replace_atomically(self.root / relpath, lambda p: save_file(cpu, str(p), metadata=metadata))

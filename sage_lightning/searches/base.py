@@ -93,7 +93,12 @@ class TargetSearch(L.LightningModule):
             raise SageError(f"lr={lr} must be > 0")
         self.diffusion_source, self.scheduler_name, self.dtype_name = diffusion, scheduler, dtype
         self.local_files_only = local_files_only
-        self.num_steps, self.guidance_scale, self.max_iterations, self.lr = num_steps, guidance_scale, max_iterations, lr
+        self.num_steps, self.guidance_scale, self.max_iterations, self.lr = (
+            num_steps,
+            guidance_scale,
+            max_iterations,
+            lr,
+        )
         self.grad_mode = grad_mode or ResidualGradient()
         self._ensemble_arg = ensemble
         self._frozen: _Frozen | None = None
@@ -121,7 +126,9 @@ class TargetSearch(L.LightningModule):
         if not targets:
             raise SageError("the target list is empty: give at least one class in data.classes")
         model = load_diffusion(
-            self.diffusion_source, scheduler=self.scheduler_name, dtype=self.dtype_name,
+            self.diffusion_source,
+            scheduler=self.scheduler_name,
+            dtype=self.dtype_name,
             local_files_only=self.local_files_only,
         )
         ensemble.requires_grad_(False).eval()
@@ -198,8 +205,12 @@ class TargetSearch(L.LightningModule):
         self.stepped_targets = torch.nonzero(changes[1]).flatten()
         keep = real.to(images.device)
         self.step_outputs = StepOutputs(
-            targets=rows[real], iterations=iterations[real], images=images.detach()[keep],
-            latents=latents.detach()[keep], output=_slice(output, keep), finished=(found | exhausted)[real],
+            targets=rows[real],
+            iterations=iterations[real],
+            images=images.detach()[keep],
+            latents=latents.detach()[keep],
+            output=_slice(output, keep),
+            finished=(found | exhausted)[real],
             found=found[real],
         )
         done = int((self.status != RUNNING).sum())
@@ -218,7 +229,8 @@ class TargetSearch(L.LightningModule):
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["sage_state"] = {
-            "status": self.status.clone(), "iterations": self.iterations.clone(),
+            "status": self.status.clone(),
+            "iterations": self.iterations.clone(),
             "targets": [t.to_dict() for t in self.targets],
         }
 
@@ -237,6 +249,9 @@ class TargetSearch(L.LightningModule):
 
 def _slice(output: EnsembleOutput, keep: Tensor) -> EnsembleOutput:
     return EnsembleOutput(
-        loss=output.loss.detach(), per_sample_loss=output.per_sample_loss.detach()[keep],
-        probs=output.probs.detach()[:, keep], topk=output.topk[:, keep], failed=output.failed[keep],
+        loss=output.loss.detach(),
+        per_sample_loss=output.per_sample_loss.detach()[keep],
+        probs=output.probs.detach()[:, keep],
+        topk=output.topk[:, keep],
+        failed=output.failed[keep],
     )
