@@ -69,3 +69,53 @@ def test_dataset_items_are_deterministic():
     assert not torch.equal(ds[4]["image"], ShapesDataset(10, seed=8)[4]["image"])
     with pytest.raises(IndexError):
         ds[10]
+
+
+# ------------------------------------------------------------------------------------ shipped weights
+from sage_lightning.loading import SHAPESWORLD_DIR  # noqa: E402
+
+PIPELINE = SHAPESWORLD_DIR / "pipeline" / "model_index.json"
+
+
+def test_manifest_matches_shipped_files():
+    from sage_lightning.shapesworld.world import check_manifest
+
+    if not (SHAPESWORLD_DIR / "MANIFEST.json").exists():
+        pytest.skip("no shipped ShapesWorld weights yet")
+    assert check_manifest() == []
+
+
+def test_world_json_records_defaults():
+    import json
+
+    path = SHAPESWORLD_DIR / "world.json"
+    if not path.exists():
+        pytest.skip("no shipped ShapesWorld weights yet")
+    world = json.loads(path.read_text())
+    assert world["defaults"]["num_inference_steps"] > 0 and world["defaults"]["guidance_scale"] > 1
+
+
+@pytest.mark.skipif(not PIPELINE.exists(), reason="the ShapesWorld pipeline is not shipped yet")
+def test_shipped_pipeline_loads_offline_and_generates():
+    from sage_lightning.loading import load_diffusion
+
+    model = load_diffusion("shapesworld")
+    assert model.text_encoder.config.vocab_size == 49408
+    assert model.unet.config.cross_attention_dim == model.text_encoder.config.hidden_size
+    assert all(p.dtype == torch.float32 for p in model.unet.parameters())
+    pipe = model.pipeline()
+    out = pipe("a photo of a red star", num_inference_steps=2, guidance_scale=3.0, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert np.isfinite(out.images).all()
+
+
+@pytest.mark.skipif(not (SHAPESWORLD_DIR / "clip" / "config.json").exists(), reason="no shipped CLIP yet")
+def test_shipped_clip_loads_in_float32():
+    from sage_lightning.shapesworld.world import load_clip, text_tower
+
+    clip = load_clip()
+    assert clip.config.text_config.eos_token_id == 49407
+    assert all(p.dtype == torch.float32 for p in clip.parameters())
+    te = text_tower(clip)
+    assert te.config.hidden_size == clip.config.text_config.hidden_size

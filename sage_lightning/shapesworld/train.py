@@ -1,0 +1,420 @@
+"""Train ShapesWorld's models with Lightning: ``python -m sage_lightning.shapesworld.train <stage>``.
+
+Stages: ``clip`` (contrastive tiny CLIP), ``vae`` (4x AutoencoderKL), ``unet`` (text-conditioned latent
+diffusion on the frozen CLIP text tower and VAE). Each run
+- resumes from ``shapesworld_work/<stage>/last.ckpt`` when it exists (model, optimizer, step);
+- otherwise warm-starts from the shipped weights when they exist (weights only), else starts from seed;
+- trains ``--max-steps`` more steps on freshly generated data (batch k of a run uses seed f(stage, step));
+- exports the current weights to the shipped folder every ``--export-minutes`` and at the end, with
+  its gate figure, into ``weights/world.json`` (cumulative step counts across runs and sessions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import time
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from sage_lightning.loading import clip_tokenizer
+from sage_lightning.shapesworld import world as W
+from sage_lightning.shapesworld.generator import SHAPES, make_batch
+
+STAGES = ("clip", "vae", "unet")
+STAGE_SEEDS = {"clip": 1, "vae": 2, "unet": 3}
+EVAL_SEED = 10**9  # fresh images for gates: far from every training seed
+log = logging.getLogger("shapesworld")
+
+
+class _Steps(Dataset):
+    """Placeholder items: every batch is generated inside ``training_step`` from the global step."""
+
+    def __len__(self) -> int:
+        return 10**9
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def _images(n: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    images, captions, ids, _ = make_batch(n, seed)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    return x, captions, torch.from_numpy(ids)
+
+
+def tokenize(captions: list[str], pad_to_77: bool = True) -> torch.Tensor:
+    """Token ids padded with <|endoftext|> to 77 (as Stable Diffusion does) or to the longest caption.
+
+    The text tower is causal and CLIP pools at the first <|endoftext|>, so the shorter padding gives
+    the same pooled features (CLIP training); the diffusion model conditions on all 77 positions.
+    """
+    padding = "max_length" if pad_to_77 else "longest"
+    return clip_tokenizer()(captions, padding=padding, max_length=77, truncation=True,
+                            return_tensors="pt").input_ids
+
+
+def _features(out) -> torch.Tensor:
+    """transformers 5 returns a model output (projected features in ``pooler_output``); 4 a tensor."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class WorldModule(L.LightningModule):
+    stage = ""
+
+    def __init__(self, batch_size: int, lr: float, base_steps: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.t0 = time.time()
+        self.last_log = (time.time(), 0)
+
+    @property
+    def total_steps(self) -> int:
+        return self.hparams.base_steps + self.global_step
+
+    def batch_seed(self) -> int:
+        return STAGE_SEEDS[self.stage] * 10**8 + self.total_steps * 7919 % 10**8
+
+    def log_step(self, loss: torch.Tensor, **extra: float) -> None:
+        self.log("loss", loss, prog_bar=True)
+        if self.global_step % 25 == 0:
+            now, step = time.time(), self.global_step
+            rate = (step - self.last_log[1]) / max(now - self.last_log[0], 1e-9)
+            self.last_log = (now, step)
+            more = " ".join(f"{k}={v:.4g}" for k, v in extra.items())
+            log.info(f"{self.stage} step {self.total_steps} (run {step}) loss {loss.item():.5f} {more} "
+                     f"{rate:.3f} steps/s lr {self.optimizers().param_groups[0]['lr']:.2e}")
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.trainable().parameters(), lr=self.hparams.lr, weight_decay=self.wd)
+        warm = 200 if self.hparams.base_steps == 0 else 50
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    wd = 0.0
+
+    def trainable(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def export(self) -> dict:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------- CLIP
+class ClipModule(WorldModule):
+    stage = "clip"
+    wd = 0.05
+
+    def __init__(self, batch_size: int = 128, lr: float = 1e-3, base_steps: int = 0, warm: bool = False):
+        super().__init__(batch_size, lr, base_steps)
+        self.clip = W.load_clip() if warm else W.build_clip(seed=0)
+        self.clip.train()
+
+    def trainable(self):
+        return self.clip
+
+    def training_step(self, batch, batch_idx):
+        x, captions, _ = _images(self.hparams.batch_size, self.batch_seed())
+        out = self.clip(input_ids=tokenize(captions, pad_to_77=False), pixel_values=W.pixel_values(x), return_loss=True)
+        self.log_step(out.loss, scale=self.clip.logit_scale.exp().item())
+        return out.loss
+
+    @torch.no_grad()
+    def zero_shot(self, n: int = 1000) -> float:
+        self.clip.eval()
+        x, _, ids = _images(n, EVAL_SEED)
+        text = _features(self.clip.get_text_features(input_ids=tokenize([f"a photo of a {s}" for s in SHAPES])))
+        img = torch.cat([_features(self.clip.get_image_features(pixel_values=W.pixel_values(c)))
+                         for c in x.split(250)])
+        text, img = F.normalize(text, dim=-1), F.normalize(img, dim=-1)
+        acc = ((img @ text.T).argmax(1) == ids).float().mean().item()
+        self.clip.train()
+        return acc
+
+    def export(self) -> dict:
+        acc = self.zero_shot()
+        self.clip.eval()
+        W.export_clip(self.clip)
+        self.clip.train()
+        log.info(f"clip export at step {self.total_steps}: zero-shot shape accuracy {acc:.4f}")
+        return {"zero_shot_shape_accuracy": round(acc, 4), "steps": self.total_steps,
+                "prompt": "a photo of a {shape}", "eval_images": 1000}
+
+
+# -------------------------------------------------------------------------------------------- VAE
+def sobel(x: torch.Tensor) -> torch.Tensor:
+    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device)
+    k = torch.stack([k, k.T])[:, None].repeat(x.shape[1], 1, 1, 1)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=x.shape[1])
+
+
+class VaeModule(WorldModule):
+    stage = "vae"
+
+    def __init__(self, batch_size: int = 16, lr: float = 1e-3, base_steps: int = 0, warm: bool = False,
+                 kl_weight: float = 1e-6, edge_weight: float = 0.1):
+        super().__init__(batch_size, lr, base_steps)
+        self.vae = W.load_vae() if warm else W.build_vae(seed=0)
+        self.vae.train()
+
+    def trainable(self):
+        return self.vae
+
+    def training_step(self, batch, batch_idx):
+        x, _, _ = _images(self.hparams.batch_size, self.batch_seed())
+        x = W.pixel_values(x)
+        post = self.vae.encode(x).latent_dist
+        rec = self.vae.decode(post.sample()).sample
+        l1, mse = F.l1_loss(rec, x), F.mse_loss(rec, x)
+        edge = F.l1_loss(sobel(rec), sobel(x))
+        kl = post.kl().mean()
+        loss = l1 + mse + self.hparams.edge_weight * edge + self.hparams.kl_weight * kl
+        self.log_step(loss, l1=l1.item(), edge=edge.item(), kl=kl.item())
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, n: int = 500) -> dict:
+        self.vae.eval()
+        x, _, _ = _images(n, EVAL_SEED + 1)
+        lat, rec = [], []
+        for c in W.pixel_values(x).split(100):
+            z = self.vae.encode(c).latent_dist.mean
+            lat.append(z)
+            rec.append(self.vae.decode(z).sample)
+        z, rec = torch.cat(lat), (torch.cat(rec).clamp(-1, 1) + 1) / 2
+        mse = ((rec - x) ** 2).flatten(1).mean(1)
+        psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
+        scale = 1.0 / z.std().item()
+        self.vae.train()
+        return {"psnr_db": round(psnr, 2), "scaling_factor": round(scale, 5), "recon": rec, "images": x}
+
+    def export(self) -> dict:
+        ev = self.evaluate()
+        self.vae.register_to_config(scaling_factor=ev["scaling_factor"])
+        self.vae.eval()
+        W.export_vae(self.vae)
+        self.vae.train()
+        figures = {"psnr_db": ev["psnr_db"], "scaling_factor": ev["scaling_factor"], "steps": self.total_steps,
+                   "eval_images": 500}
+        judged = judge_accuracy(_uint8(ev["recon"]), make_batch(500, EVAL_SEED + 1)[2])
+        if judged is not None:
+            figures["judge_accuracy_on_reconstructions"] = round(judged, 4)
+        log.info(f"vae export at step {self.total_steps}: {figures}")
+        return figures
+
+
+def _uint8(x: torch.Tensor) -> np.ndarray:
+    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def judge_accuracy(images: np.ndarray, ids: np.ndarray) -> float | None:
+    """Share of images the geometric judge names as their shape (None while no judge exists)."""
+    try:
+        from sage_lightning.shapesworld.judge import judge_shapes  # written by another developer
+    except Exception:
+        return None
+    names = judge_shapes(images)
+    return float(np.mean([n == SHAPES[i] for n, i in zip(names, ids, strict=True)]))
+
+
+# ------------------------------------------------------------------------------------------- UNet
+class UnetModule(WorldModule):
+    stage = "unet"
+
+    def __init__(self, batch_size: int = 64, lr: float = 3e-4, base_steps: int = 0, warm: bool = False,
+                 dropout: float = 0.1, ema_decay: float = 0.999, snr_gamma: float = 5.0):
+        super().__init__(batch_size, lr, base_steps)
+        self.unet = W.load_unet() if warm else W.build_unet(seed=0)
+        self.unet.train()
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self.noise = W.ddpm_scheduler()
+        # frozen parts: loaded from the shipped folder, kept out of checkpoints
+        self.frozen = {"vae": W.load_vae().requires_grad_(False),
+                       "text": W.text_tower(W.load_clip()).requires_grad_(False)}
+        self.empty = None
+
+    def trainable(self):
+        return self.unet
+
+    def on_save_checkpoint(self, checkpoint):
+        return checkpoint  # frozen models are not submodules (a plain dict), so not in the state dict
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        return self.frozen["text"](tokenize(captions))[0]
+
+    @torch.no_grad()
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        vae = self.frozen["vae"]
+        return vae.encode(W.pixel_values(x)).latent_dist.sample() * vae.config.scaling_factor
+
+    def training_step(self, batch, batch_idx):
+        bs = self.hparams.batch_size
+        seed = self.batch_seed()
+        x, captions, _ = _images(bs, seed)
+        rng = np.random.default_rng(seed)
+        captions = ["" if rng.random() < self.hparams.dropout else c for c in captions]
+        z = self.encode_images(x)
+        cond = self.encode_text(captions)
+        noise = torch.randn_like(z)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (bs,))
+        noisy = self.noise.add_noise(z, noise, t)
+        pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
+        per = ((pred - noise) ** 2).flatten(1).mean(1)
+        if self.hparams.snr_gamma:
+            ac = self.noise.alphas_cumprod[t]
+            snr = ac / (1 - ac)
+            per = per * torch.clamp(snr, max=self.hparams.snr_gamma) / snr
+        loss = per.mean()
+        self.log_step(loss)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        step = self.total_steps
+        decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.unet.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seed: int, steps: int = 20, guidance: float = 3.0) -> np.ndarray:
+        sched = W.ddim_scheduler()
+        sched.set_timesteps(steps)
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn((len(prompts), 4, 16, 16), generator=g)
+        cond = torch.cat([self.encode_text([""] * len(prompts)), self.encode_text(prompts)])
+        for t in sched.timesteps:
+            eps_u, eps_c = self.ema(torch.cat([z, z]), t, encoder_hidden_states=cond).sample.chunk(2)
+            z = sched.step(eps_u + guidance * (eps_c - eps_u), t, z).prev_sample
+        vae = self.frozen["vae"]
+        x = (vae.decode(z / vae.config.scaling_factor).sample + 1) / 2
+        return _uint8(x)
+
+    def sample_check(self, n: int = 200) -> dict:
+        rng = np.random.default_rng(EVAL_SEED + 2)
+        ids = rng.integers(len(SHAPES), size=n)
+        images = np.concatenate([self.sample([f"a photo of a {SHAPES[i]}" for i in chunk], seed=EVAL_SEED + k)
+                                 for k, chunk in enumerate(np.array_split(ids, max(1, n // 50)))])
+        out = {"sample_prompts": "a photo of a {shape}", "sample_draws": n}
+        acc = judge_accuracy(images, ids)
+        if acc is not None:
+            out["judge_shape_accuracy"] = round(acc, 4)
+        return out
+
+    def export(self) -> dict:
+        W.export_pipeline(self.ema, self.frozen["vae"], self.frozen["text"])
+        figures = {"steps": self.total_steps, "batch_size": self.hparams.batch_size,
+                   "params": sum(p.numel() for p in self.unet.parameters())}
+        figures.update(self.sample_check(200 if self.global_step else 50))
+        log.info(f"unet export at step {self.total_steps}: {figures}")
+        return figures
+
+
+MODULES = {"clip": ClipModule, "vae": VaeModule, "unet": UnetModule}
+SHIPPED = {"clip": W.CLIP_DIR / "model.safetensors", "vae": W.PIPELINE_DIR / "vae" / "config.json",
+           "unet": W.PIPELINE_DIR / "unet" / "config.json"}
+
+
+# --------------------------------------------------------------------------------------- callbacks
+class Exporter(L.Callback):
+    """Export to the shipped folder every ``minutes`` of training and at the end of the run."""
+
+    def __init__(self, minutes: float):
+        self.every = minutes * 60
+        self.last = time.time()
+
+    def _export(self, module: WorldModule) -> None:
+        figures = module.export()
+        W.update_world(module.stage, **figures)
+        self.last = time.time()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if time.time() - self.last >= self.every:
+            self._export(module)
+
+    def on_train_end(self, trainer, module):
+        self._export(module)
+
+
+def setup_logging(stage: str) -> None:
+    folder = W.WORK / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for h in (logging.FileHandler(folder / "train.log"), logging.StreamHandler(sys.stdout)):
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+
+
+def train(stage: str, max_steps: int, threads: int = 1, export_minutes: float = 12.0,
+          batch_size: int | None = None, lr: float | None = None, fresh: bool = False) -> dict:
+    """Train ``stage`` for ``max_steps`` more steps (resume > warm start > seed); returns world.json."""
+    if stage not in MODULES:
+        raise SystemExit(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
+    torch.set_num_threads(threads)
+    setup_logging(stage)
+    folder = W.WORK / stage
+    ckpt = folder / "last.ckpt"
+    kwargs = {k: v for k, v in {"batch_size": batch_size, "lr": lr}.items() if v is not None}
+    cls = MODULES[stage]
+    resume = ckpt.exists() and not fresh
+    if resume:
+        module = cls.load_from_checkpoint(ckpt, **kwargs) if kwargs else cls.load_from_checkpoint(ckpt)
+        done = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+        how = f"resuming {ckpt} at run step {done} (total {module.hparams.base_steps + done})"
+    else:
+        warm = SHIPPED[stage].exists() and not fresh
+        base = W.read_world().get("stages", {}).get(stage, {}).get("steps", 0) if warm else 0
+        module = cls(base_steps=base, warm=warm, **kwargs)
+        done = 0
+        how = f"warm start from shipped weights (total steps {base})" if warm else "fresh start from seed 0"
+    log.info(f"{stage}: {how}; training {max_steps} more steps with {threads} thread(s)")
+    L.seed_everything(STAGE_SEEDS[stage] * 1000 + done, workers=True, verbose=False)
+    trainer = L.Trainer(
+        max_steps=done + max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(folder), num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        callbacks=[
+            L.pytorch.callbacks.ModelCheckpoint(dirpath=str(folder), filename="step{step}", save_last=True,
+                                                save_top_k=1, every_n_train_steps=100),
+            Exporter(export_minutes),
+        ],
+    )
+    loader = DataLoader(_Steps(), batch_size=1, num_workers=0)
+    trainer.fit(module, loader, ckpt_path=str(ckpt) if resume else None)
+    return W.read_world()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sage_lightning.shapesworld.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(p)
+    a = p.parse_args(argv)
+    run_from_args(a)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--max-steps", type=int, default=1000, help="steps to train in this run (added)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--export-minutes", type=float, default=12.0, help="export interval (minutes)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--fresh", action="store_true", help="ignore checkpoints and shipped weights")
+
+
+def run_from_args(a: argparse.Namespace) -> dict:
+    world = train(a.stage, a.max_steps, threads=a.threads, export_minutes=a.export_minutes,
+                  batch_size=a.batch_size, lr=a.lr, fresh=a.fresh)
+    log.info(f"{a.stage} done: {world['stages'].get(a.stage)}")
+    return world
+
+
+if __name__ == "__main__":
+    main()
