@@ -9,6 +9,7 @@ User mistakes end with one line ``sage: error: ...`` and exit status 2.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,11 +19,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks import FailureWriter
+from callbacks import FailureWriter, IterationCheckpoint
 from sage_lightning.errors import SageError
 from sage_lightning.searches import TargetSearch
 
 DEFAULT_RUN_DIR = "runs/latent_search"
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's own calls; not the user's business
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -85,48 +87,56 @@ class SageCLI(LightningCLI):
             config["logger"] = CSVLogger(str(root), name="logs")
         given = list(config.get("callbacks") or []) + list(callbacks)
         if not any(isinstance(c, ModelCheckpoint) for c in given):
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=str(root / "checkpoints"),
-                    save_last=True,
-                    save_top_k=0,
-                    every_n_epochs=1,
-                    save_on_train_epoch_end=True,
-                )
-            )
+            callbacks.append(IterationCheckpoint(dirpath=str(root / "checkpoints")))
         if not any(isinstance(c, FailureWriter) for c in given):
             callbacks.append(FailureWriter())
         return super()._instantiate_trainer(config, callbacks)
 
-    def before_fit(self) -> None:
-        cfg = self.config_init[self.subcommand]
-        root = Path(self.trainer.default_root_dir)
-        ckpt = cfg.get("ckpt_path")
-        if ckpt is None and (root / "results.jsonl").exists():
-            raise SageError(
-                f"run folder {str(root)!r} already holds results.jsonl: resume it with --ckpt_path last, or "
-                "choose a new folder with --trainer.default_root_dir"
-            )
-        if ckpt == "last":
-            ckpt = str(root / "checkpoints" / "last.ckpt")
-            if not Path(ckpt).is_file():
+    def _parse_ckpt_path(self) -> None:
+        """Check the run folder and the checkpoint before anything is built (LightningCLI reads it next)."""
+        sub = self.config.get("subcommand")
+        if sub == "fit":
+            cfg = self.config[sub]
+            root = Path(cfg.trainer.default_root_dir or DEFAULT_RUN_DIR)
+            ckpt = cfg.get("ckpt_path")
+            if ckpt is None and (root / "results.jsonl").exists():
                 raise SageError(
-                    f"no checkpoint to resume in {str(root)!r} (no checkpoints/last.ckpt): drop --ckpt_path"
+                    f"run folder {str(root)!r} already holds results.jsonl: resume it with --ckpt_path last, or "
+                    "choose a new folder with --trainer.default_root_dir"
                 )
-        if ckpt is not None:
-            _check_checkpoint(Path(ckpt))
-            cfg["ckpt_path"] = ckpt
+            if ckpt == "last":
+                ckpt = str(root / "checkpoints" / "last.ckpt")
+                if not Path(ckpt).is_file():
+                    raise SageError(
+                        f"no checkpoint to resume in {str(root)!r} (no checkpoints/last.ckpt): drop --ckpt_path"
+                    )
+            if ckpt is not None:
+                _check_checkpoint(Path(ckpt))
+                cfg["ckpt_path"] = ckpt
+        super()._parse_ckpt_path()
 
     def after_fit(self) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # avoids a rare abort at interpreter exit (STACK_NOTES)
 
 
+def _user_error(err: BaseException) -> SageError | None:
+    """The SageError behind ``err`` (jsonargparse wraps errors raised while it instantiates classes)."""
+    while err is not None:
+        if isinstance(err, SageError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
     try:
         SageCLI(args=args)
-    except SageError as err:
-        print(f"sage: error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"sage: error: {user_error}", file=sys.stderr)
         sys.exit(2)
 
 

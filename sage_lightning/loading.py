@@ -209,6 +209,26 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
+def check_source(source: str) -> tuple[Path, bool]:
+    """Where ``source`` points and whether it is local; SageError at once for a missing folder."""
+    if source == "tiny":
+        return Path(), True
+    path = SHAPESWORLD_DIR / "pipeline" if source == "shapesworld" else Path(source).expanduser()
+    if source == "shapesworld" and not (path / "model_index.json").exists():
+        raise SageError(
+            f"ShapesWorld weights are missing at {path}: reinstall sage-lightning or rebuild them "
+            "with `sage-shapesworld build`"
+        )
+    is_local = source == "shapesworld" or _looks_like_path(source)
+    if is_local and not (path / "model_index.json").exists():
+        why = "does not exist" if not path.exists() else "has no model_index.json"
+        raise SageError(
+            f"model folder {str(path)!r} {why}: pass a folder written by save_pretrained, a hub id, "
+            "'shapesworld' or 'tiny'"
+        )
+    return path, is_local
+
+
 def load_diffusion(
     source: str = "shapesworld",
     *,
@@ -228,19 +248,7 @@ def load_diffusion(
     if source == "tiny":
         model = build_tiny(seed=seed)
     else:
-        path = SHAPESWORLD_DIR / "pipeline" if source == "shapesworld" else Path(source).expanduser()
-        if source == "shapesworld" and not (path / "model_index.json").exists():
-            raise SageError(
-                f"ShapesWorld weights are missing at {path}: reinstall sage-lightning or rebuild them "
-                "with `sage-shapesworld build`"
-            )
-        is_local = source == "shapesworld" or _looks_like_path(source)
-        if is_local and not (path / "model_index.json").exists():
-            why = "does not exist" if not path.exists() else "has no model_index.json"
-            raise SageError(
-                f"model folder {str(path)!r} {why}: pass a folder written by save_pretrained, a hub id, "
-                "'shapesworld' or 'tiny'"
-            )
+        path, is_local = check_source(source)
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
                 str(path) if is_local else source,

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sage_lightning.errors import SageError
-from sage_lightning.loading import DiffusionModel, load_diffusion
+from sage_lightning.loading import DiffusionModel, check_source, load_diffusion
 from sage_lightning.optim import SignSGD
 from sage_lightning.sampler import DiffusionSampler, GradientMode, ResidualGradient
 from sage_lightning.surrogate import ClassifierEnsemble, EnsembleOutput
@@ -121,6 +121,7 @@ class TargetSearch(L.LightningModule):
         """Load the frozen models and build the targets; ``targets_of(class_names) -> list[Target]``."""
         if self._frozen is not None:
             return
+        check_source(self.diffusion_source)  # a missing model folder is named before anything loads
         ensemble = self._ensemble_arg or _default_ensemble(self.diffusion_source)
         targets = targets_of(ensemble.class_names)  # bad classes fail here, before the model loads
         if not targets:

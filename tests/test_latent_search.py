@@ -1,0 +1,213 @@
+"""Latent-space SAGE end to end on the tiny stack: outputs, resume after SIGKILL, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from callbacks import ClampPerturbation
+from datamodules import ClassPromptDataModule
+from sage_lightning.cli import main
+from sage_lightning.loading import default_ensemble
+from sage_lightning.searches import LatentSearch, RandomLatentSearch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "latent_search_tiny.yaml")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def sage(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sage_lightning.cli", *args], capture_output=True, text=True, env=ENV, cwd=REPO
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+def results(run: Path) -> list[dict]:
+    return sorted(
+        (json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()), key=lambda r: r["target"]
+    )
+
+
+def latents(run: Path) -> dict[str, torch.Tensor]:
+    return {p.name: load_file(p)["z"] for p in sorted((run / "latents").glob("*.safetensors"))}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ra, rb = results(a), results(b)
+    assert [r["target"] for r in ra] == [r["target"] for r in rb]
+    assert ra == rb
+    la, lb = latents(a), latents(b)
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+
+
+# ------------------------------------------------------------------------------------ the module
+def _prepared(max_iterations=2, classes=("star", "ring")):
+    search = LatentSearch(diffusion="tiny", num_steps=3, max_iterations=max_iterations)
+    data = ClassPromptDataModule(classes=list(classes), seeds_per_class=2)
+    search.prepare(data.targets)
+    return search
+
+
+def test_only_trainable_parameters_are_the_perturbations_and_checkpoint_is_small():
+    search = _prepared()
+    names = [n for n, p in search.named_parameters() if p.requires_grad]
+    assert names == ["delta"]
+    assert tuple(search.delta.shape) == (4, 4, 32, 32)
+    assert list(search.state_dict()) == ["delta"]  # frozen UNet, VAE, text encoder and D are not saved
+
+
+def test_gradient_reaches_only_the_targets_in_the_batch():
+    search = _prepared()
+    search.trainer = None
+    ids = torch.tensor([1, 2])
+    z = search.initial_latents(ids) + search.delta[ids]
+    images = search.generate(z, search.prompt_embeddings([search.targets[i].prompt for i in ids.tolist()]))
+    search.frozen.ensemble(images, search.class_index[ids]).loss.backward()
+    per_target = search.delta.grad.flatten(1).abs().sum(1)
+    assert per_target[1] > 0 and per_target[2] > 0 and per_target[0] == 0 and per_target[3] == 0
+
+
+def test_initial_latents_depend_on_seed_only():
+    a = _prepared(classes=("star", "ring"))
+    b = _prepared(classes=("heart", "ring"))
+    assert torch.equal(a.initial_latents(torch.tensor([0, 1])), b.initial_latents(torch.tensor([0, 1])))
+    assert not torch.equal(a.initial_latents(torch.tensor([0])), a.initial_latents(torch.tensor([1])))
+
+
+def test_random_baseline_spends_the_same_unet_budget():
+    sage_search = _prepared(max_iterations=5)
+    baseline = RandomLatentSearch(diffusion="tiny", num_steps=3, match_sage_iterations=5)
+    baseline.prepare(ClassPromptDataModule(classes=["star"]).targets)
+    budget = sage_search.unet_evaluations(5)
+    spent = baseline.unet_evaluations(baseline.max_iterations)
+    assert budget - baseline.sampler.unet_evaluations(1) < spent <= budget
+
+
+# -------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    sage("fit", "--config", TINY, "--trainer.default_root_dir", str(run))
+    return run
+
+
+def test_run_folder_holds_every_output(reference_run):
+    rows = results(reference_run)
+    assert [r["target"] for r in rows] == list(range(6))  # every target exactly once
+    for r in rows:
+        assert (reference_run / r["image"]).is_file() and (reference_run / r["clean_image"]).is_file()
+        z = load_file(reference_run / r["latent"])
+        assert set(z) == {"z", "z0"}
+        assert abs(z["z"].norm().item() / (z["z"].numel() ** 0.5) - 1) < 1e-4 or r["iterations"] == 0  # shell
+        assert (z["z"] - z["z0"]).abs().max() <= 1.0 + 1e-5 or r["iterations"] == 0
+        assert r["found"] or r["iterations"] == 3
+        assert set(r["probs"]) == {"0:test_resnet", "1:test_vit", "2:canny+test_resnet"}
+        assert r["unet_evaluations"] == (r["iterations"] + 1) * 8 + r["iterations"] * 4
+    for name in ("config.yaml", "summary.json", "checkpoints/last.ckpt"):
+        assert (reference_run / name).is_file()
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert summary["finished"] == 6
+    assert summary["ssr_discriminator"] == pytest.approx(sum(r["found"] for r in rows) / 6)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    longer = ["--model.init_args.max_iterations", "8"]
+    reference = tmp_path / "reference"
+    sage("fit", "--config", TINY, "--trainer.default_root_dir", str(reference), *longer)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sage_lightning.cli", "fit", "--config", TINY, "--trainer.default_root_dir", str(run)]
+    cmd += longer
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the next iteration pass
+    assert proc.poll() is None, "the run ended before it could be killed: make the config longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists()
+    assert len((run / "results.jsonl").read_text().splitlines()) < 6 if (run / "results.jsonl").exists() else True
+    sage("fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last")
+    assert_same_run(reference, run)
+
+
+def test_ddp_on_two_cpu_processes_equals_one_device(reference_run, tmp_path):
+    run = tmp_path / "ddp"
+    sage(
+        "fit",
+        "--config",
+        TINY,
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--data.init_args.batch_size",
+        "1",
+    )
+    single = tmp_path / "single"
+    sage("fit", "--config", TINY, "--trainer.default_root_dir", str(single), "--data.init_args.batch_size", "1")
+    assert_same_run(single, run)
+
+
+# ------------------------------------------------------------------------------------ bad input
+def _error_of(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    return err
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--data.init_args.classes", "[stra]"], "unknown class 'stra'"),
+        (["--data.init_args.classes", "[]"], "target list is empty"),
+        (["--model.init_args.diffusion", "./no/such/model"], "does not exist"),
+        (["--model.init_args.num_steps", "0"], "num_steps=0"),
+        (["--data.init_args.templates", "[a photo]"], "must contain exactly one"),
+    ],
+)
+def test_bad_input_is_one_clear_line(extra, needle, capsys, tmp_path):
+    err = _error_of(["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "r"), *extra], capsys)
+    assert err.startswith("sage: error:") and needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r" / "results.jsonl").exists()
+
+
+def test_reversed_clamp_range_and_unknown_key(capsys, tmp_path):
+    with pytest.raises(Exception, match=r"clamp range \[1.0, -1.0\]"):
+        ClampPerturbation(1.0, -1.0)
+    err = _error_of(["fit", "--config", TINY, "--model.init_args.no_such_key", "1"], capsys)
+    assert "no_such_key" in err
+
+
+def test_existing_results_are_never_overwritten_and_corrupt_checkpoint(reference_run, capsys, tmp_path):
+    before = (reference_run / "results.jsonl").read_text()
+    err = _error_of(["fit", "--config", TINY, "--trainer.default_root_dir", str(reference_run)], capsys)
+    assert "already holds results.jsonl" in err
+    assert (reference_run / "results.jsonl").read_text() == before
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    err = _error_of(
+        ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "x"), "--ckpt_path", str(bad)], capsys
+    )
+    assert "is unreadable" in err and str(bad) in err
+
+
+def test_default_ensemble_of_tiny_has_three_members():
+    assert len(default_ensemble("tiny").members) == 3
