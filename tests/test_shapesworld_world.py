@@ -119,3 +119,27 @@ def test_shipped_clip_loads_in_float32():
     assert all(p.dtype == torch.float32 for p in clip.parameters())
     te = text_tower(clip)
     assert te.config.hidden_size == clip.config.text_config.hidden_size
+
+
+def test_shipped_weights_stay_small():
+    import json
+
+    if not (SHAPESWORLD_DIR / "MANIFEST.json").exists():
+        pytest.skip("no shipped ShapesWorld weights yet")
+    total = json.loads((SHAPESWORLD_DIR / "MANIFEST.json").read_text())["total_bytes"]
+    assert total < 45e6, f"shipped ShapesWorld weights take {total / 1e6:.1f} MB"
+
+
+def test_shipped_tokenizer_is_the_clip_bpe():
+    from transformers import CLIPTokenizer
+
+    from sage_lightning.loading import clip_tokenizer
+
+    folder = SHAPESWORLD_DIR / "pipeline" / "tokenizer"
+    if not folder.exists():
+        pytest.skip("the ShapesWorld pipeline is not shipped yet")
+    text = ["a photo of a golden retriever", "an oil painting of a small red crescent on a textured background"]
+    ours = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    kw = dict(padding="max_length", max_length=77, truncation=True)
+    assert ours(text, **kw).input_ids == clip_tokenizer()(text, **kw).input_ids
+    assert ours.pad_token_id == 49407

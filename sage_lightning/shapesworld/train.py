@@ -60,6 +60,10 @@ def tokenize(captions: list[str], pad_to_77: bool = True) -> torch.Tensor:
                             return_tensors="pt").input_ids
 
 
+def CLASS_PROMPTS() -> torch.Tensor:  # noqa: N802
+    return tokenize([f"a photo of a {s}" for s in SHAPES], pad_to_77=False)
+
+
 def _features(out) -> torch.Tensor:
     """transformers 5 returns a model output (projected features in ``pooler_output``); 4 a tensor."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
@@ -111,19 +115,28 @@ class ClipModule(WorldModule):
     stage = "clip"
     wd = 0.05
 
-    def __init__(self, batch_size: int = 128, lr: float = 1e-3, base_steps: int = 0, warm: bool = False):
+    def __init__(self, batch_size: int = 128, lr: float = 1e-3, base_steps: int = 0, warm: bool = False,
+                 freeze_text: bool = False, class_weight: float = 1.0):
         super().__init__(batch_size, lr, base_steps)
         self.clip = W.load_clip() if warm else W.build_clip(seed=0)
         self.clip.train()
+        # Once the UNet trains on the text tower, only the vision side (and projections) may move.
+        self.clip.text_model.requires_grad_(not freeze_text)
 
     def trainable(self):
         return self.clip
 
     def training_step(self, batch, batch_idx):
-        x, captions, _ = _images(self.hparams.batch_size, self.batch_seed())
-        out = self.clip(input_ids=tokenize(captions, pad_to_77=False), pixel_values=W.pixel_values(x), return_loss=True)
-        self.log_step(out.loss, scale=self.clip.logit_scale.exp().item())
-        return out.loss
+        x, captions, ids = _images(self.hparams.batch_size, self.batch_seed())
+        out = self.clip(input_ids=tokenize(captions, pad_to_77=False), pixel_values=W.pixel_values(x),
+                        return_loss=True)
+        # plus a contrastive term against the class prompts "a photo of a {shape}" (the zero-shot task)
+        text = F.normalize(_features(self.clip.get_text_features(input_ids=CLASS_PROMPTS())), dim=-1)
+        img = F.normalize(out.image_embeds, dim=-1)
+        cls = F.cross_entropy(self.clip.logit_scale.exp() * img @ text.T, ids)
+        loss = out.loss + self.hparams.class_weight * cls
+        self.log_step(loss, clip=out.loss.item(), cls=cls.item(), scale=self.clip.logit_scale.exp().item())
+        return loss
 
     @torch.no_grad()
     def zero_shot(self, n: int = 1000) -> float:
@@ -144,6 +157,8 @@ class ClipModule(WorldModule):
         self.clip.train()
         log.info(f"clip export at step {self.total_steps}: zero-shot shape accuracy {acc:.4f}")
         return {"zero_shot_shape_accuracy": round(acc, 4), "steps": self.total_steps,
+                "text_tower_sha256": W.state_sha256(self.clip.text_model),
+                "text_frozen": self.hparams.freeze_text,
                 "prompt": "a photo of a {shape}", "eval_images": 1000}
 
 
@@ -227,8 +242,9 @@ def judge_accuracy(images: np.ndarray, ids: np.ndarray) -> float | None:
 class UnetModule(WorldModule):
     stage = "unet"
 
-    def __init__(self, batch_size: int = 64, lr: float = 3e-4, base_steps: int = 0, warm: bool = False,
-                 dropout: float = 0.1, ema_decay: float = 0.999, snr_gamma: float = 5.0):
+    def __init__(self, batch_size: int = 32, lr: float = 3e-4, base_steps: int = 0, warm: bool = False,
+                 dropout: float = 0.1, ema_decay: float = 0.995, snr_gamma: float = 5.0,
+                 check_draws: int = 100):
         super().__init__(batch_size, lr, base_steps)
         self.unet = W.load_unet() if warm else W.build_unet(seed=0)
         self.unet.train()
@@ -310,8 +326,9 @@ class UnetModule(WorldModule):
     def export(self) -> dict:
         W.export_pipeline(self.ema, self.frozen["vae"], self.frozen["text"])
         figures = {"steps": self.total_steps, "batch_size": self.hparams.batch_size,
+                   "text_tower_sha256": W.state_sha256(self.frozen["text"]),
                    "params": sum(p.numel() for p in self.unet.parameters())}
-        figures.update(self.sample_check(200 if self.global_step else 50))
+        figures.update(self.sample_check(self.hparams.check_draws))
         log.info(f"unet export at step {self.total_steps}: {figures}")
         return figures
 
@@ -353,7 +370,8 @@ def setup_logging(stage: str) -> None:
 
 
 def train(stage: str, max_steps: int, threads: int = 1, export_minutes: float = 12.0,
-          batch_size: int | None = None, lr: float | None = None, fresh: bool = False) -> dict:
+          batch_size: int | None = None, lr: float | None = None, fresh: bool = False,
+          freeze_text: bool = False) -> dict:
     """Train ``stage`` for ``max_steps`` more steps (resume > warm start > seed); returns world.json."""
     if stage not in MODULES:
         raise SystemExit(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
@@ -362,6 +380,8 @@ def train(stage: str, max_steps: int, threads: int = 1, export_minutes: float = 
     folder = W.WORK / stage
     ckpt = folder / "last.ckpt"
     kwargs = {k: v for k, v in {"batch_size": batch_size, "lr": lr}.items() if v is not None}
+    if freeze_text:
+        kwargs["freeze_text"] = True
     cls = MODULES[stage]
     resume = ckpt.exists() and not fresh
     if resume:
@@ -381,7 +401,7 @@ def train(stage: str, max_steps: int, threads: int = 1, export_minutes: float = 
         enable_model_summary=False, default_root_dir=str(folder), num_sanity_val_steps=0,
         gradient_clip_val=1.0,
         callbacks=[
-            L.pytorch.callbacks.ModelCheckpoint(dirpath=str(folder), filename="step{step}", save_last=True,
+            L.pytorch.callbacks.ModelCheckpoint(dirpath=str(folder), filename="{step}", save_last=True,
                                                 save_top_k=1, every_n_train_steps=100),
             Exporter(export_minutes),
         ],
@@ -407,11 +427,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints and shipped weights")
+    p.add_argument("--freeze-text", action="store_true",
+                   help="clip: train the vision side only (the UNet depends on the text tower)")
 
 
 def run_from_args(a: argparse.Namespace) -> dict:
     world = train(a.stage, a.max_steps, threads=a.threads, export_minutes=a.export_minutes,
-                  batch_size=a.batch_size, lr=a.lr, fresh=a.fresh)
+                  batch_size=a.batch_size, lr=a.lr, fresh=a.fresh,
+                  freeze_text=getattr(a, "freeze_text", False))
     log.info(f"{a.stage} done: {world['stages'].get(a.stage)}")
     return world
 

@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
-from sage_lightning.loading import SHAPESWORLD_DIR, clip_tokenizer
+from sage_lightning.loading import SHAPESWORLD_DIR, clip_tokenizer, write_clip_bpe_files
 
 WEIGHTS = SHAPESWORLD_DIR
 WORK = Path(os.environ.get("SHAPESWORLD_WORK", Path(__file__).resolve().parents[2] / "shapesworld_work"))
@@ -105,6 +105,13 @@ def pixel_values(images: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- export
+def _slim_tokenizer(folder: Path) -> None:
+    """Ship the CLIP BPE as vocab.json + merges.txt (1.5 MB) instead of tokenizer.json (3.6 MB)."""
+    for tok in folder.rglob("tokenizer.json"):
+        write_clip_bpe_files(tok.parent)
+        tok.unlink()
+
+
 def _to_fp16_files(folder: Path) -> None:
     for f in folder.rglob("*.safetensors"):
         tensors = load_file(str(f))
@@ -126,6 +133,7 @@ def _replace_dir(target: Path, write) -> None:
     old = target.with_name(target.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
+    _slim_tokenizer(tmp)
     _to_fp16_files(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -204,6 +212,14 @@ def _update_world(stage: str, **fields) -> dict:
     tmp.replace(WORLD_JSON)
     write_manifest()
     return world
+
+
+def state_sha256(module: torch.nn.Module) -> str:
+    """Checksum of a module's float16-rounded weights, independent of the parameter-name prefix."""
+    h = hashlib.sha256()
+    for v in module.state_dict().values():
+        h.update(v.detach().to(torch.float16).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _sha256(path: Path) -> str:
