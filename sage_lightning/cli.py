@@ -24,6 +24,7 @@ from sage_lightning.errors import SageError
 from sage_lightning.searches import TargetSearch
 
 DEFAULT_RUN_DIR = "runs/latent_search"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "latent_search.yaml"
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's own calls; not the user's business
 
 
@@ -57,6 +58,8 @@ class SageCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
+        if DEFAULT_CONFIG.is_file():  # `sage fit` alone = the latent search on ShapesWorld
+            kwargs.setdefault("parser_kwargs", {"fit": {"default_config_files": [str(DEFAULT_CONFIG)]}})
         kwargs.setdefault(
             "trainer_defaults",
             {
