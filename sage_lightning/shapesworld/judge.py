@@ -11,7 +11,8 @@ member of the surrogate ensemble. Only OpenCV/NumPy geometry:
 3. **Coverage.** Each pixel's colour is projected on the line background -> object colour, which
    estimates its alpha (the compositing coverage); ``alpha > 0.5`` is the object. This ignores drop
    shadows and texture that move across that line, and it is blur-invariant for straight edges.
-   Opening, then the largest component; holes larger than a speck are kept (a ring has one).
+   Opening, then the largest component, which must hold at least half of the object-coloured pixels
+   (else: no single object, e.g. noise); holes larger than a speck are kept (a ring has one).
 4. **Contour features** of the component: circularity, polygon vertices (``approxPolyDP``), solidity,
    convexity defects, holes, mirror symmetry, extent; reported in ``features``.
 5. **Shape.** Geometric template matching: the mask, normalised for position (centroid) and scale
@@ -44,6 +45,7 @@ PERIODS: dict[str, float] = {
 }
 MIN_CONTRAST = 40.0  # least RGB distance between object and background colour for an object to exist
 MIN_AREA_FRAC = 0.01  # least object area, as a share of the image
+MIN_COMPONENT_SHARE = 0.5  # the object must hold this share of all object-coloured pixels
 MIN_IOU = 0.6  # below this best template IoU the judge names no shape
 INK_FRACTION, INK_MIN = 0.4, 60.0  # off-line colour distance that marks outline ("ink") pixels
 
@@ -177,10 +179,11 @@ def segment(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]
         d_bg = cv2.distanceTransform((~(~mask & ~ink)).astype(np.uint8), cv2.DIST_L2, 3)
         mask = np.where(ink, d_obj <= d_bg, mask)
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
+    everything = int(mask.sum())
     mask = _largest_component(mask)
     area = int(mask.sum())
-    if area < MIN_AREA_FRAC * h * w:
-        return None
+    if area < MIN_AREA_FRAC * h * w or area < MIN_COMPONENT_SHARE * everything:
+        return None  # nothing, or no single object (noise, clutter)
     mask = _fill_small_holes(mask, max_area=max(4.0, 0.02 * area))
     obj_rgb = np.median(f[core & mask] if (core & mask).sum() >= 8 else f[mask], axis=0)
     return mask, np.clip(alpha, 0, 1) * mask, obj_rgb, contrast

@@ -1,0 +1,141 @@
+"""ShapesWorld's shipped surrogate classifiers and language model: offline loading, gates on fresh samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sage_lightning.shapesworld.classifiers import (
+    CLASSIFIERS_DIR,
+    NAMES,
+    accuracy,
+    canny_maps,
+    draw_edges,
+    ensemble_member,
+    load_classifier,
+)
+from sage_lightning.shapesworld.generator import SHAPES, make_batch
+from sage_lightning.shapesworld.lm import LM_DIR, captions, complete, load_lm, next_words
+
+EDGE_MIN_PIXELS = 40  # Canny maps with fewer edge pixels carry no shape (see test_edge_classifier_gate)
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    images, _, ids, _ = make_batch(150, seed=55_555)
+    return images, ids
+
+
+def _shipped(name: str) -> bool:
+    return (CLASSIFIERS_DIR / name / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "edge"])
+def test_rgb_classifier_loads_offline_and_passes_gate(name, fresh):
+    if not _shipped(name):
+        pytest.skip(f"classifier {name} not shipped")
+    clf = load_classifier(name)
+    images, ids = fresh
+    assert accuracy(clf, images, ids) >= 0.98
+    size = (CLASSIFIERS_DIR / name / "model.safetensors").stat().st_size
+    assert size < 2_000_000
+
+
+def test_edge_classifier_gate(fresh):
+    """The edge member sees only Canny(100, 200) of the grayscale image; images whose object and background
+    have nearly equal luminance (e.g. red on blue) have empty maps, so the gate is measured where edges exist."""
+    if not _shipped("edge"):
+        pytest.skip("edge classifier not shipped")
+    clf = load_classifier("edge")
+    images, ids = fresh
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        pred = clf(x).argmax(1).numpy()
+    n_edges = canny_maps(x).sum((1, 2, 3)).numpy()
+    visible = n_edges >= EDGE_MIN_PIXELS
+    assert (pred[visible] == ids[visible]).mean() >= 0.98
+    assert (pred == ids).mean() >= 0.85
+
+
+def test_config_rebuilds_model():
+    for name in NAMES:
+        if not _shipped(name):
+            continue
+        cfg = json.loads((CLASSIFIERS_DIR / name / "config.json").read_text())
+        assert cfg["class_names"] == list(SHAPES)
+        assert {"model_name", "model_kwargs", "mean", "std", "input"} <= set(cfg)
+        import timm
+
+        model = timm.create_model(cfg["model_name"], **cfg["model_kwargs"])
+        assert timm.data.resolve_data_config({}, model=model)["input_size"] == (3, 64, 64)
+
+
+def test_edge_classifier_uses_canny_member_convention():
+    """The edge classifier's input is exactly CannyEdgeMember's sketch (Canny 100/200, black on white)."""
+    if not _shipped("edge"):
+        pytest.skip("edge classifier not shipped")
+    clf = load_classifier("edge")
+    member = ensemble_member("edge")
+    images, _, _, _ = make_batch(8, seed=3)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    ours = clf.prepare(x)
+    assert torch.equal(ours, member.sketch(x).detach())
+    assert set(torch.unique(ours).tolist()) <= {0.0, 1.0}
+    assert ours.mean() > 0.5  # mostly white: edges are drawn black
+    assert torch.equal(ours, draw_edges(canny_maps(x), black_on_white=True))
+    with torch.no_grad():
+        torch.testing.assert_close(member(x), clf(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "edge"])
+def test_ensemble_member_matches_loaded_classifier(name):
+    if not _shipped(name):
+        pytest.skip(f"classifier {name} not shipped")
+    images, _, _, _ = make_batch(4, seed=9)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble_member(name)(x), load_classifier(name)(x), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------- LM
+@pytest.fixture(scope="module")
+def lm():
+    if not (LM_DIR / "config.json").exists():
+        pytest.skip("language model not shipped")
+    return load_lm()
+
+
+def _grammar_words() -> set[str]:
+    return {w for c in captions(3000, seed=1) for w in c.split()}
+
+
+def test_lm_loads_like_a_hub_model(lm):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(LM_DIR), local_files_only=True)
+    assert tok("a photo of a red star").input_ids[0] == 49406
+    assert lm.config.vocab_size == 49408 and lm.config.tie_word_embeddings
+    assert lm.get_input_embeddings().weight.data_ptr() == lm.get_output_embeddings().weight.data_ptr()
+
+
+def test_lm_proposes_whole_grammatical_words(lm):
+    vocab = _grammar_words() | {"<|endoftext|>"}
+    for prompt in ("a photo of a red", "a painting of a", "a blue ring on a"):
+        words = [w for w, _ in next_words(lm, prompt, k=5)]
+        assert words[0] in vocab, (prompt, words)
+        assert all(" " not in w for w in words)
+    assert "hexagon" in [w for w, _ in next_words(lm, "a photo of a green", k=12)]
+    for prompt in ("a photo of a", "a drawing of a small"):
+        text = complete(lm, prompt)
+        assert set(text.split()) <= vocab, text
+    top = next_words(lm, "a photo of a red star", k=3)
+    assert top[0][0] in {"<|endoftext|>", "on"}
+
+
+def test_lm_perplexity(lm):
+    """The grammar itself has a per-token perplexity of about 2.8 (its entropy); a unigram model is far above."""
+    from sage_lightning.shapesworld.lm import perplexity
+
+    assert perplexity(lm, captions(200, seed=4242)) < 4.0
