@@ -1,0 +1,252 @@
+"""Universal adversarial token (SAGE_METHOD.md, "Universal adversarial token").
+
+One free token embedding ``e`` ``[D]`` is appended to every training prompt through the slot ``[*]`` (the
+prompt encoder's slot hook: no transformers class is patched). Sign-gradient steps minimise, over batches
+of (prompt p, seed s) of many classes,
+
+    mean_m (1 - 2 p_m(t))  +  lambda * (1 - cos(text(p + e), text(p)))
+
+so that the images turn into the target class t while the prompt's pooled text feature moves little.
+The held-out prompts (``PromptSetDataModule.held_out``) are never used by the optimisation; they are
+rendered with and without the token for the CLIP score and the hit rate (``callbacks.ClipScoreLogger``,
+``callbacks.TokenWriter``).
+
+Targets, state and resume are those of :class:`TargetSearch`: a target is a training prompt, an epoch is
+one pass over them, a prompt is *exhausted* after ``max_iterations`` passes. Under DDP the ranks take
+disjoint prompts of a global batch and DDP averages the token's gradient, so a step's sign is that of
+the whole global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sage_lightning.errors import SageError
+from sage_lightning.searches.base import EXHAUSTED, TargetSearch
+from sage_lightning.searches.latent import LatentSearch
+from sage_lightning.targets import Target, seeded_latent
+
+SLOT = "[*]"
+
+
+@dataclass
+class HeldOutEvaluation:
+    """This rank's share of the held-out prompts, rendered once (with or without the token)."""
+
+    targets: list[Target]
+    images: Tensor  # [n, 3, H, W] uint8 on the CPU (what is saved, judged and CLIP-scored)
+    probs: Tensor  # [M, n] each member's probability of the target class
+    top1: Tensor  # [M, n] each member's top-1 class index
+    hit: Tensor  # [n] bool: every member's top-1 is the target class
+
+
+class UniversalTokenSearch(TargetSearch):
+    """Trainable parameter: ``token`` ``[D]``, one input embedding of the text encoder.
+
+    Args:
+        target: the class the token should make the model draw (name or index of the ensemble's classes).
+        text_weight: lambda of the text-similarity term.
+        init_word: a one-token word whose embedding starts ``e`` (None: zeros).
+        placeholder: the token's name for export into a tokenizer (default ``<sage-TARGET>``).
+        include_target_class: keep prompts of the target class itself (default: dropped, they hit trivially).
+        eval_batch_size: prompts per generation call when the held-out set is rendered.
+        **kwargs: :class:`TargetSearch` (diffusion, ensemble, num_steps, guidance_scale, scheduler,
+            grad_mode, ``max_iterations`` = passes over the training prompts, ``lr``, dtype, ...).
+
+    Example (the same as ``sage fit --config configs/universal_token.yaml``)::
+
+        search = UniversalTokenSearch(target="star", diffusion="shapesworld", max_iterations=4)
+        trainer.fit(search, datamodule=PromptSetDataModule(classes="all", seeds_per_class=2))
+    """
+
+    latent_shape = LatentSearch.latent_shape
+
+    def __init__(
+        self,
+        target: str | int = "star",
+        text_weight: float = 0.1,
+        init_word: str | None = None,
+        placeholder: str | None = None,
+        include_target_class: bool = False,
+        eval_batch_size: int = 8,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if text_weight < 0:
+            raise SageError(f"text_weight={text_weight} must be >= 0")
+        if eval_batch_size < 1:
+            raise SageError(f"eval_batch_size={eval_batch_size} must be at least 1")
+        self.target, self.text_weight, self.init_word = target, text_weight, init_word
+        self.include_target_class, self.eval_batch_size = include_target_class, eval_batch_size
+        self._placeholder = placeholder
+        self.held_out: list[Target] = []
+        self._evaluations: dict[bool, tuple[Tensor, HeldOutEvaluation]] = {}
+
+    # ----------------------------------------------------------------------------------- set-up
+    def prepare(self, targets_of, held_out_of=None) -> None:
+        """Load the models; training prompts from ``targets_of``, held-out ones from ``held_out_of``."""
+        if self._frozen is not None:
+            return
+        super().prepare(lambda known: self._drop_target_class(targets_of(known), known))
+        known = self.frozen.ensemble.class_names
+        self.held_out = self._drop_target_class(held_out_of(known), known) if held_out_of else []
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "held_out"):
+            raise SageError(
+                "the universal-token search needs training and held-out prompts: use data: "
+                "datamodules.PromptSetDataModule"
+            )
+        self.prepare(datamodule.targets, datamodule.held_out)
+
+    def configure_callbacks(self):
+        """The token's writer replaces the CLI's default ``FailureWriter`` unless the config lists one."""
+        from callbacks.token_writer import TokenWriter
+
+        return [] if any(isinstance(c, TokenWriter) for c in self.trainer.callbacks) else [TokenWriter()]
+
+    def _drop_target_class(self, targets: list[Target], known: list[str]) -> list[Target]:
+        (index,) = self._resolve_target(known)
+        self.target_name = known[index]
+        kept = [t for t in targets if self.include_target_class or t.class_name != self.target_name]
+        if targets and not kept:
+            raise SageError(
+                f"every prompt is of the target class {self.target_name!r}: add other classes to data.classes"
+            )
+        return [dataclasses.replace(t, index=i) for i, t in enumerate(kept)]
+
+    def _resolve_target(self, known: list[str]) -> list[int]:
+        from sage_lightning.surrogate import resolve_classes
+
+        return resolve_classes([self.target], known)
+
+    def init_parameters(self) -> None:
+        encoder = self.frozen.encoder
+        init = torch.zeros(encoder.embed_dim)
+        if self.init_word is not None:
+            ids = encoder.word_ids(self.init_word)
+            if len(ids) != 1:
+                raise SageError(f"init_word {self.init_word!r} is {len(ids)} tokens: give a word that is one token")
+            init = encoder.token_embedding.weight[ids[0]].detach().float().cpu().clone()
+        self.token = nn.Parameter(init)
+        self.target_index = torch.tensor(self._resolve_target(self.frozen.ensemble.class_names))
+        if self.max_iterations == 0:  # evaluation only: nothing to optimise
+            self.status.fill_(EXHAUSTED)
+
+    @property
+    def placeholder(self) -> str:
+        """The token's name when it is added to a tokenizer (``token.safetensors`` metadata)."""
+        name = str(getattr(self, "target_name", self.target)).replace(" ", "-")
+        return self._placeholder or f"<sage-{name}>"
+
+    def adversarial_rows(self) -> Tensor:
+        """The token as one row, for ``callbacks.ClampPerturbation`` (``stepped_targets`` is ``[0]``)."""
+        return self.token.view(1, -1)
+
+    # ------------------------------------------------------------------------------- generation
+    @staticmethod
+    def with_slot(prompt: str) -> str:
+        return f"{prompt} {SLOT}"
+
+    def latents_of(self, targets: list[Target]) -> Tensor:
+        shape = self.latent_shape()
+        return torch.stack([seeded_latent(t.seed, shape) for t in targets]).to(self.device)
+
+    def encode(self, prompts: list[str], with_token: bool) -> Tensor:
+        """Prompt embeddings ``[B, L, D]``, the token appended through the slot when ``with_token``."""
+        if not with_token:
+            return self.prompt_embeddings(prompts)
+        return self.frozen.encoder([self.with_slot(p) for p in prompts], {"*": self.token})
+
+    def render(self, targets: list[Target], with_token: bool) -> Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] of the targets' prompts and seeds."""
+        return self.generate(self.latents_of(targets), self.encode([t.prompt for t in targets], with_token))
+
+    def text_similarity(self, prompts: list[str]) -> Tensor:
+        """``cos(text(p + e), text(p))`` per prompt (pooled EOS features), differentiable in the token."""
+        encoder = self.frozen.encoder
+        with torch.no_grad():
+            plain = encoder.pooled(prompts)
+        slotted = encoder.pooled([self.with_slot(p) for p in prompts], {"*": self.token})
+        return F.cosine_similarity(slotted.float(), plain.float(), dim=-1)
+
+    # --------------------------------------------------------------------------------- training
+    def training_step(self, ids: Tensor, batch_idx: int) -> Tensor:
+        real = ids >= 0
+        targets = [self.targets[int(i)] for i in ids.clamp(min=0)]
+        images = self.render(targets, with_token=True)
+        output = self.frozen.ensemble.targeted_loss(images, self.target_index.expand(len(targets)).to(self.device))
+        similarity = self.text_similarity([t.prompt for t in targets])
+        per_sample = output.per_sample_loss + self.text_weight * (1 - similarity)
+        self.count_step(ids)
+        weights = real.to(per_sample.dtype)
+        n = max(int(real.sum()), 1)
+        self.log("loss", (per_sample * weights).sum() / n, prog_bar=True, batch_size=n)
+        self.log("p_target", (output.probs.mean(0) * weights).sum() / n, prog_bar=True, batch_size=n)
+        self.log("text_cos", (similarity.detach() * weights).sum() / n, batch_size=n)
+        return (per_sample * weights).sum()
+
+    def count_step(self, ids: Tensor) -> None:
+        """Count one pass-step for every real prompt of the global batch (all ranks agree)."""
+        stepped = torch.zeros_like(self.iterations)
+        stepped[ids[ids >= 0].cpu()] = 1
+        self.iterations += self._all_ranks_sum(stepped)
+        self.status[self.iterations >= self.max_iterations] = EXHAUSTED
+        self.stepped_targets = torch.zeros(1, dtype=torch.long)  # the token's one row is stepped
+
+    # ------------------------------------------------------------------------------- evaluation
+    def rank_share(self, targets: list[Target]) -> list[Target]:
+        if self._trainer is None:
+            return list(targets)
+        return targets[self.trainer.global_rank :: self.trainer.world_size]
+
+    @torch.no_grad()
+    def held_out_evaluation(self, with_token: bool) -> HeldOutEvaluation:
+        """This rank's held-out prompts rendered with the current token (or without it); cached until the
+        token changes, so the CLIP-score logger and the writer share one rendering."""
+        key = self.token.detach().cpu().clone() if with_token else torch.zeros(0)
+        cached = self._evaluations.get(with_token)
+        if cached is not None and torch.equal(cached[0], key):
+            return cached[1]
+        from sage_lightning.results import to_uint8
+
+        mine = self.rank_share(self.held_out)
+        images, probs, top1 = [], [], []
+        for start in range(0, len(mine), self.eval_batch_size):
+            chunk = mine[start : start + self.eval_batch_size]
+            batch = self.render(chunk, with_token)
+            member_probs = self.frozen.ensemble.member_probs(batch)  # [M, b, C]
+            probs.append(member_probs[..., int(self.target_index)].cpu())
+            top1.append(member_probs.argmax(-1).cpu())
+            images += [torch.from_numpy(to_uint8(image)).permute(2, 0, 1) for image in batch]
+        members = len(self.frozen.ensemble.members)
+        top1 = torch.cat(top1, 1) if top1 else torch.zeros(members, 0, dtype=torch.long)
+        evaluation = HeldOutEvaluation(
+            targets=mine,
+            images=torch.stack(images) if images else torch.zeros(0, 3, 1, 1, dtype=torch.uint8),
+            probs=torch.cat(probs, 1) if probs else torch.zeros(members, 0),
+            top1=top1,
+            hit=(top1 == int(self.target_index)).all(0),
+        )
+        self._evaluations[with_token] = (key, evaluation)
+        return evaluation
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["sage_state"]["universal_token"] = {"target": self.target_name}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint["sage_state"].get("universal_token", {}).get("target")
+        if saved != self.target_name:
+            raise SageError(
+                f"the checkpoint trains a token towards {saved!r}, this config towards {self.target_name!r}: "
+                "resume with the run's config.yaml"
+            )
