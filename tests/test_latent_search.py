@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, kill_after_first_checkpoint, results, sage
 from safetensors.torch import load_file
 
 from callbacks import ClampPerturbation
@@ -20,24 +16,7 @@ from sage_lightning.cli import main
 from sage_lightning.loading import default_ensemble
 from sage_lightning.searches import LatentSearch, RandomLatentSearch
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "latent_search_tiny.yaml")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def sage(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "sage_lightning.cli", *args], capture_output=True, text=True, env=ENV, cwd=REPO
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return proc
-
-
-def results(run: Path) -> list[dict]:
-    return sorted(
-        (json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()), key=lambda r: r["target"]
-    )
 
 
 def latents(run: Path) -> dict[str, torch.Tensor]:
@@ -127,17 +106,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     reference = tmp_path / "reference"
     sage("fit", "--config", TINY, "--trainer.default_root_dir", str(reference), *longer)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "sage_lightning.cli", "fit", "--config", TINY, "--trainer.default_root_dir", str(run)]
-    cmd += longer
-    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into the next iteration pass
-    assert proc.poll() is None, "the run ended before it could be killed: make the config longer"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(run, "fit", "--config", TINY, "--trainer.default_root_dir", str(run), *longer)
     assert not (run / "summary.json").exists()
     assert len((run / "results.jsonl").read_text().splitlines()) < 6 if (run / "results.jsonl").exists() else True
     sage("fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last")
