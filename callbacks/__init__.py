@@ -5,8 +5,11 @@ from callbacks.clamp import ClampPerturbation
 from callbacks.clip_score import ClipScoreLogger
 from callbacks.failure_writer import FailureWriter
 from callbacks.projection import LatentProjection
+from callbacks.prompt_writer import PromptResultWriter
+from callbacks.token_snapping import TokenSnapping
 from callbacks.token_writer import TokenWriter
 
 __all__ = [
     "ClampPerturbation", "ClipScoreLogger", "IterationCheckpoint", "FailureWriter", "LatentProjection", "TokenWriter",
+    "PromptResultWriter", "TokenSnapping",
 ]

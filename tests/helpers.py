@@ -8,7 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -23,17 +26,38 @@ def sage(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def kill_after_first_checkpoint(run: Path, *args: str, timeout: float = 240) -> None:
-    """Start ``sage fit ARGS`` into ``run``, SIGKILL it once ``checkpoints/last.ckpt`` exists (mid-run)."""
+def kill_when(ready: Callable[[], bool], *args: str, timeout: float = 240) -> None:
+    """Start ``sage ARGS``; SIGKILL it as soon as ``ready()`` holds (it must still be running then)."""
     proc = subprocess.Popen([*SAGE, *args], env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + timeout
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    while not ready() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # into the next iteration pass
     assert proc.poll() is None, "the run ended before it could be killed: make the config longer"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def kill_after_first_checkpoint(run: Path, *args: str, timeout: float = 240) -> None:
+    """Start ``sage fit ARGS`` into ``run``, SIGKILL it once ``checkpoints/last.ckpt`` exists (mid-run)."""
+    ckpt = run / "checkpoints" / "last.ckpt"
+    seen: list[float] = []
+
+    def ready() -> bool:  # 0.5 s after the first checkpoint: into the next iteration pass
+        if not seen and ckpt.exists():
+            seen.append(time.time())
+        return bool(seen) and time.time() > seen[0] + 0.5
+
+    kill_when(ready, *args, timeout=timeout)
+
+
+def error_of(args: list[str], capsys) -> str:
+    """What ``sage ARGS`` (in-process) prints on stderr; it must exit with status 2 (a user error)."""
+    from sage_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip()
 
 
 def results(run: Path) -> list[dict]:

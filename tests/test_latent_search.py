@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, kill_after_first_checkpoint, results, sage
+from helpers import REPO, error_of, kill_after_first_checkpoint, results, sage
 from safetensors.torch import load_file
 
 from callbacks import ClampPerturbation
 from datamodules import ClassPromptDataModule
-from sage_lightning.cli import main
 from sage_lightning.loading import default_ensemble
 from sage_lightning.searches import LatentSearch, RandomLatentSearch
 
@@ -134,14 +133,6 @@ def test_ddp_on_two_cpu_processes_equals_one_device(reference_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ bad input
-def _error_of(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    return err
-
-
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -153,7 +144,7 @@ def _error_of(args: list[str], capsys) -> str:
     ],
 )
 def test_bad_input_is_one_clear_line(extra, needle, capsys, tmp_path):
-    err = _error_of(["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "r"), *extra], capsys)
+    err = error_of(["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "r"), *extra], capsys)
     assert err.startswith("sage: error:") and needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "r" / "results.jsonl").exists()
 
@@ -161,18 +152,18 @@ def test_bad_input_is_one_clear_line(extra, needle, capsys, tmp_path):
 def test_reversed_clamp_range_and_unknown_key(capsys, tmp_path):
     with pytest.raises(Exception, match=r"clamp range \[1.0, -1.0\]"):
         ClampPerturbation(1.0, -1.0)
-    err = _error_of(["fit", "--config", TINY, "--model.init_args.no_such_key", "1"], capsys)
+    err = error_of(["fit", "--config", TINY, "--model.init_args.no_such_key", "1"], capsys)
     assert "no_such_key" in err
 
 
 def test_existing_results_are_never_overwritten_and_corrupt_checkpoint(reference_run, capsys, tmp_path):
     before = (reference_run / "results.jsonl").read_text()
-    err = _error_of(["fit", "--config", TINY, "--trainer.default_root_dir", str(reference_run)], capsys)
+    err = error_of(["fit", "--config", TINY, "--trainer.default_root_dir", str(reference_run)], capsys)
     assert "already holds results.jsonl" in err
     assert (reference_run / "results.jsonl").read_text() == before
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    err = _error_of(
+    err = error_of(
         ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "x"), "--ckpt_path", str(bad)], capsys
     )
     assert "is unreadable" in err and str(bad) in err

@@ -2,7 +2,12 @@
 
 from sage_lightning.searches.base import TargetSearch
 from sage_lightning.searches.latent import LatentSearch
+from sage_lightning.searches.prompt import PromptSearch
 from sage_lightning.searches.random_latent import RandomLatentSearch
+from sage_lightning.searches.random_prompt import RandomWordSearch
 from sage_lightning.searches.universal_token import UniversalTokenSearch
 
-__all__ = ["LatentSearch", "RandomLatentSearch", "TargetSearch", "UniversalTokenSearch"]
+__all__ = [
+    "LatentSearch", "PromptSearch", "RandomLatentSearch", "RandomWordSearch", "TargetSearch",
+    "UniversalTokenSearch",
+]

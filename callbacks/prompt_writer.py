@@ -1,0 +1,105 @@
+"""Write what prompt search finds: a grid of the S images of every evaluated prompt, one line per target.
+
+Per target: ``images/NNNNN_wK.png`` (the grid of the S evaluation images of the prompt with K words;
+``_w0`` is the bare template) and a line in ``results.jsonl`` with the prompt, the words in order, the
+per-seed decisions of D, each member's probabilities per seed, the judge's verdict (where the model has
+a judge), the history of rounds and the cost in UNet evaluations. At the end: ``summary.json``
+(SSR(A), SSR(J), cost per failure) and ``gallery.png`` (template | failing prompt grids).
+Each rank saves the grids of the prompts it evaluated; rank 0 writes the lines (the search already
+shares every decision between ranks).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torchvision.utils import make_grid
+
+from callbacks.failure_writer import FailureWriter, _median
+from sage_lightning.metrics import success_rate
+from sage_lightning.searches.base import FOUND
+from sage_lightning.searches.prompt import majority
+from sage_lightning.surrogate.ensemble import member_names
+
+
+def grid_path(target: int, words: int) -> str:
+    return f"images/{target:05d}_w{words}.png"
+
+
+class PromptResultWriter(FailureWriter):
+    """The writer of :class:`~sage_lightning.searches.PromptSearch` (added by the search if missing)."""
+
+    def record(self, pl_module, target: int) -> dict:
+        t = pl_module.targets[target]
+        last = pl_module.last[target]
+        record = {
+            "target": target, "class": t.class_name, "template": t.prompt, "seed": t.seed,
+            "prompt": pl_module.prompt_of(target), "words": list(pl_module.words[target]),
+            "found": int(pl_module.status[target]) == FOUND, "reason": pl_module.reason[target],
+            "iterations": int(pl_module.iterations[target]),
+            "unet_evaluations": pl_module.unet_evaluations(target),
+            "rounds": list(pl_module.rounds[target]),
+            "clean_image": grid_path(target, 0) if pl_module.check_template else None,
+            "image": None, "eval_seeds": None, "decisions": None, "failed_seeds": None, "probs": None,
+            "judge": None,
+        }
+        if last is None:
+            return record
+        names = member_names(pl_module.frozen.ensemble)
+        record.update(
+            prompt=last["prompt"],  # the prompt the decisions below belong to
+            words=last["prompt"][len(t.prompt) :].split(),
+            image=grid_path(target, last["words"]),
+            eval_seeds=pl_module.eval_seed_list(target),
+            decisions=last["decisions"],
+            failed_seeds=sum(last["decisions"]),
+            probs={n: last["probs"][m] for m, n in enumerate(names)},
+        )
+        if last["judged"] is not None:
+            wrong = [shape != t.class_name for shape in last["judged"]]
+            record["judge"] = {
+                "shapes": last["judged"], "failed": wrong, "failed_seeds": sum(wrong),
+                "confirmed": record["found"] and majority(wrong),
+            }
+        return record
+
+    @torch.no_grad()
+    def flush(self, trainer, pl_module) -> None:
+        for ev in pl_module.evaluations:
+            nrow = max(1, min(len(ev.images), 8))
+            self.run.save_image(grid_path(ev.target, ev.words), make_grid(ev.images, nrow=nrow, padding=2))
+        pl_module.evaluations = []
+        finished, pl_module.finished = pl_module.finished, []
+        if trainer.is_global_zero and finished:
+            self.run.append_results([self.record(pl_module, t) for t in sorted(set(finished))])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.flush(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.flush(trainer, pl_module)  # before the checkpoint (checkpoint callbacks run last)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        results = self.run.read_results()
+        found = [r for r in results if r["found"]]
+        judged = [r for r in results if r["judge"] is not None]
+        summary = {
+            "targets": len(pl_module.targets), "finished": len(results),
+            "ssr_discriminator": success_rate([r["found"] for r in results]),
+            "ssr_judge": success_rate([r["judge"]["confirmed"] for r in judged]) if judged else None,
+            "template_failures": sum(r["reason"] == "template fails" for r in results),
+            "median_words_per_failure": _median([len(r["words"]) for r in found]),
+            "median_unet_evaluations_per_failure": _median([r["unet_evaluations"] for r in found]),
+        }
+        (self.run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        pairs = [r for r in found if r["clean_image"] and r["image"] and r["words"]]
+        if pairs:
+            self.write_gallery(pairs[: self.gallery_size])
+        ssr_j = "" if summary["ssr_judge"] is None else f", SSR(J) {summary['ssr_judge']:.2f}"
+        print(
+            f"\nSAGE prompt search: {len(found)} failing prompts in {len(results)} targets "
+            f"(SSR {summary['ssr_discriminator']:.2f}{ssr_j}). Results: {self.run.root.resolve()}/results.jsonl"
+        )

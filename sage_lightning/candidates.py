@@ -1,0 +1,238 @@
+"""Candidate-word sources of prompt search: what may be appended next to a prompt (SAGE_METHOD.md).
+
+A source proposes whole next words for the prompt so far, best first, with a score (the language
+model's probability of the word; uniform for a word list). Prompt search then keeps the candidates that
+:class:`WordFilter` accepts and snaps its adversarial slot to the nearest of them.
+
+* :class:`CausalLMCandidates`: any Hugging Face ``AutoModelForCausalLM`` + tokenizer (GPT-2 for Stable
+  Diffusion, ``"shapesworld"`` for ShapesWorld's own tiny LM). Never ``trust_remote_code``.
+* :class:`WordListCandidates`: a fixed list of words (ablations, tests).
+
+Whole words: a proposal is the text the LM writes from a token that starts a new word up to the next
+word boundary (greedy completion of each top first token, at most ``max_word_tokens`` tokens), and must
+be one run of ASCII letters. The diffusion model's CLIP tokenizer decides the rest (:class:`WordFilter`):
+by default a candidate must be **one CLIP token** (the slot [x] is one token wide, so "nearest token
+embedding" is exact); ``multi_token="mean"`` keeps multi-token words and compares them by the mean of
+their token embeddings. Class names, their plurals and configured synonyms are never candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sage_lightning.errors import SageError
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One proposed next word and its score (probability under the source; higher is better)."""
+
+    word: str
+    score: float
+
+
+def is_whole_word(word: str) -> bool:
+    """One run of printable ASCII letters (no spaces, digits, punctuation or special tokens)."""
+    return bool(word) and word.isascii() and word.isalpha()
+
+
+class CandidateSource:
+    """Proposes whole next words for a prompt. Subclasses implement :meth:`propose`."""
+
+    def propose(self, prompt: str) -> list[Candidate]:
+        """Whole next words for ``prompt``, best first, without duplicates."""
+        raise NotImplementedError
+
+
+class WordListCandidates(CandidateSource):
+    """The same fixed words after every prompt (uniform scores), e.g. for ablations.
+
+    Example::
+
+        WordListCandidates(["on", "a", "red", "blue", "background"])
+    """
+
+    def __init__(self, words: Sequence[str]) -> None:
+        words = list(dict.fromkeys(str(w).strip() for w in words))
+        if not words:
+            raise SageError("WordListCandidates has no words: give at least one word")
+        bad = [w for w in words if not is_whole_word(w)]
+        if bad:
+            raise SageError(f"WordListCandidates: {bad[:5]} are not whole words (letters only, one word each)")
+        self.words = words
+
+    def propose(self, prompt: str) -> list[Candidate]:
+        return [Candidate(w, 1.0 / len(self.words)) for w in self.words]
+
+
+class CausalLMCandidates(CandidateSource):
+    """Next words proposed by a causal language model (SAGE's "language model proposes natural words").
+
+    Args:
+        model_name_or_path: a hub id (``gpt2``), a local folder, or ``"shapesworld"`` (the world's LM).
+        top_k: first tokens considered per proposal (the most probable ones).
+        min_prob: proposals whose first-token probability is below this are dropped (junk words).
+        max_word_tokens: LM tokens at most per word (longer completions are dropped).
+        local_files_only: never touch the network (loading fails clearly if the weights are not cached).
+        device: where the LM runs (``cpu`` by default: it is small next to the diffusion model).
+
+    The LM and its tokenizer load on first use; ``trust_remote_code`` is never set.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "gpt2",
+        top_k: int = 20,
+        min_prob: float = 1e-3,
+        max_word_tokens: int = 4,
+        local_files_only: bool = False,
+        device: str = "cpu",
+    ) -> None:
+        if top_k < 1:
+            raise SageError(f"CausalLMCandidates top_k={top_k} must be at least 1")
+        if not 0.0 <= min_prob < 1.0:
+            raise SageError(f"CausalLMCandidates min_prob={min_prob} must be in [0, 1)")
+        if max_word_tokens < 1:
+            raise SageError(f"CausalLMCandidates max_word_tokens={max_word_tokens} must be at least 1")
+        self.source = model_name_or_path
+        self.top_k, self.min_prob, self.max_word_tokens = top_k, min_prob, max_word_tokens
+        self.local_files_only, self.device = local_files_only, device
+        self.path, self.is_local = _resolve_lm(model_name_or_path)
+        self._model = self._tokenizer = None
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        where = str(self.path) if self.is_local else self.source
+        offline = self.local_files_only or self.is_local
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                where, local_files_only=offline, trust_remote_code=False, dtype=torch.float32
+            )
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SageError(
+                f"cannot load the candidate language model {self.source!r} ({first[:200]}): check the hub id or "
+                "folder, or your network / local_files_only"
+            ) from err
+        self._tokenizer, self._model = tokenizer, model.requires_grad_(False).eval().to(self.device)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _starts_word(self, before: list[int], token: int) -> bool:
+        """Whether ``token`` begins a new word after ``before`` (the text grows by whitespace first)."""
+        old, new = self._decode(before).rstrip(), self._decode([*before, token])
+        grown = new[len(old) :] if new.startswith(old) else new
+        return grown[:1].isspace() or (bool(grown) and not grown[:1].isalnum())
+
+    @torch.no_grad()
+    def _logits(self, sequences: list[list[int]]) -> torch.Tensor:
+        ids = torch.tensor(sequences, device=self.device)
+        return self._model(input_ids=ids).logits[:, -1].float().cpu()
+
+    @torch.no_grad()
+    def propose(self, prompt: str) -> list[Candidate]:
+        self.load()
+        tok = self._tokenizer
+        specials = set(tok.all_special_ids)
+        base = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + list(
+            tok(prompt, add_special_tokens=False).input_ids
+        )
+        probs = self._logits([base])[0].softmax(-1)
+        top = probs.topk(min(self.top_k, probs.numel()))
+        firsts = [
+            (int(t), float(p))
+            for p, t in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            if p >= self.min_prob and int(t) not in specials and self._starts_word(base, int(t))
+        ]
+        # Complete every first token greedily, all in one batch per extra token, to the next word boundary.
+        seqs = [[t] for t, _ in firsts]
+        done = [False] * len(seqs)
+        for _ in range(self.max_word_tokens):
+            open_rows = [i for i, d in enumerate(done) if not d]
+            if not open_rows:
+                break
+            nxt = self._logits([base + seqs[i] for i in open_rows]).argmax(-1).tolist()
+            for i, token in zip(open_rows, nxt, strict=True):
+                if token in specials or self._starts_word(base + seqs[i], token):
+                    done[i] = True
+                elif len(seqs[i]) < self.max_word_tokens:
+                    seqs[i].append(token)
+                else:
+                    done[i] = None  # longer than max_word_tokens: dropped
+        out: dict[str, Candidate] = {}
+        for (_, p), seq, finished in zip(firsts, seqs, done, strict=True):
+            if finished is not True:
+                continue
+            word = self._decode([*base, *seq])[len(self._decode(base).rstrip()) :].strip()
+            if is_whole_word(word) and word not in out:
+                out[word] = Candidate(word, p)
+        return list(out.values())
+
+
+def _resolve_lm(source: str) -> tuple[Path, bool]:
+    from sage_lightning.loading import SHAPESWORLD_DIR
+
+    if source == "shapesworld":
+        path = SHAPESWORLD_DIR / "lm"
+        if not (path / "config.json").exists():
+            raise SageError(f"ShapesWorld's language model is missing at {path}: reinstall sage-lightning")
+        return path, True
+    path = Path(source).expanduser()
+    local = source.startswith((".", "/", "~")) or path.exists()
+    if local and not (path / "config.json").exists():
+        raise SageError(f"language model folder {source!r} does not exist or has no config.json")
+    return path, local
+
+
+class WordFilter:
+    """Which proposals may enter the prompt, and their token embeddings in the text encoder's space.
+
+    Args:
+        tokenizer: the diffusion model's CLIP tokenizer.
+        excluded: words never allowed (class names and synonyms); their plurals (+s, +es) are excluded too.
+        multi_token: ``"drop"`` (a candidate must be one CLIP token) or ``"mean"`` (multi-token words are
+            kept, embedded as the mean of their tokens).
+    """
+
+    def __init__(self, tokenizer, excluded: Iterable[str] = (), multi_token: str = "drop") -> None:
+        if multi_token not in ("drop", "mean"):
+            raise SageError(f"multi_token={multi_token!r}: use 'drop' or 'mean'")
+        self.tokenizer, self.multi_token = tokenizer, multi_token
+        self.excluded = {f.lower() for w in excluded for f in _forms(w)}
+
+    def token_ids(self, word: str) -> list[int]:
+        return list(self.tokenizer(word, add_special_tokens=False).input_ids)
+
+    def accept(self, candidates: Iterable[Candidate]) -> list[tuple[Candidate, list[int]]]:
+        """Accepted candidates (order kept) with their CLIP token ids."""
+        kept = []
+        for c in candidates:
+            if not is_whole_word(c.word) or c.word.lower() in self.excluded:
+                continue
+            ids = self.token_ids(c.word)
+            if ids and (len(ids) == 1 or self.multi_token == "mean"):
+                kept.append((c, ids))
+        return kept
+
+
+def _forms(word: str) -> list[str]:
+    word = word.strip()
+    return [word, word + "s", word + "es"] + word.split()
+
+
+def nearest(query: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """Indices of ``embeddings [C, D]`` ordered by cosine similarity to ``query [D]``, nearest first.
+
+    Ties keep the candidates' order (stable sort), so the result is deterministic.
+    """
+    sims = torch.nn.functional.cosine_similarity(embeddings.float(), query.float().view(1, -1), dim=-1)
+    return torch.sort(-sims, stable=True).indices

@@ -1,0 +1,239 @@
+"""Prompt-space SAGE on the tiny stack: snapping, candidates, growth, resume after SIGKILL, DDP, bad input."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import REPO, error_of, kill_when, results, sage
+
+from callbacks import TokenSnapping
+from datamodules import ClassPromptDataModule
+from sage_lightning.candidates import (
+    Candidate,
+    CausalLMCandidates,
+    WordFilter,
+    WordListCandidates,
+    is_whole_word,
+    nearest,
+)
+from sage_lightning.cli import main
+from sage_lightning.errors import SageError
+from sage_lightning.searches import PromptSearch, RandomWordSearch, TargetSearch
+from sage_lightning.searches.base import FOUND, RUNNING
+from sage_lightning.shapesworld.generator import SHAPES
+
+TINY = str(REPO / "configs" / "prompt_search_tiny.yaml")
+CONFIGS = REPO / "configs"
+WORDS = ["on", "a", "red", "blue", "plain", "background", "star", "stars", "ring", "bright"]
+
+
+def _prepared(candidates=None, classes=("star", "ring"), **kwargs) -> PromptSearch:
+    search = PromptSearch(
+        candidates=candidates or WordListCandidates(WORDS), diffusion="tiny", num_steps=2, eval_seeds=3,
+        judge="shapesworld", **kwargs,
+    )
+    search.prepare(ClassPromptDataModule(classes=list(classes)).targets)
+    search.trainer = None
+    return search
+
+
+# ----------------------------------------------------------------------------------- candidates
+def test_nearest_orders_by_cosine_and_snapping_picks_the_nearest_candidate():
+    table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    assert nearest(torch.tensor([0.2, 1.0]), table).tolist() == [1, 2, 0, 3]
+    assert nearest(torch.tensor([5.0, 5.0]), table)[0] == 2  # cosine, not distance
+    search = _prepared()
+    candidates, embeddings = search.proposals(0)
+    words = [c.word for c in candidates]
+    for word in ("bright", "red", "background"):
+        with torch.no_grad():
+            search.slots[0, 0] = embeddings[words.index(word)] * 3.0 + 0.001  # scaled: cosine stays nearest
+        assert TokenSnapping().choose(search, 0) == (word, 0)
+
+
+def test_rerank_chooses_the_lowest_real_loss_among_the_nearest():
+    search = _prepared()
+    candidates, embeddings = search.proposals(0)
+    with torch.no_grad():
+        search.slots[0, 0] = embeddings[0]
+    few = [candidates[i].word for i in nearest(search.slots[0, 0].detach(), embeddings)[:3].tolist()]
+    losses = search.real_loss(0, few)
+    word, cost = TokenSnapping(rerank_top=3).choose(search, 0)
+    assert word == few[int(losses.argmin())] and cost == 3 * search.sample_cost()
+
+
+def test_candidates_are_whole_words_and_never_the_class_name_or_synonyms():
+    lm = CausalLMCandidates("shapesworld", top_k=30, min_prob=0.0)
+    proposals = lm.propose("a photo of a star on a")
+    assert proposals and all(is_whole_word(c.word) for c in proposals)
+    assert [c.score for c in proposals] == sorted((c.score for c in proposals), reverse=True)
+    assert "red" in [c.word for c in proposals]
+    search = _prepared(candidates=WordListCandidates(WORDS), synonyms={"star": ["bright"]})
+    words = [c.word for c in search.proposals(0)[0]]
+    assert "star" not in words and "stars" not in words and "bright" not in words and "ring" not in words
+    assert {"on", "red", "background"} <= set(words)
+    lm_search = _prepared(candidates=lm)
+    for target in (0, 1):
+        lm_words = [c.word for c in lm_search.proposals(target)[0]]
+        assert lm_words and not set(lm_words) & set(SHAPES)
+    # every accepted candidate is one CLIP token (multi_token="drop") or, with "mean", may be several
+    filt = WordFilter(search.frozen.model.tokenizer, ["star"])
+    accepted = filt.accept([Candidate("hexagon", 1.0), Candidate("red", 1.0), Candidate("two words", 1.0)])
+    assert [(c.word, len(ids)) for c, ids in accepted] == [("red", 1)]
+    mean = WordFilter(search.frozen.model.tokenizer, ["star"], multi_token="mean")
+    assert [c.word for c, _ in mean.accept([Candidate("hexagon", 1.0)])] == ["hexagon"]
+    with pytest.raises(SageError, match="not whole words"):
+        WordListCandidates(["on", "two words", "x1"])
+
+
+def test_prompt_grows_by_one_word_per_round_and_slots_restart():
+    search = _prepared()
+    before = search.prompt_of(0)
+    with torch.no_grad():
+        search.slots[0] += 1.0
+    evaluation = search.evaluate(0, ["red"])
+    assert evaluation.images.shape[0] == 3 and evaluation.decisions.shape == (3,) and evaluation.words == 1
+    search.conclude({0: ("red", evaluation, 7)})
+    assert search.prompt_of(0) == before + " red" and search.words[0] == ["red"]
+    assert torch.equal(search.slots[0], search.init_embedding.repeat(2, 1))
+    assert search.spent[0] == 7 and search.rounds[0] == [{"words": 1, "failed_seeds": int(evaluation.decisions.sum())}]
+    assert search.status[0] == (FOUND if evaluation.failed else RUNNING)
+
+
+def test_costs_are_counted_like_the_base_search_and_the_baseline_fits_the_budget():
+    search = _prepared(steps_per_word=5, max_words=4)
+    assert search.step_cost() == TargetSearch.unet_evaluations(search, 1) - search.sampler.unet_evaluations(1)
+    baseline = RandomWordSearch(
+        candidates=WordListCandidates(WORDS), diffusion="tiny", num_steps=2, eval_seeds=3, max_words=4,
+        match_sage_steps_per_word=5,
+    )
+    sage_budget = 4 * (5 * search.step_cost() + 3 * search.sample_cost())
+    spent = baseline.word_rounds * baseline.eval_cost()
+    assert sage_budget - baseline.eval_cost() < spent <= sage_budget
+
+
+# ---------------------------------------------------------------------------------- end to end
+LONGER = ["--model.init_args.max_words", "3", "--model.init_args.steps_per_word", "3",
+          "--model.init_args.check_template", "false"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("prompt_ref") / "run"
+    sage("fit", "--config", TINY, "--trainer.default_root_dir", str(run), *LONGER)
+    return run
+
+
+def test_run_folder_holds_prompt_records(reference_run):
+    rows = results(reference_run)
+    assert [r["target"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["prompt"] == " ".join([r["template"], *r["words"]])
+        assert [x["words"] for x in r["rounds"]] == list(range(1, len(r["words"]) + 1))  # one word per round
+        assert r["found"] or (r["reason"] == "max_words" and len(r["words"]) == 3)
+        assert r["iterations"] == 3 * len(r["words"])
+        assert len(r["decisions"]) == 4 and r["failed_seeds"] == sum(r["decisions"])
+        assert r["found"] == (2 * r["failed_seeds"] > 4)
+        assert set(r["probs"]) == {"0:test_resnet", "1:test_vit", "2:canny+test_resnet"}
+        assert all(len(p) == 4 for p in r["probs"].values())
+        assert len(r["judge"]["shapes"]) == 4 and (reference_run / r["image"]).is_file()
+        assert not set(r["words"]) & set(SHAPES)
+    summary = (reference_run / "summary.json").read_text()
+    assert '"ssr_judge"' in summary
+
+
+def _checkpoint_state(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["sage_state"]
+
+
+def test_resume_after_sigkill_mid_word_and_across_snapped_words(reference_run, tmp_path):
+    run = tmp_path / "run"
+    first_word = run / "images" / "00000_w1.png"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    marks: list[float] = []
+
+    def mid_second_word() -> bool:  # a checkpoint written after the first snap, then one more pass
+        if not first_word.exists() or not ckpt.exists():
+            return False
+        if ckpt.stat().st_mtime > first_word.stat().st_mtime and not marks:
+            marks.append(ckpt.stat().st_mtime)
+        return bool(marks) and ckpt.stat().st_mtime > marks[0]
+
+    kill_when(mid_second_word, "fit", "--config", TINY, "--trainer.default_root_dir", str(run), *LONGER, timeout=400)
+    state = _checkpoint_state(run)
+    words = state["prompt_search"]["words"]
+    assert any(words), "the checkpoint holds no snapped word"
+    running = [t for t, s in enumerate(state["status"].tolist()) if s == RUNNING]
+    assert any(int(state["iterations"][t]) % 3 for t in running), "the checkpoint is not in the middle of a word"
+    assert not (run / "summary.json").exists()
+    sage("fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last")
+    assert results(run) == results(reference_run)
+    for r in results(run):
+        assert (run / r["image"]).read_bytes() == (reference_run / r["image"]).read_bytes()
+
+
+def test_ddp_on_two_cpu_processes_equals_one_device(tmp_path):
+    short = ["--model.init_args.max_words", "2", "--data.init_args.batch_size", "1"]
+    ddp = tmp_path / "ddp"
+    sage("fit", "--config", TINY, "--trainer.default_root_dir", str(ddp), "--trainer.devices", "2",
+         "--trainer.strategy", "ddp", *short)
+    single = tmp_path / "single"
+    sage("fit", "--config", TINY, "--trainer.default_root_dir", str(single), *short)
+    assert results(ddp) == results(single)
+    assert sorted(p.name for p in (ddp / "images").iterdir()) == sorted(p.name for p in (single / "images").iterdir())
+
+
+def test_random_word_baseline_runs_in_the_same_units(tmp_path):
+    run = tmp_path / "random"
+    started = time.time()
+    sage("fit", "--config", TINY, "--config", str(CONFIGS / "prompt_random.yaml"), "--trainer.default_root_dir",
+         str(run), "--model.init_args.match_sage_steps_per_word", "1")
+    rows = results(run)
+    assert [r["target"] for r in rows] == [0, 1, 2] and time.time() - started < 300
+    for r in rows:
+        assert r["iterations"] == 0 or 1 <= len(r["words"]) <= 3
+        assert r["unet_evaluations"] == len(r["rounds"]) * 4 * 6  # S=4 images of 3 guided steps per round
+        assert r["found"] or r["reason"] in ("max_words", "no candidates")
+
+
+# ------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--model.init_args.candidates", "null"], "needs a candidate-word source"),
+        (["--model.init_args.max_words", "0"], "max_words=0 (L) must be at least 1"),
+        (["--model.init_args.steps_per_word", "0"], "steps_per_word=0 (K) must be at least 1"),
+        (["--data.init_args.templates", "[a photo of a thing]"], "must contain exactly one '{}'"),
+        (["--model.init_args.init_word", "hexagon"], "init_word='hexagon' is 2 CLIP tokens"),
+    ],
+)
+def test_bad_input_is_one_clear_line(extra, needle, capsys, tmp_path):
+    err = error_of(["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "r"), *extra], capsys)
+    assert err.startswith("sage: error:") and needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r" / "results.jsonl").exists()
+
+
+COMBOS = [
+    ["prompt_search.yaml"],
+    ["prompt_search_tiny.yaml"],
+    ["prompt_search.yaml", "prompt_random.yaml"],
+    ["prompt_search.yaml", "models/sd15.yaml", "models/gpt2_candidates.yaml", "trainer/gpu.yaml"],
+    ["prompt_search.yaml", "models/sd15.yaml", "models/sd21.yaml", "models/gpt2_candidates.yaml"],
+]
+
+
+@pytest.mark.parametrize("files", COMBOS, ids=["+".join(c) for c in COMBOS])
+def test_prompt_configs_parse(files, capsys):
+    args = ["fit"] + [a for f in files for a in ("--config", str(CONFIGS / f))] + ["--print_config"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    expected = "RandomWordSearch" if "prompt_random.yaml" in files else "PromptSearch"
+    assert model["class_path"].endswith(expected)
+    lm = model["init_args"]["candidates"]["init_args"]["model_name_or_path"]
+    assert lm == ("gpt2" if "models/gpt2_candidates.yaml" in files else "shapesworld")
