@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import logging
 import sys
 import time
@@ -173,10 +174,13 @@ class VaeModule(WorldModule):
     stage = "vae"
 
     def __init__(self, batch_size: int = 16, lr: float = 1e-3, base_steps: int = 0, warm: bool = False,
-                 kl_weight: float = 1e-6, edge_weight: float = 0.1):
+                 kl_weight: float = 1e-6, edge_weight: float = 0.1, freeze_encoder: bool = False):
         super().__init__(batch_size, lr, base_steps)
         self.vae = W.load_vae() if warm else W.build_vae(seed=0)
         self.vae.train()
+        # Once the UNet trains on the latents, only the decoder may move (as SD's ft-MSE decoders).
+        for part in (self.vae.encoder, self.vae.quant_conv):
+            part.requires_grad_(not freeze_encoder)
 
     def trainable(self):
         return self.vae
@@ -184,7 +188,11 @@ class VaeModule(WorldModule):
     def training_step(self, batch, batch_idx):
         x, _, _ = _images(self.hparams.batch_size, self.batch_seed())
         x = W.pixel_values(x)
-        post = self.vae.encode(x).latent_dist
+        if self.hparams.freeze_encoder:
+            with torch.no_grad():
+                post = self.vae.encode(x).latent_dist
+        else:
+            post = self.vae.encode(x).latent_dist
         rec = self.vae.decode(post.sample()).sample
         l1, mse = F.l1_loss(rec, x), F.mse_loss(rec, x)
         edge = F.l1_loss(sobel(rec), sobel(x))
@@ -211,12 +219,14 @@ class VaeModule(WorldModule):
 
     def export(self) -> dict:
         ev = self.evaluate()
-        self.vae.register_to_config(scaling_factor=ev["scaling_factor"])
+        if not self.hparams.freeze_encoder:  # a frozen encoder keeps its latent scale
+            self.vae.register_to_config(scaling_factor=ev["scaling_factor"])
         self.vae.eval()
         W.export_vae(self.vae)
         self.vae.train()
-        figures = {"psnr_db": ev["psnr_db"], "scaling_factor": ev["scaling_factor"], "steps": self.total_steps,
-                   "eval_images": 500}
+        figures = {"psnr_db": ev["psnr_db"], "scaling_factor": self.vae.config.scaling_factor,
+                   "latent_std_inverse": ev["scaling_factor"], "steps": self.total_steps, "eval_images": 500,
+                   "encoder_sha256": W.state_sha256(self.vae.encoder), "encoder_frozen": self.hparams.freeze_encoder}
         judged = judge_accuracy(_uint8(ev["recon"]), make_batch(500, EVAL_SEED + 1)[2])
         if judged is not None:
             figures["judge_accuracy_on_reconstructions"] = round(judged, 4)
@@ -324,7 +334,14 @@ class UnetModule(WorldModule):
         return out
 
     def export(self) -> dict:
-        W.export_pipeline(self.ema, self.frozen["vae"], self.frozen["text"])
+        vae = self.frozen["vae"]
+        try:  # the VAE stage may go on training the decoder alone: ship its newest decoder
+            shipped = W.load_vae()
+            if W.state_sha256(shipped.encoder) == W.state_sha256(vae.encoder):
+                vae = shipped
+        except OSError:
+            pass
+        W.export_pipeline(self.ema, vae, self.frozen["text"])
         figures = {"steps": self.total_steps, "batch_size": self.hparams.batch_size,
                    "text_tower_sha256": W.state_sha256(self.frozen["text"]),
                    "params": sum(p.numel() for p in self.unet.parameters())}
@@ -371,7 +388,8 @@ def setup_logging(stage: str) -> None:
 
 def train(stage: str, max_steps: int, threads: int = 1, export_minutes: float = 12.0,
           batch_size: int | None = None, lr: float | None = None, fresh: bool = False,
-          freeze_text: bool = False) -> dict:
+          freeze_text: bool = False, check_draws: int | None = None,
+          overrides: list[str] | None = None) -> dict:
     """Train ``stage`` for ``max_steps`` more steps (resume > warm start > seed); returns world.json."""
     if stage not in MODULES:
         raise SystemExit(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
@@ -382,7 +400,16 @@ def train(stage: str, max_steps: int, threads: int = 1, export_minutes: float = 
     kwargs = {k: v for k, v in {"batch_size": batch_size, "lr": lr}.items() if v is not None}
     if freeze_text:
         kwargs["freeze_text"] = True
+    if check_draws is not None:
+        kwargs["check_draws"] = check_draws
     cls = MODULES[stage]
+    params = inspect.signature(cls.__init__).parameters
+    for item in overrides or []:
+        key, value = item.split("=", 1)
+        if key not in params:
+            raise SystemExit(f"--set {key}: {stage} has no such setting ({', '.join(list(params)[1:])})")
+        default = params[key].default
+        kwargs[key] = value.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(value)
     resume = ckpt.exists() and not fresh
     if resume:
         module = cls.load_from_checkpoint(ckpt, **kwargs) if kwargs else cls.load_from_checkpoint(ckpt)
@@ -429,12 +456,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints and shipped weights")
     p.add_argument("--freeze-text", action="store_true",
                    help="clip: train the vision side only (the UNet depends on the text tower)")
+    p.add_argument("--check-draws", type=int, default=None,
+                   help="unet: judged samples at each export (default 100)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a module setting, also on resume (e.g. freeze_encoder=true, class_weight=3)")
 
 
 def run_from_args(a: argparse.Namespace) -> dict:
     world = train(a.stage, a.max_steps, threads=a.threads, export_minutes=a.export_minutes,
                   batch_size=a.batch_size, lr=a.lr, fresh=a.fresh,
-                  freeze_text=getattr(a, "freeze_text", False))
+                  freeze_text=getattr(a, "freeze_text", False), check_draws=getattr(a, "check_draws", None),
+                  overrides=a.set)
     log.info(f"{a.stage} done: {world['stages'].get(a.stage)}")
     return world
 
