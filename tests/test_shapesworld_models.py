@@ -69,7 +69,7 @@ def test_config_rebuilds_model():
         import timm
 
         model = timm.create_model(cfg["model_name"], **cfg["model_kwargs"])
-        assert timm.data.resolve_data_config({}, model=model)["input_size"] == (3, 64, 64)
+        assert tuple(timm.data.resolve_data_config({}, model=model)["input_size"]) == (3, 64, 64)
 
 
 def test_edge_classifier_uses_canny_member_convention():
