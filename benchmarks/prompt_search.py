@@ -1,0 +1,135 @@
+"""Benchmark: prompt-space SAGE against random words, on ShapesWorld's classes (issue 5).
+
+Runs ``sage fit --config configs/prompt_search.yaml`` (SAGE: L words of K sign steps, S-seed majority rule)
+and the random-word baseline (``configs/prompt_random.yaml``: random whole words from the same candidate
+source, the same S seeds and rule, at the same UNet-evaluation budget), one target per class, then prints:
+
+* the share of classes with a failing natural prompt (at least one appended word) found by D, and the
+  share also confirmed by ShapesWorld's geometric judge (a strict majority of the S images judged not
+  to show the class);
+* classes whose bare template already fails (reported apart: no word is credited for them);
+* the median cost per found failure, in UNet evaluations (sign steps forward + backward, prompt
+  evaluations), and the median number of words.
+
+Examples::
+
+    python benchmarks/prompt_search.py                                  # ShapesWorld, all 10 classes
+    python benchmarks/prompt_search.py --diffusion tiny --num-steps 4   # the random debug stack (smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def run_sage(out: Path, configs: list[str], overrides: list[str], threads: int) -> float:
+    """One ``sage fit`` into ``out`` (skipped when it already finished there); returns its wall time."""
+    if (out / "summary.json").exists():
+        return float("nan")
+    args = [a for c in configs for a in ("--config", str(CONFIGS / c))]
+    resume = ["--ckpt_path", "last"] if (out / "checkpoints" / "last.ckpt").exists() else []
+    cmd = [sys.executable, "-m", "sage_lightning.cli", "fit", *args, "--trainer.default_root_dir", str(out),
+           "--trainer.enable_progress_bar", "false", *overrides, *resume]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+    print("$", " ".join(cmd[2:]), file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"run failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def read(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
+def row(name: str, rows: list[dict], seconds: float) -> list[str]:
+    classes = sorted({r["class"] for r in rows})
+    by_class = {c: [r for r in rows if r["class"] == c] for c in classes}
+    template = [c for c in classes if any(r["reason"] == "template fails" for r in by_class[c])]
+    found = [r for r in rows if r["found"] and r["words"]]
+    found_classes = sorted({r["class"] for r in found})
+    confirmed = sorted({r["class"] for r in found if r["judge"] and r["judge"]["confirmed"]})
+    judged = any(r["judge"] for r in rows)
+    n = len(classes)
+    cost = statistics.median(r["unet_evaluations"] for r in found) if found else None
+    words = statistics.median(len(r["words"]) for r in found) if found else None
+    return [
+        name, str(n), f"{len(template)}/{n}", f"{len(found_classes)}/{n} ({len(found_classes) / n:.0%})",
+        f"{len(confirmed)}/{n} ({len(confirmed) / n:.0%})" if judged else "no judge",
+        "-" if cost is None else f"{cost:,.0f}", "-" if words is None else f"{words:g}",
+        f"{max(r['unet_evaluations'] for r in rows):,}", "-" if seconds != seconds else f"{seconds:.0f}",
+    ]
+
+
+def examples(rows: list[dict], k: int = 5) -> list[str]:
+    out = []
+    for r in [r for r in rows if r["found"] and r["words"]][:k]:
+        shapes = ", ".join(str(s) for s in r["judge"]["shapes"]) if r["judge"] else "-"
+        out.append(f"- {r['class']}: \"{r['prompt']}\" (D: {r['failed_seeds']}/{len(r['decisions'])} seeds fail;"
+                   f" judge sees: {shapes})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--diffusion", default="shapesworld", help="model source (default shapesworld)")
+    parser.add_argument("--classes", default="all", help="class list for data.classes (default all)")
+    parser.add_argument("--max-words", type=int, default=4, help="L (default 4)")
+    parser.add_argument("--steps-per-word", type=int, default=10, help="K (default 10)")
+    parser.add_argument("--eval-seeds", type=int, default=8, help="S (default 8)")
+    parser.add_argument("--num-steps", type=int, default=20, help="DDIM steps (default 20)")
+    parser.add_argument("--batch-size", type=int, default=5, help="targets per step (default 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: faster on a loaded CPU)")
+    parser.add_argument("--out", default="runs/bench_prompt_search", help="folder of the two runs")
+    args = parser.parse_args(argv)
+
+    out = (REPO / args.out).resolve()
+    common = [
+        "--model.init_args.diffusion", args.diffusion, "--model.init_args.num_steps", str(args.num_steps),
+        "--model.init_args.max_words", str(args.max_words), "--model.init_args.eval_seeds", str(args.eval_seeds),
+        "--model.init_args.judge", "shapesworld", "--data.init_args.classes", args.classes,
+        "--data.init_args.seeds_per_class", "1", "--data.init_args.batch_size", str(args.batch_size),
+    ]
+    k = ["--model.init_args.steps_per_word", str(args.steps_per_word)]
+    t_sage = run_sage(out / "sage", ["prompt_search.yaml"], common + k, args.threads)
+    match = ["--model.init_args.match_sage_steps_per_word", str(args.steps_per_word)]
+    t_rand = run_sage(out / "random", ["prompt_search.yaml", "prompt_random.yaml"], common + match, args.threads)
+
+    head = ["method", "classes", "template already fails", "failing prompt found (D)", "confirmed by judge",
+            "median UNet evals / found failure", "median words", "budget / class (UNet evals)", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    sage_rows, rand_rows = read(out / "sage"), read(out / "random")
+    lines.append("| " + " | ".join(row(f"SAGE prompt search (L={args.max_words}, K={args.steps_per_word})",
+                                        sage_rows, t_sage)) + " |")
+    lines.append("| " + " | ".join(row("random words, same budget", rand_rows, t_rand)) + " |")
+    world = REPO / "sage_lightning" / "shapesworld" / "weights" / "world.json"
+    stages = sorted(json.loads(world.read_text()).get("stages", {})) if world.exists() else []
+    given = argv if argv is not None else sys.argv[1:]
+    print(f"Command: `python {' '.join(['benchmarks/prompt_search.py', *given])}`")
+    print(f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; model {args.diffusion}; S={args.eval_seeds} seeds "
+          f"(strict majority); DDIM {args.num_steps} steps; {os.cpu_count()} CPUs, {args.threads} threads; "
+          f"ShapesWorld stages shipped: {', '.join(stages) or 'none'}")
+    print()
+    print("\n".join(lines))
+    for name, rows in (("SAGE", sage_rows), ("random", rand_rows)):
+        found = examples(rows)
+        if found:
+            print(f"\n{name} failing prompts (first {len(found)}):")
+            print("\n".join(found))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
