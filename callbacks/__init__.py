@@ -3,6 +3,7 @@
 from callbacks.checkpoint import IterationCheckpoint
 from callbacks.clamp import ClampPerturbation
 from callbacks.clip_score import ClipScoreLogger
+from callbacks.defaults import missing_run_callbacks
 from callbacks.failure_writer import FailureWriter
 from callbacks.projection import LatentProjection
 from callbacks.prompt_writer import PromptResultWriter
@@ -10,6 +11,13 @@ from callbacks.token_snapping import TokenSnapping
 from callbacks.token_writer import TokenWriter
 
 __all__ = [
-    "ClampPerturbation", "ClipScoreLogger", "IterationCheckpoint", "FailureWriter", "LatentProjection", "TokenWriter",
-    "PromptResultWriter", "TokenSnapping",
+    "ClampPerturbation",
+    "ClipScoreLogger",
+    "FailureWriter",
+    "IterationCheckpoint",
+    "LatentProjection",
+    "PromptResultWriter",
+    "TokenSnapping",
+    "TokenWriter",
+    "missing_run_callbacks",
 ]

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks import FailureWriter, IterationCheckpoint
+from callbacks.defaults import missing_run_callbacks
 from sage_lightning.errors import SageError
 from sage_lightning.searches import TargetSearch
 
@@ -88,11 +87,7 @@ class SageCLI(LightningCLI):
         config["default_root_dir"] = str(root)
         if config.get("logger") in (None, True):
             config["logger"] = CSVLogger(str(root), name="logs")
-        given = list(config.get("callbacks") or []) + list(callbacks)
-        if not any(isinstance(c, ModelCheckpoint) for c in given):
-            callbacks.append(IterationCheckpoint(dirpath=str(root / "checkpoints")))
-        if not any(isinstance(c, FailureWriter) for c in given):
-            callbacks.append(FailureWriter())
+        callbacks.extend(missing_run_callbacks(root, list(config.get("callbacks") or []) + list(callbacks)))
         return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:

@@ -73,8 +73,9 @@ class DiffusionModel:
         return self
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusionModel:
+        kwargs = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
         for module in self.modules():
-            module.to(device=device, dtype=dtype)
+            module.to(**kwargs)  # diffusers warns about fp32-kept modules whenever a dtype is passed
         return self
 
 
