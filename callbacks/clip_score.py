@@ -109,13 +109,23 @@ class ClipScoreLogger(L.Callback):
         self.metrics: dict[bool, CLIPScore] = {}
         self.scores: dict[str, float] = {}
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def load(self) -> None:
         if self.metrics:
             return
-        pair = load_clip_for_score(self.model, self.local_files_only)
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no loading bar on stderr: errors stay one line
+        try:
+            pair = load_clip_for_score(self.model, self.local_files_only)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         self.metrics = {flag: CLIPScore(model_name_or_path=lambda: pair) for flag in (True, False)}
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        """Loads the CLIP model after the search's own set-up, so its input errors come first."""
+        self.load()
         for metric in self.metrics.values():
             metric.to(pl_module.device)
 

@@ -21,11 +21,11 @@ class PromptSetDataModule(ClassPromptDataModule):
     """Training prompts (``classes`` x ``templates`` x ``seeds_per_class``) and a held-out prompt set.
 
     Args:
-        classes, templates, seeds_per_class, base_seed, batch_size: the training prompts (as
-            :class:`ClassPromptDataModule`).
         held_out_templates: templates of the held-out prompts (default: two that training does not use).
         held_out_classes: classes of the held-out prompts (default: the training classes).
         held_out_seeds_per_class: seeds per held-out (class, template), from ``held_out_base_seed``.
+        **kwargs: the training prompts: ``classes``, ``templates``, ``seeds_per_class``, ``base_seed``,
+            ``batch_size`` (as :class:`ClassPromptDataModule`).
 
     Example::
 
@@ -35,17 +35,13 @@ class PromptSetDataModule(ClassPromptDataModule):
 
     def __init__(
         self,
-        classes: list[str | int] | str = "all",
-        templates: list[str] | None = None,
-        seeds_per_class: int = 1,
-        base_seed: int = 0,
-        batch_size: int = 4,
         held_out_templates: list[str] | None = None,
         held_out_classes: list[str | int] | str | None = None,
         held_out_seeds_per_class: int = 1,
         held_out_base_seed: int = HELD_OUT_BASE_SEED,
+        **kwargs,
     ) -> None:
-        super().__init__(classes, templates, seeds_per_class, base_seed, batch_size)
+        super().__init__(**kwargs)
         self.held_out_templates = held_out_templates or ["a picture of a {}", "an image showing a {}"]
         for template in self.held_out_templates:
             if template.count("{}") != 1:
