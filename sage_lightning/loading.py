@@ -298,8 +298,6 @@ def default_ensemble(source: str):
     ``tiny``: random timm test models on the ShapesWorld class names (debugging only: meaningless).
     Other sources have no default: a config must list the members (see configs/models/).
     """
-    import json
-
     from sage_lightning.surrogate import CannyEdgeMember, ClassifierEnsemble, TimmMember
 
     if source == "tiny":
@@ -309,23 +307,13 @@ def default_ensemble(source: str):
         members.append(CannyEdgeMember(TimmMember("test_resnet", names)))
         return ClassifierEnsemble(members)
     if source == "shapesworld":
+        from sage_lightning.shapesworld.classifiers import NAMES, ensemble_member
+
         folder = SHAPESWORLD_DIR / "classifiers"
-        configs = sorted(folder.glob("*/config.json"))
-        if not configs:
-            raise SageError(
-                f"ShapesWorld classifiers are missing in {folder}: rebuild them with `sage-shapesworld build`"
-            )
-        members = []
-        for path in configs:
-            cfg = json.loads(path.read_text())
-            member = TimmMember(
-                cfg["model_name"],
-                cfg["class_names"],
-                checkpoint_path=str(path.parent / "model.safetensors"),
-                model_kwargs=cfg.get("model_kwargs"),
-            )
-            members.append(CannyEdgeMember(member) if cfg.get("input") == "canny" else member)
-        return ClassifierEnsemble(members)
+        shipped = [name for name in NAMES if (folder / name / "config.json").exists()]
+        if not shipped:
+            raise SageError(f"ShapesWorld classifiers are missing in {folder}: rebuild them (`sage-shapesworld build`)")
+        return ClassifierEnsemble([ensemble_member(name, folder) for name in shipped])
     raise SageError(
         f"model {source!r} has no default ensemble: list the members under model.ensemble in the config "
         "(see configs/models/sd15.yaml)"
