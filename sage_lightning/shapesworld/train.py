@@ -218,6 +218,12 @@ class VaeModule(WorldModule):
         return {"psnr_db": round(psnr, 2), "scaling_factor": round(scale, 5), "recon": rec, "images": x}
 
     def export(self) -> dict:
+        if self.hparams.freeze_encoder and (W.PIPELINE_DIR / "vae").exists():
+            shipped = W.state_sha256(W.load_vae().encoder)
+            if shipped != W.state_sha256(self.vae.encoder):
+                log.error("vae: not exported: the shipped encoder differs from this run's frozen encoder "
+                          "(decoder-only training must warm-start from the shipped VAE)")
+                return {}
         ev = self.evaluate()
         if not self.hparams.freeze_encoder:  # a frozen encoder keeps its latent scale
             self.vae.register_to_config(scaling_factor=ev["scaling_factor"])
@@ -365,7 +371,8 @@ class Exporter(L.Callback):
 
     def _export(self, module: WorldModule) -> None:
         figures = module.export()
-        W.update_world(module.stage, **figures)
+        if figures:
+            W.update_world(module.stage, **figures)
         self.last = time.time()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
