@@ -15,6 +15,7 @@ Examples::
     python benchmarks/universal_token.py                                    # star, heart, cross
     python benchmarks/universal_token.py --targets star --passes 2 --num-steps 10 --out runs/bench_ut
     python benchmarks/universal_token.py --accelerator gpu --passes 10
+    python benchmarks/universal_token.py --config configs/universal_token_tiny.yaml --targets star --passes 1
 
 Each target's run folder (token, grid, results, summary) stays under ``--out``.
 """
@@ -38,6 +39,7 @@ CONFIG = REPO / "configs" / "universal_token.yaml"
 
 
 def run_target(target: str, args: argparse.Namespace) -> dict:
+    """Train one token towards ``target`` with the config and return its ``summary.json`` (plus time)."""
     run = Path(args.out) / target
     if run.exists():
         shutil.rmtree(run)
@@ -55,7 +57,7 @@ def run_target(target: str, args: argparse.Namespace) -> dict:
         "--trainer.enable_progress_bar": "false",
     }
     start = time.perf_counter()
-    sage_main(["fit", "--config", str(CONFIG), *[str(x) for kv in overrides.items() for x in kv]])
+    sage_main(["fit", "--config", args.config, *[str(x) for kv in overrides.items() for x in kv]])
     summary = json.loads((run / "summary.json").read_text())
     summary["seconds"] = time.perf_counter() - start
     summary["run"] = str(run)
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--text-weight", type=float, default=0.1)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--out", default="runs/bench_universal_token")
+    parser.add_argument("--config", default=str(CONFIG), help="e.g. configs/universal_token_tiny.yaml (smoke run)")
     args = parser.parse_args()
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -105,7 +108,7 @@ def main() -> None:
     print(f"\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {args.accelerator}; ShapesWorld stages: "
           + ", ".join(f"{k} {v.get('steps', '?')} steps" for k, v in sorted(world.get("stages", {}).items())))
-    print(f"config {CONFIG.relative_to(REPO)}: {args.passes} passes, {args.num_steps} denoising steps, "
+    print(f"config {args.config}: {args.passes} passes, {args.num_steps} denoising steps, "
           f"lr {args.lr}, lambda {args.text_weight}, batch {args.batch_size}, seeds {args.seeds} "
           f"(held-out {args.held_out_seeds})\n")
     print(table(rows))
