@@ -72,6 +72,8 @@ def test_candidates_are_whole_words_and_never_the_class_name_or_synonyms():
     assert proposals and all(is_whole_word(c.word) for c in proposals)
     assert [c.score for c in proposals] == sorted((c.score for c in proposals), reverse=True)
     assert "red" in [c.word for c in proposals]
+    # suffix pieces the world LM learned inside words ("hex" + "agon") are unlikely: min_prob drops them
+    assert [c.word for c in CausalLMCandidates("shapesworld", min_prob=0.01).propose("a photo of a circle")] == ["on"]
     search = _prepared(candidates=WordListCandidates(WORDS), synonyms={"star": ["bright"]})
     words = [c.word for c in search.proposals(0)[0]]
     assert "star" not in words and "stars" not in words and "bright" not in words and "ring" not in words
