@@ -56,12 +56,19 @@ def run_target(target: str, args: argparse.Namespace) -> dict:
         "--trainer.default_root_dir": str(run),
         "--trainer.enable_progress_bar": "false",
     }
+    unet_steps = world_stages().get("unet", {}).get("steps")  # the world may still be training: say which UNet
     start = time.perf_counter()
     sage_main(["fit", "--config", args.config, *[str(x) for kv in overrides.items() for x in kv]])
     summary = json.loads((run / "summary.json").read_text())
     summary["seconds"] = time.perf_counter() - start
     summary["run"] = str(run)
+    summary["unet_steps"] = unet_steps
     return summary
+
+
+def world_stages() -> dict:
+    path = REPO / "sage_lightning" / "shapesworld" / "weights" / "world.json"
+    return json.loads(path.read_text()).get("stages", {}) if path.exists() else {}
 
 
 def table(rows: list[dict]) -> str:
@@ -73,8 +80,8 @@ def table(rows: list[dict]) -> str:
 
     lines = [
         "| target | held-out prompts | hit, judge, with token | base rate, judge, without | hit, D, with | "
-        "base, D, without | CLIP with | CLIP without | steps | minutes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "base, D, without | CLIP with | CLIP without | steps | minutes | UNet training steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         judge = r["hit_rate_judge"] or {"with_token": None, "without_token": None}
@@ -82,7 +89,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['target_class']} | {r['held_out_prompts']} | {pct(judge['with_token'])} | "
             f"{pct(judge['without_token'])} | {pct(r['hit_rate_ensemble']['with_token'])} | "
             f"{pct(r['hit_rate_ensemble']['without_token'])} | {clip(r['clip_score'], 'with_token')} | "
-            f"{clip(r['clip_score'], 'without_token')} | {r['steps']} | {r['seconds'] / 60:.1f} |"
+            f"{clip(r['clip_score'], 'without_token')} | {r['steps']} | {r['seconds'] / 60:.1f} | {r['unet_steps']} |"
         )
     return "\n".join(lines)
 
@@ -104,10 +111,9 @@ def main() -> None:
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     rows = [run_target(t.strip(), args) for t in args.targets.split(",") if t.strip()]
-    world = json.loads((REPO / "sage_lightning" / "shapesworld" / "weights" / "world.json").read_text())
     print(f"\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {args.accelerator}; ShapesWorld stages: "
-          + ", ".join(f"{k} {v.get('steps', '?')} steps" for k, v in sorted(world.get("stages", {}).items())))
+          + ", ".join(f"{k} {v.get('steps', '?')} steps" for k, v in sorted(world_stages().items())))
     print(f"config {args.config}: {args.passes} passes, {args.num_steps} denoising steps, "
           f"lr {args.lr}, lambda {args.text_weight}, batch {args.batch_size}, seeds {args.seeds} "
           f"(held-out {args.held_out_seeds})\n")

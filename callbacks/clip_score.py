@@ -125,6 +125,8 @@ class ClipScoreLogger(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Loads the CLIP model after the search's own set-up, so its input errors come first."""
+        if not hasattr(pl_module, "held_out_evaluation"):
+            raise SageError(f"ClipScoreLogger scores held-out prompts: {type(pl_module).__name__} has none")
         self.load()
         for metric in self.metrics.values():
             metric.to(pl_module.device)
