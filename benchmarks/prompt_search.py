@@ -44,9 +44,11 @@ def run_sage(out: Path, configs: list[str], overrides: list[str], threads: int) 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     print("$", " ".join(cmd[2:]), file=sys.stderr, flush=True)
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"run failed:\n{proc.stderr[-3000:]}")
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("SAGE")]
+    print(*summary[-1:], file=sys.stderr, flush=True)  # the run's one-line summary
     return time.perf_counter() - started
 
 

@@ -92,6 +92,34 @@ def test_candidates_are_whole_words_and_never_the_class_name_or_synonyms():
         WordListCandidates(["on", "two words", "x1"])
 
 
+def test_gpt2_style_tokenizer_words_start_after_a_space(tmp_path):
+    """GPT-2's convention (a leading-space marker starts a word) on a small byte-level BPE and random GPT-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    texts = ["a photo of a red star on a blue background", "the quick brown fox jumps over the lazy dog"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    tok.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+                        eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    lm = CausalLMCandidates(str(tmp_path), top_k=300, min_prob=0.0, local_files_only=True)
+    words = [c.word for c in lm.propose("a photo of a st")]
+    assert words and all(is_whole_word(w) for w in words)
+    base = tok("a photo of a st").input_ids
+    vocab = tok.get_vocab()
+    inside = [i for t, i in vocab.items() if t.isalpha() and t.isascii()]  # no marker: continues "st"
+    starts = [i for t, i in vocab.items() if t[:1] == "Ġ" and t[1:].isalpha()]
+    assert inside and starts
+    assert not any(lm._starts_word(base, i) for i in inside) and all(lm._starts_word(base, i) for i in starts)
+
+
 def test_prompt_grows_by_one_word_per_round_and_slots_restart():
     search = _prepared()
     before = search.prompt_of(0)
