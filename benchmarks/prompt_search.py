@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,35 @@ def run_sage(out: Path, configs: list[str], overrides: list[str], threads: int) 
     summary = [line for line in proc.stdout.splitlines() if line.startswith("SAGE")]
     print(*summary[-1:], file=sys.stderr, flush=True)  # the run's one-line summary
     return time.perf_counter() - started
+
+
+def snapshot_world(out: Path) -> Path:
+    """Copy the shipped ShapesWorld pipeline and classifiers into ``out/world`` (training may re-export them
+    while the benchmark runs, and both methods must see the same world); returns a config that uses the
+    copy with the ensemble ``default_ensemble("shapesworld")`` builds."""
+    from sage_lightning.loading import SHAPESWORLD_DIR
+
+    snap = out / "world"
+    if not snap.exists():
+        tmp = out / "world.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for part in ("pipeline", "classifiers"):
+            shutil.copytree(SHAPESWORLD_DIR / part, tmp / part)
+        shutil.copy(SHAPESWORLD_DIR / "world.json", tmp / "world.json")
+        tmp.rename(snap)
+    members = []
+    for path in sorted((snap / "classifiers").glob("*/config.json")):
+        cfg = json.loads(path.read_text())
+        member = {"class_path": "sage_lightning.surrogate.TimmMember", "init_args": {
+            "model_name": cfg["model_name"], "class_names": cfg["class_names"],
+            "checkpoint_path": str(path.parent / "model.safetensors"), "model_kwargs": cfg.get("model_kwargs")}}
+        if cfg.get("input") == "canny":
+            member = {"class_path": "sage_lightning.surrogate.CannyEdgeMember", "init_args": {"classifier": member}}
+        members.append(member)
+    ensemble = {"class_path": "sage_lightning.surrogate.ClassifierEnsemble", "init_args": {"members": members}}
+    config = snap / "model.yaml"
+    config.write_text(json.dumps({"model": {"init_args": {"diffusion": str(snap / "pipeline"), "ensemble": ensemble}}}))
+    return config
 
 
 def read(out: Path) -> list[dict]:
@@ -98,16 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     out = (REPO / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    world = [] if args.diffusion != "shapesworld" else [str(snapshot_world(out))]
+    source = [] if world else ["--model.init_args.diffusion", args.diffusion]
     common = [
-        "--model.init_args.diffusion", args.diffusion, "--model.init_args.num_steps", str(args.num_steps),
+        *source, "--model.init_args.num_steps", str(args.num_steps),
         "--model.init_args.max_words", str(args.max_words), "--model.init_args.eval_seeds", str(args.eval_seeds),
         "--model.init_args.judge", "shapesworld", "--data.init_args.classes", args.classes,
         "--data.init_args.seeds_per_class", "1", "--data.init_args.batch_size", str(args.batch_size),
     ]
     k = ["--model.init_args.steps_per_word", str(args.steps_per_word)]
-    t_sage = run_sage(out / "sage", ["prompt_search.yaml"], common + k, args.threads)
+    t_sage = run_sage(out / "sage", ["prompt_search.yaml", *world], common + k, args.threads)
     match = ["--model.init_args.match_sage_steps_per_word", str(args.steps_per_word)]
-    t_rand = run_sage(out / "random", ["prompt_search.yaml", "prompt_random.yaml"], common + match, args.threads)
+    t_rand = run_sage(out / "random", ["prompt_search.yaml", *world, "prompt_random.yaml"], common + match,
+                      args.threads)
 
     head = ["method", "classes", "template already fails", "failing prompt found (D)", "confirmed by judge",
             "median UNet evals / found failure", "median words", "budget / class (UNet evals)", "wall s"]
@@ -116,13 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("| " + " | ".join(row(f"SAGE prompt search (L={args.max_words}, K={args.steps_per_word})",
                                         sage_rows, t_sage)) + " |")
     lines.append("| " + " | ".join(row("random words, same budget", rand_rows, t_rand)) + " |")
-    world = REPO / "sage_lightning" / "shapesworld" / "weights" / "world.json"
-    stages = sorted(json.loads(world.read_text()).get("stages", {})) if world.exists() else []
+    shipped = out / "world" / "world.json" if world else REPO / "sage_lightning/shapesworld/weights/world.json"
+    stages = json.loads(shipped.read_text()).get("stages", {}) if shipped.exists() else {}
     given = argv if argv is not None else sys.argv[1:]
     print(f"Command: `python {' '.join(['benchmarks/prompt_search.py', *given])}`")
     print(f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; model {args.diffusion}; S={args.eval_seeds} seeds "
           f"(strict majority); DDIM {args.num_steps} steps; {os.cpu_count()} CPUs, {args.threads} threads; "
-          f"ShapesWorld stages shipped: {', '.join(stages) or 'none'}")
+          f"ShapesWorld stages in world.json: {', '.join(sorted(stages)) or 'none'}")
+    if world:
+        print(f"World snapshot: {out / 'world'}; unet stage record: {json.dumps(stages.get('unet'))}")
+    members = sorted(sage_rows[0]["probs"]) if sage_rows and sage_rows[0]["probs"] else []
+    print(f"Ensemble D: {', '.join(members)}")
     print()
     print("\n".join(lines))
     for name, rows in (("SAGE", sage_rows), ("random", rand_rows)):

@@ -100,6 +100,6 @@ class PromptResultWriter(FailureWriter):
             self.write_gallery(pairs[: self.gallery_size])
         ssr_j = "" if summary["ssr_judge"] is None else f", SSR(J) {summary['ssr_judge']:.2f}"
         print(
-            f"\nSAGE prompt search: {len(found)} failing prompts in {len(results)} targets "
+            f"\nSAGE {type(pl_module).__name__}: {len(found)} failing prompts in {len(results)} targets "
             f"(SSR {summary['ssr_discriminator']:.2f}{ssr_j}). Results: {self.run.root.resolve()}/results.jsonl"
         )
