@@ -12,7 +12,9 @@ member of the surrogate ensemble. Only OpenCV/NumPy geometry:
    estimates its alpha (the compositing coverage); ``alpha > 0.5`` is the object. This ignores drop
    shadows and texture that move across that line, and it is blur-invariant for straight edges.
    Opening, then the largest component, which must hold at least half of the object-coloured pixels
-   (else: no single object, e.g. noise); holes larger than a speck are kept (a ring has one).
+   (else: no single object, e.g. noise); the border must fit the background model and little outside
+   the object may look like object (else: clutter, no clean scene; fresh images stay below a third of
+   these limits). Holes larger than a speck are kept (a ring has one).
 4. **Contour features** of the component: circularity, polygon vertices (``approxPolyDP``), solidity,
    convexity defects, holes, mirror symmetry, extent; reported in ``features``.
 5. **Shape.** Geometric template matching: the mask, normalised for position (centroid) and scale
@@ -46,6 +48,8 @@ PERIODS: dict[str, float] = {
 MIN_CONTRAST = 40.0  # least RGB distance between object and background colour for an object to exist
 MIN_AREA_FRAC = 0.01  # least object area, as a share of the image
 MIN_COMPONENT_SHARE = 0.5  # the object must hold this share of all object-coloured pixels
+MAX_BACKGROUND_RESIDUAL = 0.3  # median border distance to the background model, as a share of contrast
+MAX_CLUTTER = 0.3  # share of non-object pixels as far from the background as half the object's contrast
 MIN_IOU = 0.6  # below this best template IoU the judge names no shape
 INK_FRACTION, INK_MIN = 0.4, 60.0  # off-line colour distance that marks outline ("ink") pixels
 
@@ -184,6 +188,12 @@ def segment(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]
     area = int(mask.sum())
     if area < MIN_AREA_FRAC * h * w or area < MIN_COMPONENT_SHARE * everything:
         return None  # nothing, or no single object (noise, clutter)
+    # A clean scene: the border fits the background model and little outside the object looks like it.
+    band = _border_band(h, w, 2)
+    if np.median(dist[band]) > MAX_BACKGROUND_RESIDUAL * contrast:
+        return None
+    if (dist[~mask] > 0.5 * contrast).mean() > MAX_CLUTTER:
+        return None
     mask = _fill_small_holes(mask, max_area=max(4.0, 0.02 * area))
     obj_rgb = np.median(f[core & mask] if (core & mask).sum() >= 8 else f[mask], axis=0)
     return mask, np.clip(alpha, 0, 1) * mask, obj_rgb, contrast
