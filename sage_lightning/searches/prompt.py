@@ -29,9 +29,7 @@ from torch import Tensor, nn
 
 from sage_lightning.candidates import Candidate, CandidateSource, WordFilter
 from sage_lightning.errors import SageError
-from sage_lightning.sampler import GradientMode
 from sage_lightning.searches.base import EXHAUSTED, FOUND, RUNNING, TargetSearch
-from sage_lightning.surrogate import ClassifierEnsemble
 from sage_lightning.targets import seeded_latent
 
 STEP_SEED_STRIDE = 1_000_003
@@ -72,7 +70,8 @@ class PromptSearch(TargetSearch):
         judge: ``auto`` (ShapesWorld's geometric judge for ``diffusion: shapesworld``), ``shapesworld`` or
             None. The judge never decides anything in the search; it is recorded for SSR(J).
         eval_batch_size: images per generation call when evaluating a prompt.
-        The other arguments are :class:`TargetSearch`'s (``max_iterations`` is ``max_words * steps_per_word``).
+        kwargs: :class:`TargetSearch`'s arguments (diffusion, ensemble, num_steps, guidance_scale, scheduler,
+            grad_mode, lr, dtype, local_files_only); ``max_iterations`` is ``max_words * steps_per_word``.
 
     Example (the same as ``sage fit --config configs/prompt_search.yaml``)::
 
@@ -94,15 +93,7 @@ class PromptSearch(TargetSearch):
         check_template: bool = True,
         judge: str | None = "auto",
         eval_batch_size: int = 8,
-        diffusion: str = "shapesworld",
-        ensemble: ClassifierEnsemble | None = None,
-        num_steps: int = 20,
-        guidance_scale: float = 3.0,
-        scheduler: str = "ddim",
-        grad_mode: GradientMode | None = None,
-        lr: float = 0.05,
-        dtype: str = "float32",
-        local_files_only: bool = False,
+        **kwargs,
     ) -> None:
         if candidates is None:
             raise SageError(
@@ -121,17 +112,14 @@ class PromptSearch(TargetSearch):
             raise SageError(f"eval_batch_size={eval_batch_size} must be at least 1")
         if judge not in (None, "auto", "shapesworld"):
             raise SageError(f"judge={judge!r}: use 'auto', 'shapesworld' or null")
-        super().__init__(
-            diffusion=diffusion, ensemble=ensemble, num_steps=num_steps, guidance_scale=guidance_scale,
-            scheduler=scheduler, grad_mode=grad_mode, max_iterations=max_words * steps_per_word, lr=lr,
-            dtype=dtype, local_files_only=local_files_only,
-        )
+        super().__init__(max_iterations=max_words * steps_per_word, **kwargs)
         self.candidates = candidates  # a plain object: never part of the module tree or the checkpoint
         self.max_words, self.steps_per_word, self.eval_seeds = max_words, steps_per_word, eval_seeds
         self.init_word, self.synonyms = init_word, dict(synonyms or {})
         self.exclude_class_names, self.multi_token = exclude_class_names, multi_token
         self.check_template, self.eval_batch_size = check_template, eval_batch_size
-        self.judge_name = ("shapesworld" if diffusion == "shapesworld" else None) if judge == "auto" else judge
+        auto = "shapesworld" if self.diffusion_source == "shapesworld" else None
+        self.judge_name = auto if judge == "auto" else judge
         WordFilter(None, multi_token=multi_token)  # checks multi_token now, before anything loads
         # Filled by the search, emptied by the writer: targets finished (all ranks) and this rank's evaluations.
         self.finished: list[int] = []
