@@ -23,7 +23,7 @@ from sage_lightning.candidates import (
 from sage_lightning.cli import main
 from sage_lightning.errors import SageError
 from sage_lightning.searches import PromptSearch, RandomWordSearch, TargetSearch
-from sage_lightning.searches.base import FOUND, RUNNING
+from sage_lightning.searches.base import EXHAUSTED, FOUND, RUNNING
 from sage_lightning.shapesworld.generator import SHAPES
 
 TINY = str(REPO / "configs" / "prompt_search_tiny.yaml")
@@ -132,6 +132,14 @@ def test_prompt_grows_by_one_word_per_round_and_slots_restart():
     assert torch.equal(search.slots[0], search.init_embedding.repeat(2, 1))
     assert search.spent[0] == 7 and search.rounds[0] == [{"words": 1, "failed_seeds": int(evaluation.decisions.sum())}]
     assert search.status[0] == (FOUND if evaluation.failed else RUNNING)
+
+
+def test_a_target_without_candidates_ends_exhausted():
+    search = _prepared(candidates=WordListCandidates(["star", "stars", "ring"]))  # all excluded for star
+    assert search.proposals(0)[0] == [] and TokenSnapping().choose(search, 0) == (None, 0)
+    search.conclude({0: (None, None, 0)})
+    assert int(search.status[0]) == EXHAUSTED and search.reason[0] == "no candidates" and search.finished == [0]
+    assert search.words[0] == [] and int(search.status[1]) == RUNNING
 
 
 def test_costs_are_counted_like_the_base_search_and_the_baseline_fits_the_budget():
