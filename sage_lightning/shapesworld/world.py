@@ -29,7 +29,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
 from sage_lightning.loading import SHAPESWORLD_DIR, clip_tokenizer, write_clip_bpe_files
 
-WEIGHTS = SHAPESWORLD_DIR
+WEIGHTS = Path(os.environ.get("SHAPESWORLD_WEIGHTS", SHAPESWORLD_DIR))  # override: tests / experiments
 WORK = Path(os.environ.get("SHAPESWORLD_WORK", Path(__file__).resolve().parents[2] / "shapesworld_work"))
 CLIP_DIR = WEIGHTS / "clip"
 PIPELINE_DIR = WEIGHTS / "pipeline"
