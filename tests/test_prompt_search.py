@@ -199,7 +199,9 @@ def test_resume_after_sigkill_mid_word_and_across_snapped_words(reference_run, t
             return False
         if ckpt.stat().st_mtime > first_word.stat().st_mtime and not marks:
             marks.append(ckpt.stat().st_mtime)
-        return bool(marks) and ckpt.stat().st_mtime > marks[0]
+        if len(marks) == 1 and ckpt.stat().st_mtime > marks[0]:
+            marks.append(time.time())
+        return len(marks) == 2 and time.time() > marks[1] + 0.3  # let that checkpoint's write finish
 
     kill_when(mid_second_word, "fit", "--config", TINY, "--trainer.default_root_dir", str(run), *LONGER, timeout=400)
     state = _checkpoint_state(run)
