@@ -79,6 +79,13 @@ class WorldModule(L.LightningModule):
         self.t0 = time.time()
         self.last_log = (time.time(), 0)
 
+    def images(self, n: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        x, captions, ids = _images(n, seed)
+        return x.to(self.device), captions, ids.to(self.device)
+
+    def tokens(self, captions: list[str], pad_to_77: bool = True) -> torch.Tensor:
+        return tokenize(captions, pad_to_77).to(self.device)
+
     @property
     def total_steps(self) -> int:
         return self.hparams.base_steps + self.global_step
@@ -128,11 +135,11 @@ class ClipModule(WorldModule):
         return self.clip
 
     def training_step(self, batch, batch_idx):
-        x, captions, ids = _images(self.hparams.batch_size, self.batch_seed())
-        out = self.clip(input_ids=tokenize(captions, pad_to_77=False), pixel_values=W.pixel_values(x),
+        x, captions, ids = self.images(self.hparams.batch_size, self.batch_seed())
+        out = self.clip(input_ids=self.tokens(captions, pad_to_77=False), pixel_values=W.pixel_values(x),
                         return_loss=True)
         # plus a contrastive term against the class prompts "a photo of a {shape}" (the zero-shot task)
-        text = F.normalize(_features(self.clip.get_text_features(input_ids=CLASS_PROMPTS())), dim=-1)
+        text = F.normalize(_features(self.clip.get_text_features(input_ids=CLASS_PROMPTS().to(self.device))), dim=-1)
         img = F.normalize(out.image_embeds, dim=-1)
         cls = F.cross_entropy(self.clip.logit_scale.exp() * img @ text.T, ids)
         loss = out.loss + self.hparams.class_weight * cls
@@ -142,8 +149,8 @@ class ClipModule(WorldModule):
     @torch.no_grad()
     def zero_shot(self, n: int = 1000) -> float:
         self.clip.eval()
-        x, _, ids = _images(n, EVAL_SEED)
-        text = _features(self.clip.get_text_features(input_ids=tokenize([f"a photo of a {s}" for s in SHAPES])))
+        x, _, ids = self.images(n, EVAL_SEED)
+        text = _features(self.clip.get_text_features(input_ids=CLASS_PROMPTS().to(self.device)))
         img = torch.cat([_features(self.clip.get_image_features(pixel_values=W.pixel_values(c)))
                          for c in x.split(250)])
         text, img = F.normalize(text, dim=-1), F.normalize(img, dim=-1)
@@ -186,7 +193,7 @@ class VaeModule(WorldModule):
         return self.vae
 
     def training_step(self, batch, batch_idx):
-        x, _, _ = _images(self.hparams.batch_size, self.batch_seed())
+        x, _, _ = self.images(self.hparams.batch_size, self.batch_seed())
         x = W.pixel_values(x)
         if self.hparams.freeze_encoder:
             with torch.no_grad():
@@ -204,7 +211,7 @@ class VaeModule(WorldModule):
     @torch.no_grad()
     def evaluate(self, n: int = 500) -> dict:
         self.vae.eval()
-        x, _, _ = _images(n, EVAL_SEED + 1)
+        x, _, _ = self.images(n, EVAL_SEED + 1)
         lat, rec = [], []
         for c in W.pixel_values(x).split(100):
             z = self.vae.encode(c).latent_dist.mean
@@ -241,7 +248,7 @@ class VaeModule(WorldModule):
 
 
 def _uint8(x: torch.Tensor) -> np.ndarray:
-    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def judge_accuracy(images: np.ndarray, ids: np.ndarray) -> float | None:
@@ -274,12 +281,16 @@ class UnetModule(WorldModule):
     def trainable(self):
         return self.unet
 
+    def on_fit_start(self):
+        for model in self.frozen.values():
+            model.to(self.device)
+
     def on_save_checkpoint(self, checkpoint):
         return checkpoint  # frozen models are not submodules (a plain dict), so not in the state dict
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        return self.frozen["text"](tokenize(captions))[0]
+        return self.frozen["text"](self.tokens(captions))[0]
 
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
@@ -289,18 +300,18 @@ class UnetModule(WorldModule):
     def training_step(self, batch, batch_idx):
         bs = self.hparams.batch_size
         seed = self.batch_seed()
-        x, captions, _ = _images(bs, seed)
+        x, captions, _ = self.images(bs, seed)
         rng = np.random.default_rng(seed)
         captions = ["" if rng.random() < self.hparams.dropout else c for c in captions]
         z = self.encode_images(x)
         cond = self.encode_text(captions)
         noise = torch.randn_like(z)
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (bs,))
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (bs,), device=self.device)
         noisy = self.noise.add_noise(z, noise, t)
         pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
         per = ((pred - noise) ** 2).flatten(1).mean(1)
         if self.hparams.snr_gamma:
-            ac = self.noise.alphas_cumprod[t]
+            ac = self.noise.alphas_cumprod.to(self.device)[t]
             snr = ac / (1 - ac)
             per = per * torch.clamp(snr, max=self.hparams.snr_gamma) / snr
         loss = per.mean()
@@ -319,7 +330,7 @@ class UnetModule(WorldModule):
         sched = W.ddim_scheduler()
         sched.set_timesteps(steps)
         g = torch.Generator().manual_seed(seed)
-        z = torch.randn((len(prompts), 4, 16, 16), generator=g)
+        z = torch.randn((len(prompts), 4, 16, 16), generator=g).to(self.device)
         cond = torch.cat([self.encode_text([""] * len(prompts)), self.encode_text(prompts)])
         for t in sched.timesteps:
             eps_u, eps_c = self.ema(torch.cat([z, z]), t, encoder_hidden_states=cond).sample.chunk(2)
@@ -396,7 +407,7 @@ def setup_logging(stage: str) -> None:
 def train(stage: str, max_steps: int, threads: int = 1, export_minutes: float = 12.0,
           batch_size: int | None = None, lr: float | None = None, fresh: bool = False,
           freeze_text: bool = False, check_draws: int | None = None,
-          overrides: list[str] | None = None) -> dict:
+          overrides: list[str] | None = None, accelerator: str = "cpu") -> dict:
     """Train ``stage`` for ``max_steps`` more steps (resume > warm start > seed); returns world.json."""
     if stage not in MODULES:
         raise SystemExit(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
@@ -431,7 +442,7 @@ def train(stage: str, max_steps: int, threads: int = 1, export_minutes: float = 
     log.info(f"{stage}: {how}; training {max_steps} more steps with {threads} thread(s)")
     L.seed_everything(STAGE_SEEDS[stage] * 1000 + done, workers=True, verbose=False)
     trainer = L.Trainer(
-        max_steps=done + max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        max_steps=done + max_steps, accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(folder), num_sanity_val_steps=0,
         gradient_clip_val=1.0,
         callbacks=[
@@ -465,6 +476,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="clip: train the vision side only (the UNet depends on the text tower)")
     p.add_argument("--check-draws", type=int, default=None,
                    help="unet: judged samples at each export (default 100)")
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu (default), gpu, auto")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a module setting, also on resume (e.g. freeze_encoder=true, class_weight=3)")
 
@@ -473,7 +485,7 @@ def run_from_args(a: argparse.Namespace) -> dict:
     world = train(a.stage, a.max_steps, threads=a.threads, export_minutes=a.export_minutes,
                   batch_size=a.batch_size, lr=a.lr, fresh=a.fresh,
                   freeze_text=getattr(a, "freeze_text", False), check_draws=getattr(a, "check_draws", None),
-                  overrides=a.set)
+                  overrides=a.set, accelerator=a.accelerator)
     log.info(f"{a.stage} done: {world['stages'].get(a.stage)}")
     return world
 

@@ -142,7 +142,16 @@ def _replace_dir(target: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _cpu(model):
+    """A CPU float32 copy for saving (training may run on a GPU)."""
+    import copy
+
+    return copy.deepcopy(model).to("cpu", torch.float32)
+
+
 def export_clip(clip: CLIPModel) -> None:
+    clip = _cpu(clip)
+
     def write(tmp: Path) -> None:
         clip.save_pretrained(tmp, safe_serialization=True)
         clip_tokenizer().save_pretrained(tmp)
@@ -151,11 +160,14 @@ def export_clip(clip: CLIPModel) -> None:
 
 
 def export_vae(vae: AutoencoderKL) -> None:
+    vae = _cpu(vae)
     replace_dir(PIPELINE_DIR / "vae", lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
 
 
 def export_pipeline(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> None:
     from diffusers import StableDiffusionPipeline
+
+    unet, vae, text_encoder = _cpu(unet), _cpu(vae), _cpu(text_encoder)
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=ddim_scheduler(),
@@ -218,7 +230,7 @@ def state_sha256(module: torch.nn.Module) -> str:
     """Checksum of a module's float16-rounded weights, independent of the parameter-name prefix."""
     h = hashlib.sha256()
     for v in module.state_dict().values():
-        h.update(v.detach().to(torch.float16).contiguous().numpy().tobytes())
+        h.update(v.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
