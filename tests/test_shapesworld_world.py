@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -9,9 +10,11 @@ import torch
 from sage_lightning.shapesworld.generator import (
     COLOURS,
     IMAGE_SIZE,
+    MIN_LUMA_CONTRAST,
     SHAPES,
     ShapesDataset,
     caption,
+    luminance,
     make_batch,
     render,
     sample_scene,
@@ -57,6 +60,29 @@ def test_render_object_differs_from_background_and_stays_inside():
         img = render(scene)
         assert img.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and img.dtype == np.uint8
         assert np.array_equal(img, render(scene))
+
+
+def _gray(colour: str) -> float:
+    r, g, b = COLOURS[colour]
+    return 0.299 * r + 0.587 * g + 0.114 * b  # cv2.cvtColor(RGB2GRAY)
+
+
+def test_object_and_background_differ_in_luminance():
+    """Equal-luminance pairs (red on blue, ...) vanish in grayscale, and so from the edge classifier's Canny map."""
+    assert all(abs(luminance(c) - _gray(c)) < 1e-9 for c in COLOURS)
+    rng = np.random.default_rng(2)
+    scenes = [sample_scene(rng) for _ in range(1000)]
+    scenes += [sample_scene(rng, colour=c) for c in COLOURS for _ in range(40)]  # a forced colour too
+    for scene in scenes:
+        assert abs(_gray(scene.colour) - _gray(scene.background_colour)) >= MIN_LUMA_CONTRAST
+    assert {s.background_colour for s in scenes if s.colour == "red"} >= {"white", "black"}
+    assert all(len({s.background for s in scenes if s.colour == c}) >= 2 for c in COLOURS)
+
+
+def test_fresh_images_have_canny_edges():
+    images, _, _, _ = make_batch(300, seed=4242)
+    counts = [int((cv2.Canny(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY), 100, 200) > 0).sum()) for im in images]
+    assert min(counts) >= 40  # the edge classifier's input always shows the object
 
 
 def test_dataset_items_are_deterministic():

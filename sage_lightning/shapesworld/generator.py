@@ -34,15 +34,52 @@ STYLES: tuple[str, ...] = ("photo", "drawing", "painting")
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4
 MIN_CONTRAST = 120.0  # least RGB distance between object and background colour
+# least grayscale luminance difference between object and background colour: with equal luminance (e.g. red on
+# blue) the grayscale image, and so its Canny map (the edge classifier's input), shows no object
+MIN_LUMA_CONTRAST = 40.0
+GRAY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)  # cv2.cvtColor(RGB2GRAY)
 
 
 def _contrast(a: str, b: str) -> float:
     return float(np.linalg.norm(np.subtract(COLOURS[a], COLOURS[b], dtype=float)))
 
 
+def luminance(colour: str) -> float:
+    """Grayscale value of a palette colour, with ``cv2.cvtColor(RGB2GRAY)``'s weights."""
+    return float(np.dot(GRAY_WEIGHTS, COLOURS[colour]))
+
+
+def _luma_contrast(a: str, b: str) -> float:
+    return abs(luminance(a) - luminance(b))
+
+
+def _gradient_end(base: np.ndarray) -> np.ndarray:
+    """The colour a gradient background fades to from ``base`` (darker for light, lighter for dark colours)."""
+    return base * 0.55 if base.mean() > 128 else base + (255 - base) * 0.45
+
+
+def _gradient_luma_contrast(a: str, b: str) -> float:
+    """Least luminance distance from colour ``a`` to a gradient from ``b`` to its end colour (0 if inside)."""
+    ends = (luminance(b), float(np.dot(GRAY_WEIGHTS, _gradient_end(np.array(COLOURS[b], np.float32)))))
+    return max(min(ends) - luminance(a), luminance(a) - max(ends), 0.0)
+
+
+# backgrounds allowed for each object colour: far in RGB and in grayscale luminance (for gradients, from the
+# whole luminance range the gradient spans)
 BACKGROUND_CHOICES: dict[str, tuple[str, ...]] = {
-    c: tuple(b for b in COLOURS if b != c and _contrast(c, b) >= MIN_CONTRAST) for c in COLOURS
+    c: tuple(b for b in COLOURS if b != c and _contrast(c, b) >= MIN_CONTRAST
+             and _luma_contrast(c, b) >= MIN_LUMA_CONTRAST)
+    for c in COLOURS
 }
+GRADIENT_CHOICES: dict[str, tuple[str, ...]] = {
+    c: tuple(b for b in BACKGROUND_CHOICES[c] if _gradient_luma_contrast(c, b) >= MIN_LUMA_CONTRAST)
+    for c in COLOURS
+}
+assert all(BACKGROUND_CHOICES.values()), "every colour needs a background"
+
+
+def _background_choices(colour: str, background: str) -> tuple[str, ...]:
+    return GRADIENT_CHOICES[colour] if background == "gradient" else BACKGROUND_CHOICES[colour]
 
 
 @dataclass(frozen=True)
@@ -79,10 +116,12 @@ def sample_scene(rng: np.random.Generator, shape: str | None = None, colour: str
     radius = float(rng.uniform(lo, hi))
     margin = radius + 2.0
     cx, cy = (float(rng.uniform(margin, IMAGE_SIZE - margin)) for _ in range(2))
-    choices = BACKGROUND_CHOICES[colour]
+    # background kinds with an allowed background colour (no gradient stays clear of e.g. green's luminance)
+    kinds = [k for k in BACKGROUNDS if _background_choices(colour, k)]
+    background = kinds[int(rng.integers(len(kinds)))]
+    choices = _background_choices(colour, background)
     return Scene(
-        shape=shape, colour=colour, size=size,
-        background=BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
+        shape=shape, colour=colour, size=size, background=background,
         background_colour=choices[int(rng.integers(len(choices)))],
         style=STYLES[int(rng.integers(len(STYLES)))],
         center=(round(cx, 2), round(cy, 2)), radius=round(radius, 2),
@@ -171,7 +210,7 @@ def _background(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray
         ang = rng.uniform(0, 2 * np.pi)
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1) - 0.5
         t = (np.cos(ang) * xx + np.sin(ang) * yy)[..., None]  # [-0.7, 0.7]
-        other = base * 0.55 if base.mean() > 128 else base + (255 - base) * 0.45
+        other = _gradient_end(base)
         img = img + (other - base) * (t + 0.7) / 1.4
     elif scene.background == "texture":
         cells = int(rng.integers(4, 10))
@@ -302,5 +341,5 @@ class ShapesDataset(Dataset):
 
 __all__ = [
     "SHAPES", "COLOURS", "SIZES", "BACKGROUNDS", "STYLES", "IMAGE_SIZE", "Scene", "sample_scene", "render",
-    "caption", "make_batch", "ShapesDataset",
+    "caption", "make_batch", "ShapesDataset", "luminance",
 ]
