@@ -34,8 +34,7 @@ def _shipped(name: str) -> bool:
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "edge"])
 def test_rgb_classifier_loads_offline_and_passes_gate(name, fresh):
-    if not _shipped(name):
-        pytest.skip(f"classifier {name} not shipped")
+    assert _shipped(name), f"classifier {name} is not shipped"
     clf = load_classifier(name)
     images, ids = fresh
     assert accuracy(clf, images, ids) >= 0.98
@@ -46,8 +45,7 @@ def test_rgb_classifier_loads_offline_and_passes_gate(name, fresh):
 def test_edge_classifier_gate(fresh):
     """The edge member sees only Canny(100, 200) of the grayscale image; the generator keeps object and background
     luminance apart, so every fresh image has an edge map and the gate holds on all of them."""
-    if not _shipped("edge"):
-        pytest.skip("edge classifier not shipped")
+    assert _shipped("edge"), "the edge classifier is not shipped"
     clf = load_classifier("edge")
     images, ids = fresh
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
@@ -72,8 +70,7 @@ def test_config_rebuilds_model():
 
 def test_edge_classifier_uses_canny_member_convention():
     """The edge classifier's input is exactly CannyEdgeMember's sketch (Canny 100/200, black on white)."""
-    if not _shipped("edge"):
-        pytest.skip("edge classifier not shipped")
+    assert _shipped("edge"), "the edge classifier is not shipped"
     clf = load_classifier("edge")
     member = ensemble_member("edge")
     images, _, _, _ = make_batch(8, seed=3)
@@ -89,8 +86,7 @@ def test_edge_classifier_uses_canny_member_convention():
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "edge"])
 def test_ensemble_member_matches_loaded_classifier(name):
-    if not _shipped(name):
-        pytest.skip(f"classifier {name} not shipped")
+    assert _shipped(name), f"classifier {name} is not shipped"
     images, _, _, _ = make_batch(4, seed=9)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
@@ -100,8 +96,7 @@ def test_ensemble_member_matches_loaded_classifier(name):
 # ------------------------------------------------------------------------------------------------- LM
 @pytest.fixture(scope="module")
 def lm():
-    if not (LM_DIR / "config.json").exists():
-        pytest.skip("language model not shipped")
+    assert (LM_DIR / "config.json").exists(), "the language model is not shipped"
     return load_lm()
 
 

@@ -100,14 +100,12 @@ def test_dataset_items_are_deterministic():
 # ------------------------------------------------------------------------------------ shipped weights
 from sage_lightning.loading import SHAPESWORLD_DIR  # noqa: E402
 
-PIPELINE = SHAPESWORLD_DIR / "pipeline" / "model_index.json"
 
 
 def test_manifest_matches_shipped_files():
     from sage_lightning.shapesworld.world import check_manifest
 
-    if not (SHAPESWORLD_DIR / "MANIFEST.json").exists():
-        pytest.skip("no shipped ShapesWorld weights yet")
+    assert (SHAPESWORLD_DIR / "MANIFEST.json").exists(), "the shipped weights lost their manifest"
     assert check_manifest() == []
 
 
@@ -115,13 +113,10 @@ def test_world_json_records_defaults():
     import json
 
     path = SHAPESWORLD_DIR / "world.json"
-    if not path.exists():
-        pytest.skip("no shipped ShapesWorld weights yet")
     world = json.loads(path.read_text())
     assert world["defaults"]["num_inference_steps"] > 0 and world["defaults"]["guidance_scale"] > 1
 
 
-@pytest.mark.skipif(not PIPELINE.exists(), reason="the ShapesWorld pipeline is not shipped yet")
 def test_shipped_pipeline_loads_offline_and_generates():
     from sage_lightning.loading import load_diffusion
 
@@ -136,7 +131,6 @@ def test_shipped_pipeline_loads_offline_and_generates():
     assert np.isfinite(out.images).all()
 
 
-@pytest.mark.skipif(not (SHAPESWORLD_DIR / "clip" / "config.json").exists(), reason="no shipped CLIP yet")
 def test_shipped_clip_loads_in_float32():
     from sage_lightning.shapesworld.world import load_clip, text_tower
 
@@ -150,8 +144,6 @@ def test_shipped_clip_loads_in_float32():
 def test_shipped_weights_stay_small():
     import json
 
-    if not (SHAPESWORLD_DIR / "MANIFEST.json").exists():
-        pytest.skip("no shipped ShapesWorld weights yet")
     total = json.loads((SHAPESWORLD_DIR / "MANIFEST.json").read_text())["total_bytes"]
     assert total < 45e6, f"shipped ShapesWorld weights take {total / 1e6:.1f} MB"
 
@@ -162,8 +154,6 @@ def test_shipped_tokenizer_is_the_clip_bpe():
     from sage_lightning.loading import clip_tokenizer
 
     folder = SHAPESWORLD_DIR / "pipeline" / "tokenizer"
-    if not folder.exists():
-        pytest.skip("the ShapesWorld pipeline is not shipped yet")
     text = ["a photo of a golden retriever", "an oil painting of a small red crescent on a textured background"]
     ours = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     kw = dict(padding="max_length", max_length=77, truncation=True)
