@@ -101,7 +101,6 @@ def test_dataset_items_are_deterministic():
 from sage_lightning.loading import SHAPESWORLD_DIR  # noqa: E402
 
 
-
 def test_manifest_matches_shipped_files():
     from sage_lightning.shapesworld.world import check_manifest
 
