@@ -60,6 +60,13 @@ def error_of(args: list[str], capsys) -> str:
     return capsys.readouterr().err.strip()
 
 
+def assert_fit_refused(config: str | Path, run: Path, extra: list[str], needle: str, capsys) -> None:
+    """``sage fit`` with ``extra`` ends with one ``sage: error:`` line naming ``needle`` and writes no results."""
+    err = error_of(["fit", "--config", str(config), "--trainer.default_root_dir", str(run), *extra], capsys)
+    assert err.startswith("sage: error:") and needle in err and len(err.splitlines()) == 1, err
+    assert not (run / "results.jsonl").exists()
+
+
 def results(run: Path) -> list[dict]:
     """The run's ``results.jsonl`` lines, sorted by target id."""
     return sorted(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import REPO, error_of, kill_when, results, sage
+from helpers import REPO, assert_fit_refused, kill_when, results, sage
 
 from callbacks import TokenSnapping
 from datamodules import ClassPromptDataModule
@@ -252,9 +252,7 @@ def test_random_word_baseline_runs_in_the_same_units(tmp_path):
     ],
 )
 def test_bad_input_is_one_clear_line(extra, needle, capsys, tmp_path):
-    err = error_of(["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "r"), *extra], capsys)
-    assert err.startswith("sage: error:") and needle in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "r" / "results.jsonl").exists()
+    assert_fit_refused(TINY, tmp_path / "r", extra, needle, capsys)
 
 
 COMBOS = [

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import REPO, error_of, kill_after_first_checkpoint, results, sage
+from helpers import REPO, assert_fit_refused, kill_after_first_checkpoint, results, sage
 from PIL import Image
 from safetensors import safe_open
 from torchmetrics.multimodal import CLIPScore
@@ -297,8 +297,7 @@ def test_configs_parse(name, capsys):
     ],
 )
 def test_bad_input_is_one_clear_line(extra, needle, capsys, tmp_path):
-    err = error_of(["fit", "--config", str(TINY), "--trainer.default_root_dir", str(tmp_path / "r"), *extra], capsys)
-    assert err.startswith("sage: error:") and needle in err and len(err.splitlines()) == 1, err
+    assert_fit_refused(TINY, tmp_path / "r", extra, needle, capsys)
 
 
 def test_clip_logger_names_a_missing_model():
