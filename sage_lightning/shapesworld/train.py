@@ -1,7 +1,8 @@
 """Train ShapesWorld's models with Lightning: ``python -m sage_lightning.shapesworld.train <stage>``.
 
-Stages: ``clip`` (contrastive tiny CLIP), ``vae`` (4x AutoencoderKL), ``unet`` (text-conditioned latent
-diffusion on the frozen CLIP text tower and VAE). Each run
+Stages: ``text`` (CLIP's text tower taught to state each caption's attributes, then frozen), ``clip``
+(contrastive tiny CLIP; its vision side against the frozen text tower), ``vae`` (4x AutoencoderKL),
+``unet`` (text-conditioned latent diffusion on the frozen text tower and VAE). Each run
 - resumes from ``shapesworld_work/<stage>/last.ckpt`` when it exists (model, optimizer, step);
 - otherwise warm-starts from the shipped weights when they exist (weights only), else starts from seed;
 - trains ``--max-steps`` more steps on freshly generated data (batch k of a run uses seed f(stage, step));
@@ -26,11 +27,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from sage_lightning.loading import clip_tokenizer
 from sage_lightning.shapesworld import world as W
+from sage_lightning.shapesworld.caption_labels import HEADS, caption_batch
 from sage_lightning.shapesworld.generator import SHAPES, make_batch
+from sage_lightning.shapesworld.latent_pool import LatentPool
 
-STAGES = ("clip", "vae", "unet")
-STAGE_SEEDS = {"clip": 1, "vae": 2, "unet": 3}
+STAGES = ("text", "clip", "vae", "unet")
+STAGE_SEEDS = {"clip": 1, "vae": 2, "unet": 3, "text": 4}
 EVAL_SEED = 10**9  # fresh images for gates: far from every training seed
+EOS = 49407  # <|endoftext|>: CLIP pools its state; Stable Diffusion pads with it
 log = logging.getLogger("shapesworld")
 
 
@@ -105,7 +109,7 @@ class WorldModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.trainable().parameters(), lr=self.hparams.lr, weight_decay=self.wd)
-        warm = 200 if self.hparams.base_steps == 0 else 50
+        warm = 100 if self.hparams.base_steps == 0 else 50
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -168,6 +172,101 @@ class ClipModule(WorldModule):
                 "text_tower_sha256": W.state_sha256(self.clip.text_model),
                 "text_frozen": self.hparams.freeze_text,
                 "prompt": "a photo of a {shape}", "eval_images": 1000}
+
+
+# ------------------------------------------------------------------------------------------- text
+class TextModule(WorldModule):
+    """CLIP's text tower, trained so that every attribute a caption states is linearly readable.
+
+    Linear heads read each attribute (``caption_labels.HEADS``) from the first <|endoftext|> state and from
+    the mean of all 77 states (what the UNet attends to); 10% empty captions say nothing. The tower is
+    then frozen: the UNet and CLIP's vision side train against it.
+    """
+
+    stage = "text"
+
+    def __init__(self, batch_size: int = 64, lr: float = 1e-3, base_steps: int = 0, warm: bool = False,
+                 empty: float = 0.1):
+        super().__init__(batch_size, lr, base_steps)
+        self.clip = W.load_clip() if warm else W.build_clip(seed=0)
+        self.clip.requires_grad_(False)
+        self.clip.text_model.requires_grad_(True).train()
+        d = self.clip.config.text_config.hidden_size
+        self.heads = torch.nn.ModuleDict({f"{where}_{k}": torch.nn.Linear(d, n) for k, n in HEADS.items()
+                                          for where in ("eos", "mean")})
+
+    def trainable(self):
+        return torch.nn.ModuleList([self.clip.text_model, self.heads])
+
+    def states(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first <|endoftext|> state, mean of the 77 states), each [B, d]."""
+        h = self.clip.text_model(input_ids=ids).last_hidden_state
+        eos = h[torch.arange(len(ids), device=h.device), (ids == EOS).int().argmax(1)]
+        return eos, h.mean(1)
+
+    def training_step(self, batch, batch_idx):
+        texts, lab = caption_batch(self.hparams.batch_size, self.batch_seed(), self.hparams.empty)
+        eos, mean = self.states(self.tokens(texts))
+        loss, hits = 0.0, {}
+        for k in HEADS:
+            for where, feat in (("eos", eos), ("mean", mean)):
+                logits = self.heads[f"{where}_{k}"](feat)
+                loss = loss + F.cross_entropy(logits, lab[k].to(self.device))
+            hits[k] = (logits.argmax(1).cpu() == lab[k]).float().mean().item()
+        self.log_step(loss, shape_acc=hits["shape"], colour_acc=hits["colour"])
+        return loss
+
+    def export(self) -> dict:
+        self.clip.eval()
+        figures = text_gates(W.text_tower(self.clip))
+        W.export_clip(self.clip)
+        self.clip.text_model.train()
+        figures.update(steps=self.total_steps, text_tower_sha256=W.state_sha256(self.clip.text_model))
+        log.info(f"text export at step {self.total_steps}: {figures}")
+        return figures
+
+
+@torch.no_grad()
+def text_states(te, captions: list[str]) -> torch.Tensor:
+    """The 77 per-token states the UNet reads, [N, 77, d]."""
+    return torch.cat([te(tokenize(c).to(te.device))[0] for c in _chunks(captions, 500)])
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def text_gates(te, train_n: int = 4000, test_n: int = 1000, probe_steps: int = 300) -> dict:
+    """Gate figures of a frozen text tower.
+
+    - ``linear_probe_shape_accuracy``: a linear probe fitted on the mean state of ``train_n`` captions
+      names the shape of ``test_n`` held-out captions (other seeds);
+    - how apart the class prompts "a photo of a {shape}" are in the 77 states the UNet reads: mean
+      pairwise cosine, cosine to the empty prompt, share of their energy that is class-specific.
+    """
+    te = te.eval()
+    (tr, ytr), (ts, yts) = (caption_batch(n, seed, empty=0.0) for n, seed in ((train_n, EVAL_SEED + 10),
+                                                                            (test_n, EVAL_SEED + 11)))
+    xtr, xts = text_states(te, tr).mean(1), text_states(te, ts).mean(1)
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    probe = torch.nn.Linear(xtr.shape[1], len(SHAPES))
+    opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+    with torch.enable_grad():
+        for _ in range(probe_steps):
+            opt.zero_grad()
+            F.cross_entropy(probe((xtr - mu) / sd), ytr["shape"]).backward()
+            opt.step()
+    with torch.no_grad():
+        acc = (probe((xts - mu) / sd).argmax(1) == yts["shape"]).float().mean().item()
+    h = text_states(te, [f"a photo of a {s}" for s in SHAPES] + [""])
+    seq = F.normalize(h[:-1].flatten(1), dim=-1)
+    off = ~torch.eye(len(SHAPES), dtype=torch.bool)
+    centred = h[:-1] - h[:-1].mean(0)
+    return {"linear_probe_shape_accuracy": round(acc, 4), "probe_captions": [train_n, test_n],
+            "class_prompt_cosine_mean": round((seq @ seq.T)[off].mean().item(), 4),
+            "class_prompt_cosine_max": round((seq @ seq.T)[off].max().item(), 4),
+            "class_prompt_cosine_to_empty": round((seq @ F.normalize(h[-1].flatten(), dim=0)).mean().item(), 4),
+            "class_specific_energy": round((centred ** 2).sum().item() / (h[:-1] ** 2).sum().item(), 4)}
 
 
 # -------------------------------------------------------------------------------------------- VAE
@@ -265,9 +364,10 @@ def judge_accuracy(images: np.ndarray, ids: np.ndarray) -> float | None:
 class UnetModule(WorldModule):
     stage = "unet"
 
-    def __init__(self, batch_size: int = 32, lr: float = 3e-4, base_steps: int = 0, warm: bool = False,
+    def __init__(self, batch_size: int = 32, lr: float = 1e-3, base_steps: int = 0, warm: bool = False,
                  dropout: float = 0.1, ema_decay: float = 0.995, snr_gamma: float = 5.0,
-                 check_draws: int = 100):
+                 check_draws: int = 200, pool_size: int = 12000, pool_refresh: int = 4000,
+                 error_sampling: float = 0.5):
         super().__init__(batch_size, lr, base_steps)
         self.unet = W.load_unet() if warm else W.build_unet(seed=0)
         self.unet.train()
@@ -276,7 +376,9 @@ class UnetModule(WorldModule):
         # frozen parts: loaded from the shipped folder, kept out of checkpoints
         self.frozen = {"vae": W.load_vae().requires_grad_(False),
                        "text": W.text_tower(W.load_clip()).requires_grad_(False)}
-        self.empty = None
+        self.pool: LatentPool | None = None
+        # per-class error of the last judged check: classes are drawn in proportion to it (share error_sampling)
+        self.register_buffer("class_error", torch.ones(len(SHAPES)))
 
     def trainable(self):
         return self.unet
@@ -286,27 +388,41 @@ class UnetModule(WorldModule):
             model.to(self.device)
 
     def on_save_checkpoint(self, checkpoint):
+        checkpoint["text_tower_sha256"] = W.state_sha256(self.frozen["text"])
         return checkpoint  # frozen models are not submodules (a plain dict), so not in the state dict
+
+    def on_load_checkpoint(self, checkpoint):
+        saved, now = checkpoint.get("text_tower_sha256"), W.state_sha256(self.frozen["text"])
+        if saved is not None and saved != now:
+            raise SystemExit(f"unet: {W.WORK / 'unet'} was trained on text tower {saved}, the shipped one is {now}: "
+                             "start over with --fresh")
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         return self.frozen["text"](self.tokens(captions))[0]
 
-    @torch.no_grad()
-    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
-        vae = self.frozen["vae"]
-        return vae.encode(W.pixel_values(x)).latent_dist.sample() * vae.config.scaling_factor
+    def current_pool(self) -> LatentPool:
+        """The latent pool of this step (encoded once, rebuilt from a new seed every ``pool_refresh`` steps)."""
+        index = self.total_steps // self.hparams.pool_refresh
+        if self.pool is None or self.pool.index != index:
+            self.pool = None  # free the old one first
+            self.pool = LatentPool.load_or_build(W.WORK / "unet", index, self.hparams.pool_size, self.frozen["vae"])
+        return self.pool
 
     def training_step(self, batch, batch_idx):
         bs = self.hparams.batch_size
         seed = self.batch_seed()
-        x, captions, _ = self.images(bs, seed)
+        pool = self.current_pool()
         rng = np.random.default_rng(seed)
-        captions = ["" if rng.random() < self.hparams.dropout else c for c in captions]
-        z = self.encode_images(x)
+        weights = (1 - self.hparams.error_sampling) / len(SHAPES) + self.hparams.error_sampling * (
+            self.class_error.cpu() / self.class_error.sum().cpu())
+        idx = pool.draw(rng, bs, weights.numpy())
+        captions = ["" if rng.random() < self.hparams.dropout else pool.captions[i] for i in idx]
+        g = torch.Generator().manual_seed(seed)
+        z = pool.sample(idx, g).to(self.device)
         cond = self.encode_text(captions)
-        noise = torch.randn_like(z)
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (bs,), device=self.device)
+        noise = torch.randn(z.shape, generator=g).to(self.device)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (bs,), generator=g).to(self.device)
         noisy = self.noise.add_noise(z, noise, t)
         pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
         per = ((pred - noise) ** 2).flatten(1).mean(1)
@@ -340,14 +456,17 @@ class UnetModule(WorldModule):
         return _uint8(x)
 
     def sample_check(self, n: int = 200) -> dict:
-        rng = np.random.default_rng(EVAL_SEED + 2)
-        ids = rng.integers(len(SHAPES), size=n)
+        """Judge ``n`` draws of "a photo of a {shape}" (20 per class for n=200) on seeds training never uses."""
+        ids = np.random.default_rng(EVAL_SEED + 2).permutation(np.arange(n) % len(SHAPES))
         images = np.concatenate([self.sample([f"a photo of a {SHAPES[i]}" for i in chunk], seed=EVAL_SEED + k)
                                  for k, chunk in enumerate(np.array_split(ids, max(1, n // 50)))])
         out = {"sample_prompts": "a photo of a {shape}", "sample_draws": n}
-        acc = judge_accuracy(images, ids)
-        if acc is not None:
-            out["judge_shape_accuracy"] = round(acc, 4)
+        from sage_lightning.shapesworld.judge import judge_shapes
+
+        ok = np.array([name == SHAPES[i] for name, i in zip(judge_shapes(images), ids, strict=True)])
+        per_class = {s: round(float(ok[ids == k].mean()), 3) for k, s in enumerate(SHAPES)}
+        out.update(judge_shape_accuracy=round(float(ok.mean()), 4), judge_per_class=per_class)
+        self.class_error.copy_(torch.tensor([1.0 - per_class[s] for s in SHAPES]).clamp_min(0.02))
         return out
 
     def export(self) -> dict:
@@ -363,12 +482,18 @@ class UnetModule(WorldModule):
                    "text_tower_sha256": W.state_sha256(self.frozen["text"]),
                    "params": sum(p.numel() for p in self.unet.parameters())}
         figures.update(self.sample_check(self.hparams.check_draws))
+        curve = W.read_world().get("stages", {}).get("unet", {}).get("curve", [])
+        if figures["text_tower_sha256"] != W.read_world().get("stages", {}).get("unet", {}).get("text_tower_sha256"):
+            curve = []  # a curve belongs to one text tower
+        figures["curve"] = [c for c in curve if c[0] < self.total_steps] + [
+            [self.total_steps, figures["judge_shape_accuracy"]]]
         log.info(f"unet export at step {self.total_steps}: {figures}")
         return figures
 
 
-MODULES = {"clip": ClipModule, "vae": VaeModule, "unet": UnetModule}
-SHIPPED = {"clip": W.CLIP_DIR / "model.safetensors", "vae": W.PIPELINE_DIR / "vae" / "config.json",
+MODULES = {"text": TextModule, "clip": ClipModule, "vae": VaeModule, "unet": UnetModule}
+SHIPPED = {"text": W.CLIP_DIR / "model.safetensors",
+           "clip": W.CLIP_DIR / "model.safetensors", "vae": W.PIPELINE_DIR / "vae" / "config.json",
            "unet": W.PIPELINE_DIR / "unet" / "config.json"}
 
 
@@ -392,6 +517,11 @@ class Exporter(L.Callback):
 
     def on_train_end(self, trainer, module):
         self._export(module)
+
+
+def _unet_matches_text_tower() -> bool:
+    trained_on = W.read_world().get("stages", {}).get("unet", {}).get("text_tower_sha256")
+    return trained_on == W.state_sha256(W.text_tower(W.load_clip()))
 
 
 def setup_logging(stage: str) -> None:
@@ -435,6 +565,9 @@ def train(stage: str, max_steps: int, threads: int = 1, export_minutes: float = 
         how = f"resuming {ckpt} at run step {done} (total {module.hparams.base_steps + done})"
     else:
         warm = SHIPPED[stage].exists() and not fresh
+        if warm and stage == "unet" and not _unet_matches_text_tower():
+            warm = False
+            log.info("unet: the shipped UNet was trained on another text tower than the shipped one: from seed")
         base = W.read_world().get("stages", {}).get(stage, {}).get("steps", 0) if warm else 0
         module = cls(base_steps=base, warm=warm, **kwargs)
         done = 0

@@ -30,7 +30,9 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 from sage_lightning.loading import SHAPESWORLD_DIR, clip_tokenizer, write_clip_bpe_files
 
 WEIGHTS = Path(os.environ.get("SHAPESWORLD_WEIGHTS", SHAPESWORLD_DIR))  # override: tests / experiments
-WORK = Path(os.environ.get("SHAPESWORLD_WORK", Path(__file__).resolve().parents[2] / "shapesworld_work"))
+# full training state (checkpoints, latent pools, logs): a cache outside the repository, kept across sessions
+WORK = Path(os.environ.get("SHAPESWORLD_WORK", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                           / "sage-lightning" / "shapesworld"))
 CLIP_DIR = WEIGHTS / "clip"
 PIPELINE_DIR = WEIGHTS / "pipeline"
 WORLD_JSON = WEIGHTS / "world.json"
