@@ -26,6 +26,7 @@ from sage_lightning.targets import Target
 from sage_lightning.text import PromptEncoder
 
 RUNNING, FOUND, EXHAUSTED = 0, 1, 2
+BACKWARD_FORWARDS = 2  # a backward through the UNet costs about two forwards (SAGE_METHOD.md)
 
 
 @dataclass
@@ -100,7 +101,8 @@ class TargetSearch(L.LightningModule):
             lr,
         )
         self.grad_mode = grad_mode or ResidualGradient()
-        self._ensemble_arg = ensemble
+        # A plain attribute, not a submodule: a config-given D is never checkpointed, moved or DDP-synced.
+        self.__dict__["_ensemble_arg"] = ensemble
         self._frozen: _Frozen | None = None
         self.targets: list[Target] = []
         self.step_outputs: StepOutputs | None = None
@@ -172,6 +174,20 @@ class TargetSearch(L.LightningModule):
         forward = sampler.unet_evaluations(1)
         graphed = self.num_steps - self.grad_mode.graph_start(self.num_steps)
         backward = graphed * (2 if sampler.guided else 1) * (2 if self.grad_mode.checkpoint else 1)
+        return (iterations + 1) * forward + iterations * backward
+
+    def forward_equivalents(self, iterations: int) -> int:
+        """Compute a latent-search target used after ``iterations`` updates, in forward-equivalents.
+
+        SAGE_METHOD.md's unit: a UNet forward = 1, a backward through it = :data:`BACKWARD_FORWARDS`, a
+        checkpointed recompute = 1 more. ``iterations + 1`` sampling calls of ``num_steps`` forwards (x2 with
+        guidance), plus per update a backward through every graphed step. Needs no model (only the
+        sampling settings), so a baseline can size its budget from it before anything loads.
+        """
+        calls = 2 if self.guidance_scale > 1.0 else 1
+        forward = self.num_steps * calls
+        graphed = (self.num_steps - self.grad_mode.graph_start(self.num_steps)) * calls
+        backward = graphed * (BACKWARD_FORWARDS + (1 if self.grad_mode.checkpoint else 0))
         return (iterations + 1) * forward + iterations * backward
 
     # --------------------------------------------------------------------------- target states
