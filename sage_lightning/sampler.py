@@ -10,6 +10,10 @@ What the gradient modes change is only which steps keep an autograd graph:
 * ``ResidualGradient``: SAGE's residual approximation (SAGE_METHOD.md, latent search): at step ``k``,
   ``x_k <- x_k + w * (z - z.detach())`` (zero in value), so ``dL/dz = w * dL/dx_k``; steps before ``k``
   run without a graph, steps after with one.
+
+Precision: the loop runs in the latents' dtype (the search variables stay float32); only what enters
+a frozen model (UNet input and text embeddings, VAE input) is cast to that model's dtype, and its
+output cast back, so a float16/bfloat16 model works and gradients flow back to the float32 variables.
 """
 
 from __future__ import annotations
@@ -133,7 +137,10 @@ class DiffusionSampler:
         return {"eta": self.eta} if "eta" in accepted else {}
 
     def _noise_prediction(self, x: Tensor, t: Tensor, embeddings: Tensor) -> Tensor:
-        out = self.model.unet(x, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+        """The UNet's (guided) prediction in ``x``'s dtype; its inputs are cast to the UNet's own dtype."""
+        dtype = self.model.unet.dtype
+        out = self.model.unet(x.to(dtype), t, encoder_hidden_states=embeddings.to(dtype), return_dict=False)[0]
+        out = out.to(x.dtype)  # the loop (and the search variables) keep their own precision
         if self.guided:
             uncond, cond = out.chunk(2)
             out = uncond + self.guidance_scale * (cond - uncond)
@@ -155,13 +162,13 @@ class DiffusionSampler:
             return cond
         if uncond is None:
             raise SageError("guidance_scale > 1 needs unconditional embeddings: pass uncond")
+        uncond = uncond.to(cond.dtype)
         return torch.cat([uncond.expand(batch, -1, -1) if uncond.shape[0] == 1 else uncond, cond])
 
     def denoise(self, latents: Tensor, cond: Tensor, uncond: Tensor | None = None) -> Tensor:
         """Run the denoising loop from initial latents ``z``; returns the final latents."""
         scheduler = self.fresh_scheduler(latents.device)
-        uncond = None if uncond is None else uncond.to(latents.dtype)
-        embeddings = self._embeddings(cond.to(latents.dtype), uncond, latents.shape[0])
+        embeddings = self._embeddings(cond, uncond, latents.shape[0])
         step_kwargs = self._step_kwargs(scheduler)
         mode = self.grad_mode
         start, weight = mode.graph_start(self.num_steps), mode.skip_weight()
@@ -176,10 +183,10 @@ class DiffusionSampler:
         return x
 
     def decode(self, latents: Tensor) -> Tensor:
-        """VAE decode to images in [0, 1] (as the pipeline's ``output_type="pt"``)."""
+        """VAE decode to images in [0, 1] (as the pipeline's ``output_type="pt"``), in ``latents``' dtype."""
         vae = self.model.vae
-        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        return (image / 2 + 0.5).clamp(0, 1)
+        image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+        return (image.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
 
     def __call__(self, latents: Tensor, cond: Tensor, uncond: Tensor | None = None) -> Tensor:
         return self.decode(self.denoise(latents, cond, uncond))
