@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sage_lightning.loading import SHAPESWORLD_DIR, load_diffusion
+from sage_lightning.shapesworld.gates import GATES, class_prompt_gate, clip_zero_shot, generator_draw, text_gates
 from sage_lightning.shapesworld.generator import SHAPES, caption, make_batch, sample_scene
 from sage_lightning.shapesworld.judge import judge_image, judge_shapes, to_uint8
 
@@ -36,6 +37,7 @@ GATE_GENERATED = 0.85
 GATE_JUDGE_FRESH = 0.95
 GATE_JUDGE_VAE = 0.95
 GATE_CLASSIFIER = 0.98
+CLASS_PROMPT_SEED = 7_000_000  # class-prompt draws: seeds far from training (batch seeds, pools, checks)
 
 
 def world_defaults() -> dict:
@@ -125,6 +127,32 @@ def write_grid(path: Path, images: np.ndarray, ids: np.ndarray, pred: list[str |
     cv2.imwrite(str(path), grid[..., ::-1])
 
 
+def world_gates(model, defaults: dict, out: Path, per_class_n: int, seed: int, batch: int) -> dict:
+    """The gates of issue "ShapesWorld that follows its prompts": class-prompt draws, text tower, CLIP."""
+
+    def draw(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        return np.concatenate([generate(model, [("", p, s) for p, s in zip(prompts[i:i + batch], seeds[i:i + batch],
+                                                                             strict=True)], defaults, batch)
+                               for i in range(0, len(prompts), batch)])
+
+    figures, images, names = class_prompt_gate(draw, per_class_n, seed=CLASS_PROMPT_SEED + seed)
+    reference, _, _ = class_prompt_gate(generator_draw, per_class_n, seed=CLASS_PROMPT_SEED + seed)
+    figures["prompt_vs_seed_change_ratio_generator"] = reference["prompt_vs_seed_change_ratio"]
+    ids = np.repeat(np.arange(len(SHAPES)), per_class_n)
+    write_grid(out / "class_prompt_grid.png", images.reshape(-1, *images.shape[2:]), ids,
+               [n for row in names for n in row])
+    figures.update(text_gates(model.text_encoder))
+    try:
+        from sage_lightning.shapesworld.world import load_clip
+
+        figures["clip_zero_shot_shape_accuracy"] = round(clip_zero_shot(load_clip()), 4)
+    except OSError:
+        pass
+    figures["defaults"] = {k: defaults[k] for k in ("num_inference_steps", "guidance_scale", "scheduler")
+                           if k in defaults}
+    return figures
+
+
 def _table(title: str, rows: dict[str, float], gate: float | None = None) -> str:
     lines = [f"\n{title}", f"{'class':<10} {'judge acc':>9} {'failure rate':>12}"]
     lines += [f"{k:<10} {v:>9.3f} {1 - v:>12.3f}" for k, v in rows.items()]
@@ -133,7 +161,7 @@ def _table(title: str, rows: dict[str, float], gate: float | None = None) -> str
 
 def run(out: Path, per_class_n: int = 20, seed: int = 0, n_fresh: int = 1000, n_vae: int = 500,
         batch: int = 50, steps: int | None = None, guidance: float | None = None,
-        source: str = "shapesworld") -> dict:
+        source: str = "shapesworld", update_world: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     torch.manual_seed(seed)
@@ -177,6 +205,22 @@ def run(out: Path, per_class_n: int = 20, seed: int = 0, n_fresh: int = 1000, n_
         report["judge_vae"] = {"missing": True}
 
     if model is not None:
+        report["world_gates"] = world_gates(model, defaults, out, per_class_n, seed, batch)
+        gates = report["world_gates"]
+        for key, bar in GATES.items():
+            if key in gates:
+                report["gates"][f"{key}>={bar}"] = gates[key] >= bar
+        lines.append(_table(f"class prompts \"{gates['class_prompt']}\" ({gates['class_prompt_draws']} draws, seeds "
+                            "shared across classes)", gates["class_prompt_judge_per_class"]))
+        lines.append(f"{'overall':<10} {gates['class_prompt_judge_accuracy']:>9.3f}   (gate >= "
+                     f"{GATES['class_prompt_judge_accuracy']}, every class >= "
+                     f"{GATES['class_prompt_judge_accuracy_min_class']})")
+        lines.append(f"prompt-vs-seed change ratio {gates['prompt_vs_seed_change_ratio']:.3f} (the generator itself: "
+                     f"{gates['prompt_vs_seed_change_ratio_generator']:.3f}); "
+                     "text tower: linear probe "
+                     f"{gates['linear_probe_shape_accuracy']:.4f}, class-prompt cosine "
+                     f"{gates['class_prompt_cosine_mean']:.3f} (to \"\" {gates['class_prompt_cosine_to_empty']:.3f}); "
+                     f"CLIP zero-shot {gates.get('clip_zero_shot_shape_accuracy', float('nan')):.4f}")
         items = draws(per_class_n, seed=seed + 1)
         gen = generate(model, items, defaults, batch)
         gen_ids = np.array([SHAPES.index(s) for s, _, _ in items])
@@ -222,6 +266,11 @@ def run(out: Path, per_class_n: int = 20, seed: int = 0, n_fresh: int = 1000, n_
     report["seconds"] = round(time.time() - t0, 1)
     lines.append(f"report written to {out} in {report['seconds']} s")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if update_world and "world_gates" in report:
+        from sage_lightning.shapesworld.world import update_world as write_world
+
+        write_world("report", **{k: v for k, v in report["world_gates"].items()}, report_seed=seed)
+        lines.append("gate figures written to world.json (stages.report)")
     print("\n".join(lines), flush=True)
     return report
 
@@ -238,11 +287,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=None, help="override world.json's guidance_scale")
     parser.add_argument("--source", default="shapesworld", help="model to report on (default the shipped world)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--update-world", action="store_true",
+                        help="write the gate figures into the shipped world.json (stages.report)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     run(args.out, per_class_n=args.per_class, seed=args.seed, n_fresh=args.n_fresh, n_vae=args.n_vae,
-        batch=args.batch, steps=args.steps, guidance=args.guidance, source=args.source)
+        batch=args.batch, steps=args.steps, guidance=args.guidance, source=args.source,
+        update_world=args.update_world)
 
 
 if __name__ == "__main__":

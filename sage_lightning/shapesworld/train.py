@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from sage_lightning.loading import clip_tokenizer
 from sage_lightning.shapesworld import world as W
 from sage_lightning.shapesworld.caption_labels import HEADS, caption_batch
+from sage_lightning.shapesworld.gates import clip_features, clip_zero_shot, text_gates, tokenize
 from sage_lightning.shapesworld.generator import SHAPES, make_batch
 from sage_lightning.shapesworld.latent_pool import LatentPool
 
@@ -54,24 +54,8 @@ def _images(n: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     return x, captions, torch.from_numpy(ids)
 
 
-def tokenize(captions: list[str], pad_to_77: bool = True) -> torch.Tensor:
-    """Token ids padded with <|endoftext|> to 77 (as Stable Diffusion does) or to the longest caption.
-
-    The text tower is causal and CLIP pools at the first <|endoftext|>, so the shorter padding gives
-    the same pooled features (CLIP training); the diffusion model conditions on all 77 positions.
-    """
-    padding = "max_length" if pad_to_77 else "longest"
-    return clip_tokenizer()(captions, padding=padding, max_length=77, truncation=True,
-                            return_tensors="pt").input_ids
-
-
 def CLASS_PROMPTS() -> torch.Tensor:  # noqa: N802
     return tokenize([f"a photo of a {s}" for s in SHAPES], pad_to_77=False)
-
-
-def _features(out) -> torch.Tensor:
-    """transformers 5 returns a model output (projected features in ``pooler_output``); 4 a tensor."""
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 class WorldModule(L.LightningModule):
@@ -143,22 +127,17 @@ class ClipModule(WorldModule):
         out = self.clip(input_ids=self.tokens(captions, pad_to_77=False), pixel_values=W.pixel_values(x),
                         return_loss=True)
         # plus a contrastive term against the class prompts "a photo of a {shape}" (the zero-shot task)
-        text = F.normalize(_features(self.clip.get_text_features(input_ids=CLASS_PROMPTS().to(self.device))), dim=-1)
+        prompts = CLASS_PROMPTS().to(self.device)
+        text = F.normalize(clip_features(self.clip.get_text_features(input_ids=prompts)), dim=-1)
         img = F.normalize(out.image_embeds, dim=-1)
         cls = F.cross_entropy(self.clip.logit_scale.exp() * img @ text.T, ids)
         loss = out.loss + self.hparams.class_weight * cls
         self.log_step(loss, clip=out.loss.item(), cls=cls.item(), scale=self.clip.logit_scale.exp().item())
         return loss
 
-    @torch.no_grad()
     def zero_shot(self, n: int = 1000) -> float:
         self.clip.eval()
-        x, _, ids = self.images(n, EVAL_SEED)
-        text = _features(self.clip.get_text_features(input_ids=CLASS_PROMPTS().to(self.device)))
-        img = torch.cat([_features(self.clip.get_image_features(pixel_values=W.pixel_values(c)))
-                         for c in x.split(250)])
-        text, img = F.normalize(text, dim=-1), F.normalize(img, dim=-1)
-        acc = ((img @ text.T).argmax(1) == ids).float().mean().item()
+        acc = clip_zero_shot(self.clip, n, EVAL_SEED)
         self.clip.train()
         return acc
 
@@ -224,49 +203,6 @@ class TextModule(WorldModule):
         figures.update(steps=self.total_steps, text_tower_sha256=W.state_sha256(self.clip.text_model))
         log.info(f"text export at step {self.total_steps}: {figures}")
         return figures
-
-
-@torch.no_grad()
-def text_states(te, captions: list[str]) -> torch.Tensor:
-    """The 77 per-token states the UNet reads, [N, 77, d]."""
-    return torch.cat([te(tokenize(c).to(te.device))[0] for c in _chunks(captions, 500)])
-
-
-def _chunks(items: list, n: int) -> list[list]:
-    return [items[i:i + n] for i in range(0, len(items), n)]
-
-
-def text_gates(te, train_n: int = 4000, test_n: int = 1000, probe_steps: int = 300) -> dict:
-    """Gate figures of a frozen text tower.
-
-    - ``linear_probe_shape_accuracy``: a linear probe fitted on the mean state of ``train_n`` captions
-      names the shape of ``test_n`` held-out captions (other seeds);
-    - how apart the class prompts "a photo of a {shape}" are in the 77 states the UNet reads: mean
-      pairwise cosine, cosine to the empty prompt, share of their energy that is class-specific.
-    """
-    te = te.eval()
-    (tr, ytr), (ts, yts) = (caption_batch(n, seed, empty=0.0) for n, seed in ((train_n, EVAL_SEED + 10),
-                                                                            (test_n, EVAL_SEED + 11)))
-    xtr, xts = text_states(te, tr).mean(1), text_states(te, ts).mean(1)
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-    probe = torch.nn.Linear(xtr.shape[1], len(SHAPES))
-    opt = torch.optim.Adam(probe.parameters(), lr=0.05)
-    with torch.enable_grad():
-        for _ in range(probe_steps):
-            opt.zero_grad()
-            F.cross_entropy(probe((xtr - mu) / sd), ytr["shape"]).backward()
-            opt.step()
-    with torch.no_grad():
-        acc = (probe((xts - mu) / sd).argmax(1) == yts["shape"]).float().mean().item()
-    h = text_states(te, [f"a photo of a {s}" for s in SHAPES] + [""])
-    seq = F.normalize(h[:-1].flatten(1), dim=-1)
-    off = ~torch.eye(len(SHAPES), dtype=torch.bool)
-    centred = h[:-1] - h[:-1].mean(0)
-    return {"linear_probe_shape_accuracy": round(acc, 4), "probe_captions": [train_n, test_n],
-            "class_prompt_cosine_mean": round((seq @ seq.T)[off].mean().item(), 4),
-            "class_prompt_cosine_max": round((seq @ seq.T)[off].max().item(), 4),
-            "class_prompt_cosine_to_empty": round((seq @ F.normalize(h[-1].flatten(), dim=0)).mean().item(), 4),
-            "class_specific_energy": round((centred ** 2).sum().item() / (h[:-1] ** 2).sum().item(), 4)}
 
 
 # -------------------------------------------------------------------------------------------- VAE
