@@ -19,6 +19,7 @@ output cast back, so a float16/bfloat16 model works and gradients flow back to t
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from torch import Tensor
@@ -76,7 +77,9 @@ class LastKGradient(GradientMode):
 class ResidualGradient(GradientMode):
     """SAGE's residual connection from the initial latent to intermediate step ``step``, weight ``weight``.
 
-    ``step``: a step index (int >= 0) or a fraction of the steps (float in [0, 1)).
+    ``step``: a step index (int >= 0) or a fraction of the steps (float in [0, 1)). A fraction ``w`` of
+    ``N`` steps starts the graph at step ``floor(w * N)`` (floor, never round-half-to-even: 25 steps graph
+    13, 27 graph 14), so at least the share ``1 - w`` of the steps keeps a graph.
     """
 
     def __init__(self, step: int | float = 0.5, weight: float = 1.0, checkpoint: bool = False) -> None:
@@ -86,7 +89,10 @@ class ResidualGradient(GradientMode):
         self.step, self.weight = step, weight
 
     def graph_start(self, num_steps: int) -> int:
-        index = int(round(self.step * num_steps)) if isinstance(self.step, float) else int(self.step)
+        if isinstance(self.step, float):
+            index = math.floor(self.step * num_steps + 1e-9)  # + 1e-9: 0.29 * 100 = 28.999999999999996 is 29
+        else:
+            index = int(self.step)
         return min(index, num_steps - 1)
 
     def skip_weight(self) -> float | None:

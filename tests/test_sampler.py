@@ -122,6 +122,17 @@ def _saved_bytes(fn) -> int:
     return total
 
 
+@pytest.mark.parametrize(
+    ("step", "num_steps", "start"),
+    [(0.5, 25, 12), (0.5, 27, 13), (0.5, 20, 10), (0.5, 21, 10), (0.29, 100, 29), (0.3, 10, 3), (0.0, 7, 0)],
+)
+def test_residual_step_fraction_is_floored(step, num_steps, start):
+    """floor(w * N), documented in ResidualGradient: round() sent halves to even (25 and 27 steps both graphed 13)."""
+    mode = ResidualGradient(step=step)
+    assert mode.graph_start(num_steps) == start
+    assert num_steps - start >= (1 - step) * num_steps  # at least the share 1 - w keeps a graph
+
+
 def test_checkpointing_changes_memory_not_values(setup):
     plain = _run(setup, FullGradient(checkpoint=False))
     ckpt = _run(setup, FullGradient(checkpoint=True))
