@@ -1,0 +1,64 @@
+"""The latent search's constraints (issue 10, item 5): after a step, delta is in the clamp box AND z = z0 + delta
+is on the Gaussian shell |z| = sqrt(d), whatever the order of ClampPerturbation and LatentProjection."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from callbacks import ClampPerturbation, LatentProjection
+from datamodules import ClassPromptDataModule
+from sage_lightning.searches import LatentSearch
+
+
+@pytest.fixture(scope="module")
+def search() -> LatentSearch:
+    search = LatentSearch(diffusion="tiny", num_steps=2)
+    search.prepare(ClassPromptDataModule(classes=["star", "ring"], seeds_per_class=2).targets)
+    return search
+
+
+def _at_the_edge(search: LatentSearch, lr: float = 0.05) -> torch.Tensor:
+    """delta at the box's edge after a sign step past it: a corner (+1), the opposite corner, mixed signs."""
+    n = len(search.targets)
+    signs = torch.ones(n, *search.delta.shape[1:])
+    signs[1] = -1
+    signs[2] = torch.sign(torch.randn(signs[2].shape, generator=torch.Generator().manual_seed(0)))
+    signs[3] = search.initial_latents(torch.tensor([3]))[0].sign()  # outwards from z0: the largest |z|
+    return signs * (1 + lr)
+
+
+def _step(search: LatentSearch, delta: torch.Tensor, callbacks: list) -> torch.Tensor:
+    with torch.no_grad():
+        search.delta.copy_(delta)
+    search.stepped_targets = torch.arange(len(search.targets))
+    trainer = SimpleNamespace(callbacks=callbacks)
+    for callback in callbacks:
+        callback.on_train_batch_end(trainer, search, None, None, 0)
+    return search.delta.detach().clone()
+
+
+def test_step_result_is_in_the_box_and_on_the_shell_in_either_order(search):
+    clamp, projection = ClampPerturbation(-1.0, 1.0), LatentProjection()
+    edge = _at_the_edge(search)
+    z0 = search.initial_latents(torch.arange(len(search.targets)))
+    d = z0[0].numel()
+    results = [_step(search, edge, order) for order in ([clamp, projection], [projection, clamp])]
+    for delta in results:
+        assert delta.abs().max() <= 1.0  # exactly the box, no tolerance
+        ratio = (z0 + delta).flatten(1).norm(dim=1) / math.sqrt(d)
+        assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5), ratio
+        assert (delta.abs() == 1).any()  # entries stay at the edge where the shell allows it
+    assert torch.allclose(results[0], results[1], atol=1e-6)  # the order does not change the result
+
+
+def test_inside_the_box_projection_is_the_plain_shell_scaling(search):
+    """Where no entry meets the box, the projection is z * sqrt(d) / |z| (as without a clamp)."""
+    small = 0.01 * torch.randn(search.delta.shape, generator=torch.Generator().manual_seed(1))
+    boxed = _step(search, small, [ClampPerturbation(-1.0, 1.0), LatentProjection()])
+    free = _step(search, small, [LatentProjection()])
+    assert torch.allclose(boxed, free, atol=1e-5)
+    assert free.abs().max() < 1.0
