@@ -29,7 +29,7 @@ from sage_lightning.shapesworld import world as W
 from sage_lightning.shapesworld.caption_labels import HEADS, caption_batch
 from sage_lightning.shapesworld.gates import clip_features, clip_zero_shot, text_gates, tokenize
 from sage_lightning.shapesworld.generator import SHAPES, make_batch
-from sage_lightning.shapesworld.latent_pool import LatentPool
+from sage_lightning.shapesworld.pools import ImagePool, LatentPool
 
 STAGES = ("text", "clip", "vae", "unet")
 STAGE_SEEDS = {"clip": 1, "vae": 2, "unet": 3, "text": 4}
@@ -112,8 +112,10 @@ class ClipModule(WorldModule):
     wd = 0.05
 
     def __init__(self, batch_size: int = 128, lr: float = 1e-3, base_steps: int = 0, warm: bool = False,
-                 freeze_text: bool = False, class_weight: float = 1.0):
+                 freeze_text: bool = False, class_weight: float = 1.0, pool_size: int = 0,
+                 pool_refresh: int = 2000):
         super().__init__(batch_size, lr, base_steps)
+        self.pool: ImagePool | None = None  # pool_size 0: fresh images every step
         self.clip = W.load_clip() if warm else W.build_clip(seed=0)
         self.clip.train()
         # Once the UNet trains on the text tower, only the vision side (and projections) may move.
@@ -122,8 +124,19 @@ class ClipModule(WorldModule):
     def trainable(self):
         return self.clip
 
+    def batch_images(self) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        if not self.hparams.pool_size:
+            return self.images(self.hparams.batch_size, self.batch_seed())
+        index = self.total_steps // self.hparams.pool_refresh
+        if self.pool is None or self.pool.index != index:
+            self.pool = None
+            self.pool = ImagePool.load_or_build(W.WORK / self.stage, index, self.hparams.pool_size)
+        x, captions, ids = self.pool.batch(self.pool.draw(np.random.default_rng(self.batch_seed()),
+                                                          self.hparams.batch_size))
+        return x.to(self.device), captions, ids.to(self.device)
+
     def training_step(self, batch, batch_idx):
-        x, captions, ids = self.images(self.hparams.batch_size, self.batch_seed())
+        x, captions, ids = self.batch_images()
         out = self.clip(input_ids=self.tokens(captions, pad_to_77=False), pixel_values=W.pixel_values(x),
                         return_loss=True)
         # plus a contrastive term against the class prompts "a photo of a {shape}" (the zero-shot task)
