@@ -18,6 +18,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
@@ -34,8 +35,15 @@ TOKENIZER_CACHE = Path(os.environ.get("SAGE_CACHE", Path.home() / ".cache" / "sa
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
     "euler": EulerDiscreteScheduler,
+    "euler-a": EulerAncestralDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
+    "dpm++-sde": DPMSolverMultistepScheduler,
     "pndm": PNDMScheduler,
+}
+# Config a scheduler name sets on top of the model's scheduler config.
+SCHEDULER_OVERRIDES: dict[str, dict] = {
+    "dpm++": {"algorithm_type": "dpmsolver++"},
+    "dpm++-sde": {"algorithm_type": "sde-dpmsolver++"},
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -173,7 +181,12 @@ def build_tiny(seed: int = 0, prediction_type: str = "epsilon", hidden: int = 32
             max_position_embeddings=77,
         )
     )
-    scheduler = DDIMScheduler(
+    scheduler = _tiny_scheduler(prediction_type)
+    return DiffusionModel(unet, vae, text_encoder, clip_tokenizer(), scheduler, name="tiny").freeze()
+
+
+def _tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -182,7 +195,6 @@ def build_tiny(seed: int = 0, prediction_type: str = "epsilon", hidden: int = 32
         prediction_type=prediction_type,
         steps_offset=1,
     )
-    return DiffusionModel(unet, vae, text_encoder, clip_tokenizer(), scheduler, name="tiny").freeze()
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -195,11 +207,47 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def make_scheduler(name: str, config: dict) -> SchedulerMixin:
-    """A scheduler of family ``name`` (ddim, euler, dpm++, pndm) from another scheduler's config."""
+    """A scheduler of family ``name`` (see ``SCHEDULERS``) from another scheduler's config."""
     key = name.lower()
     if key not in SCHEDULERS:
         raise SageError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[key].from_config(config)
+    return SCHEDULERS[key].from_config(config, **SCHEDULER_OVERRIDES.get(key, {}))
+
+
+def check_scheduler(scheduler: SchedulerMixin, source: str) -> SchedulerMixin:
+    """The model's own scheduler if the sampler supports it (its noise, if any, is seeded per target and
+    parity with diffusers' pipeline is tested); SageError otherwise, never a silent fallback."""
+    supported = {cls.__name__ for cls in SCHEDULERS.values()}
+    if type(scheduler).__name__ not in supported:
+        raise SageError(
+            f"model {source!r} ships {type(scheduler).__name__}, which sage does not support: set "
+            f"model.init_args.scheduler to one of {', '.join(SCHEDULERS)}"
+        )
+    return scheduler
+
+
+@lru_cache(maxsize=16)
+def load_scheduler(source: str, scheduler: str | None = "ddim", local_files_only: bool = False) -> SchedulerMixin:
+    """The scheduler :func:`load_diffusion` would use, from the scheduler's config alone (no weights):
+    budgets and step counts come from its own timesteps before the model loads."""
+    import diffusers
+
+    if source == "tiny":
+        own: SchedulerMixin = _tiny_scheduler()
+    else:
+        path, is_local = check_source(source)
+        try:
+            config = SchedulerMixin.load_config(
+                str(path) if is_local else source, subfolder="scheduler", local_files_only=local_files_only or is_local
+            )
+        except (OSError, ValueError) as err:
+            raise SageError(f"cannot read the scheduler of model {source!r}: check the hub id or folder") from err
+        cls = getattr(diffusers, str(config.get("_class_name")), None)
+        if cls is None:
+            raise SageError(f"model {source!r} names an unknown scheduler {config.get('_class_name')!r}")
+        own = cls.from_config(config)
+    chosen = own if scheduler is None else make_scheduler(scheduler, own.config)
+    return check_scheduler(chosen, source)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -266,6 +314,7 @@ def load_diffusion(
         model = DiffusionModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, name=source)
     if scheduler is not None:
         model.scheduler = make_scheduler(scheduler, model.scheduler.config)
+    check_scheduler(model.scheduler, source)
     return model.freeze().to(device, None if torch_dtype == torch.float32 else torch_dtype)
 
 

@@ -22,6 +22,7 @@ import inspect
 import math
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
@@ -39,8 +40,13 @@ class GradientMode:
         self.checkpoint = checkpoint
 
     def graph_start(self, num_steps: int) -> int:
-        """Index of the first step that runs with an autograd graph."""
+        """Index of the first step that runs with an autograd graph (``num_steps``: the scheduler's own
+        timestep count, :func:`loop_length`)."""
         return 0
+
+    def graphed_steps(self, num_steps: int) -> int:
+        """Steps that keep a graph, each a backward through the UNet (``num_steps`` as in ``graph_start``)."""
+        return num_steps - self.graph_start(num_steps)
 
     def skip_weight(self) -> float | None:
         """Weight of the skip from the initial latent to the first graphed step (None: no skip)."""
@@ -99,6 +105,26 @@ class ResidualGradient(GradientMode):
         return self.weight
 
 
+NoiseGenerator = torch.Generator | list[torch.Generator] | None
+
+
+def loop_length(scheduler: SchedulerMixin, num_steps: int) -> int:
+    """UNet calls per image (per guidance branch) of ``scheduler`` at ``num_steps``: its own timestep count."""
+    fresh = type(scheduler).from_config(scheduler.config)
+    fresh.set_timesteps(num_steps, device="cpu")
+    return len(fresh.timesteps)
+
+
+def draws_noise(scheduler: SchedulerMixin, eta: float = 0.0) -> bool:
+    """Whether ``scheduler.step`` adds fresh noise: ancestral and SDE solvers, DDPM, DDIM with ``eta > 0``."""
+    name = type(scheduler).__name__
+    if name == "DDIMScheduler":
+        return eta > 0
+    if name.startswith("DPMSolver"):
+        return str(scheduler.config.get("algorithm_type", "")).startswith("sde")
+    return name in ("EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DDPMScheduler")
+
+
 class DiffusionSampler:
     """Generate images ``[B, 3, H, W]`` in [0, 1] from initial latents ``[B, C, h, w]`` and text embeddings.
 
@@ -131,16 +157,33 @@ class DiffusionSampler:
 
     def unet_evaluations(self, batch_size: int) -> int:
         """UNet forward evaluations of one call (conditional and unconditional counted apart)."""
-        return batch_size * self.num_steps * (2 if self.guided else 1)
+        return batch_size * self.loop_length * (2 if self.guided else 1)
+
+    @property
+    def loop_length(self) -> int:
+        """Denoising steps the scheduler really runs for ``num_steps`` (PNDM runs more: its PRK/PLMS warm-up)."""
+        return loop_length(self.model.scheduler, self.num_steps)
+
+    def graphed_steps(self) -> int:
+        """Steps that keep an autograd graph (each costs a backward through the UNet)."""
+        return self.grad_mode.graphed_steps(self.loop_length)
 
     def fresh_scheduler(self, device: torch.device):
         scheduler = type(self.model.scheduler).from_config(self.model.scheduler.config)
         scheduler.set_timesteps(self.num_steps, device=device)
         return scheduler
 
-    def _step_kwargs(self, scheduler) -> dict:
+    @property
+    def draws_noise(self) -> bool:
+        """Whether each step adds fresh noise (ancestral/SDE solvers, DDIM with eta > 0)."""
+        return draws_noise(self.model.scheduler, self.eta)
+
+    def _step_kwargs(self, scheduler, generator: NoiseGenerator) -> dict:
         accepted = set(inspect.signature(scheduler.step).parameters)
-        return {"eta": self.eta} if "eta" in accepted else {}
+        kwargs = {"eta": self.eta} if "eta" in accepted else {}
+        if "generator" in accepted:
+            kwargs["generator"] = generator
+        return kwargs
 
     def _noise_prediction(self, x: Tensor, t: Tensor, embeddings: Tensor) -> Tensor:
         """The UNet's (guided) prediction in ``x``'s dtype; its inputs are cast to the UNet's own dtype."""
@@ -171,13 +214,25 @@ class DiffusionSampler:
         uncond = uncond.to(cond.dtype)
         return torch.cat([uncond.expand(batch, -1, -1) if uncond.shape[0] == 1 else uncond, cond])
 
-    def denoise(self, latents: Tensor, cond: Tensor, uncond: Tensor | None = None) -> Tensor:
-        """Run the denoising loop from initial latents ``z``; returns the final latents."""
+    def denoise(
+        self, latents: Tensor, cond: Tensor, uncond: Tensor | None = None, generator: NoiseGenerator = None
+    ) -> Tensor:
+        """Run the denoising loop from initial latents ``z``; returns the final latents.
+
+        ``generator``: one ``torch.Generator`` per row (or one for the batch), passed to every
+        ``scheduler.step`` as diffusers' pipeline passes its ``generator``; required when the scheduler
+        draws noise, so no draw ever comes from the global random state.
+        """
+        if generator is None and self.draws_noise:
+            raise SageError(
+                f"{type(self.model.scheduler).__name__} draws noise at every step: pass one torch.Generator "
+                "per row (generator=...), e.g. from sage_lightning.targets.noise_generator"
+            )
         scheduler = self.fresh_scheduler(latents.device)
         embeddings = self._embeddings(cond, uncond, latents.shape[0])
-        step_kwargs = self._step_kwargs(scheduler)
+        step_kwargs = self._step_kwargs(scheduler, generator)
         mode = self.grad_mode
-        start, weight = mode.graph_start(self.num_steps), mode.skip_weight()
+        start, weight = mode.graph_start(len(scheduler.timesteps)), mode.skip_weight()
         grad_on = torch.is_grad_enabled()
         x = latents * scheduler.init_noise_sigma
         for i, t in enumerate(scheduler.timesteps):
@@ -194,5 +249,7 @@ class DiffusionSampler:
         image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
         return (image.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
 
-    def __call__(self, latents: Tensor, cond: Tensor, uncond: Tensor | None = None) -> Tensor:
-        return self.decode(self.denoise(latents, cond, uncond))
+    def __call__(
+        self, latents: Tensor, cond: Tensor, uncond: Tensor | None = None, generator: NoiseGenerator = None
+    ) -> Tensor:
+        return self.decode(self.denoise(latents, cond, uncond, generator))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from sage_lightning.candidates import WordListCandidates
 from sage_lightning.errors import SageError
 from sage_lightning.loading import build_tiny, load_diffusion, make_scheduler
 from sage_lightning.sampler import DiffusionSampler, FullGradient, LastKGradient, ResidualGradient
+from sage_lightning.targets import noise_generator, seeded_latent
 from sage_lightning.text import PromptEncoder
 
 PROMPT = "a photo of a red star"
@@ -154,3 +158,133 @@ def test_sampler_input_errors(tiny):
         DiffusionSampler(tiny, num_steps=2, guidance_scale=3.0)(_latents(tiny, 1), torch.zeros(1, 77, 32))
     with pytest.raises(SageError, match="k=0"):
         LastKGradient(k=0)
+
+
+# ------------------------------------------------- stochastic schedulers: noise from per-target generators
+STOCHASTIC = [("euler-a", 0.0), ("ddim", 0.5), ("dpm++-sde", 0.0)]
+SEEDS = [11, 12]
+
+
+def _pipeline_and_ours(model, seeds, eta=0.0, steps=6, guidance=5.0):
+    """Images of the pipeline given per-row generators seeded with ``seeds``, and the sampler's from the same
+    seeds (z0 = seeded_latent, noise = noise_generator)."""
+    shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
+    with torch.no_grad():
+        reference = model.pipeline()(
+            [PROMPT, "a blue ring"], generator=[torch.Generator().manual_seed(s) for s in seeds],
+            num_inference_steps=steps, guidance_scale=guidance, eta=eta, output_type="pt",
+        ).images
+        encoder = PromptEncoder(model.tokenizer, model.text_encoder)
+        latents = torch.stack([seeded_latent(s, shape) for s in seeds])
+        sampler = DiffusionSampler(model, num_steps=steps, guidance_scale=guidance, eta=eta)
+        torch.manual_seed(1234)  # the global state must not matter
+        generators = [noise_generator(s, shape) for s in seeds]
+        ours = sampler(latents, encoder([PROMPT, "a blue ring"]), encoder([""]), generators)
+    return reference, ours
+
+
+@pytest.mark.parametrize("scheduler, eta", STOCHASTIC)
+def test_stochastic_schedulers_match_the_pipeline_given_the_same_generators(tiny_dir, scheduler, eta):
+    model = load_diffusion(tiny_dir, scheduler=scheduler)
+    assert DiffusionSampler(model, eta=eta).draws_noise
+    reference, ours = _pipeline_and_ours(model, SEEDS, eta)
+    assert (ours - reference).abs().max().item() < 1e-4
+    _, other_noise = _pipeline_and_ours(model, [SEEDS[0], 99], eta)  # row 1: other noise and z0
+    assert torch.equal(other_noise[0], ours[0]) and (other_noise[1] - ours[1]).abs().max() > 1e-3
+
+
+def test_a_stochastic_scheduler_without_generators_is_refused(tiny_dir):
+    model = load_diffusion(tiny_dir, scheduler="euler-a")
+    encoder = PromptEncoder(model.tokenizer, model.text_encoder)
+    with torch.no_grad(), pytest.raises(SageError, match="draws noise at every step"):
+        DiffusionSampler(model, num_steps=2, guidance_scale=1.0)(_latents(model), encoder([PROMPT, PROMPT]))
+
+
+def test_the_loader_refuses_a_scheduler_it_does_not_support(tiny, tmp_path):
+    from diffusers import LMSDiscreteScheduler
+
+    pipe = tiny.pipeline()
+    pipe.scheduler = LMSDiscreteScheduler.from_config(tiny.scheduler.config)
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(SageError, match="ships LMSDiscreteScheduler, which sage does not support") as err:
+        load_diffusion(str(tmp_path), scheduler=None)
+    assert len(str(err.value).splitlines()) == 1
+    chosen = load_diffusion(str(tmp_path), scheduler="euler-a").scheduler
+    assert type(chosen).__name__ == "EulerAncestralDiscreteScheduler"
+
+
+def test_search_noise_is_a_function_of_the_target_not_of_the_global_state_or_the_gradient_mode():
+    from datamodules import ClassPromptDataModule
+    from sage_lightning.searches import LatentSearch
+
+    images = []
+    for mode in (FullGradient(), ResidualGradient(step=0.5)):
+        search = LatentSearch(diffusion="tiny", num_steps=3, scheduler="euler-a", grad_mode=mode)
+        search.prepare(ClassPromptDataModule(classes=["star", "ring"]).targets)
+        search.trainer = None
+        ids = torch.tensor([0, 1])
+        cond = search.prompt_embeddings([t.prompt for t in search.targets])
+        seeds = [t.seed for t in search.targets]
+        for global_seed in (0, 1):
+            torch.manual_seed(global_seed)
+            with torch.no_grad():
+                images.append(search.generate(search.initial_latents(ids), cond, seeds))
+    assert all(torch.equal(images[0], other) for other in images[1:])
+
+
+# ----------------------------------------------- PNDM: counts from the scheduler's own timesteps (item 7)
+def _pndm(model, skip_prk_steps: bool):
+    from diffusers import PNDMScheduler
+
+    return dataclasses.replace(model, scheduler=PNDMScheduler.from_config(model.scheduler.config,
+                                                                          skip_prk_steps=skip_prk_steps))
+
+
+@pytest.mark.parametrize("skip_prk_steps, loop", [(True, 5), (False, 13)])
+def test_pndm_counts_come_from_its_own_timesteps(setup, skip_prk_steps, loop):
+    model, cond, uncond = setup
+    model = _pndm(model, skip_prk_steps)
+    calls: list[bool] = []
+    handle = model.unet.register_forward_hook(lambda m, args, out: calls.append(torch.is_grad_enabled()))
+    try:
+        residual = ResidualGradient(step=0.5)
+        for mode, graphed in ((LastKGradient(k=2), 2), (residual, loop - residual.graph_start(loop))):
+            calls.clear()
+            sampler = DiffusionSampler(model, num_steps=4, guidance_scale=4.0, grad_mode=mode)
+            z = _latents(model, batch=1).requires_grad_(True)
+            sampler(z, cond, uncond)
+            assert sampler.loop_length == len(calls) == loop  # 4 steps, but PNDM runs `loop` UNet calls
+            assert sampler.unet_evaluations(1) == 2 * len(calls)  # guided: cond and uncond
+            assert sampler.graphed_steps() == sum(calls) == graphed
+    finally:
+        handle.remove()
+    reference = model.pipeline()(
+        [PROMPT], latents=_latents(model, batch=1), num_inference_steps=4, guidance_scale=4.0, output_type="pt"
+    ).images
+    with torch.no_grad():
+        ours = DiffusionSampler(model, num_steps=4, guidance_scale=4.0)(_latents(model, batch=1), cond, uncond)
+    assert (ours - reference).abs().max().item() < 1e-4
+
+
+def test_search_costs_follow_the_scheduler_timesteps():
+    """PNDM at 4 steps runs 13 timesteps (tiny's config keeps its PRK warm-up): every cost a search reports
+    equals DDIM's at 13 steps, before and after the model is loaded."""
+    from datamodules import ClassPromptDataModule
+    from sage_lightning.searches import LatentSearch, PromptSearch
+
+    def latent(scheduler: str, steps: int) -> LatentSearch:
+        return LatentSearch(diffusion="tiny", num_steps=steps, scheduler=scheduler, grad_mode=LastKGradient(k=2))
+
+    pndm, ddim = latent("pndm", 4), latent("ddim", 13)
+    assert pndm.loop_length == ddim.loop_length == 13
+    assert pndm.forward_equivalents(3) == ddim.forward_equivalents(3)
+    for search in (pndm, ddim):
+        search.prepare(ClassPromptDataModule(classes=["star"]).targets)
+    assert pndm.unet_evaluations(3) == ddim.unet_evaluations(3)
+    assert pndm.forward_equivalents(3) == ddim.forward_equivalents(3)
+    words = WordListCandidates(["red"])
+    prompt = [
+        PromptSearch(candidates=words, diffusion="tiny", num_steps=n, scheduler=name)
+        for name, n in (("pndm", 4), ("ddim", 13))
+    ]
+    assert prompt[0].step_cost() == prompt[1].step_cost() and prompt[0].sample_cost() == prompt[1].sample_cost()

@@ -18,11 +18,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sage_lightning.errors import SageError
-from sage_lightning.loading import DiffusionModel, check_source, load_diffusion
+from sage_lightning.loading import DiffusionModel, check_source, load_diffusion, load_scheduler
 from sage_lightning.optim import SignSGD
-from sage_lightning.sampler import DiffusionSampler, GradientMode, ResidualGradient
+from sage_lightning.sampler import DiffusionSampler, GradientMode, ResidualGradient, loop_length
 from sage_lightning.surrogate import ClassifierEnsemble, EnsembleOutput
-from sage_lightning.targets import Target
+from sage_lightning.targets import Target, noise_generator
 from sage_lightning.text import PromptEncoder
 
 RUNNING, FOUND, EXHAUSTED = 0, 1, 2
@@ -119,6 +119,15 @@ class TargetSearch(L.LightningModule):
     def sampler(self) -> DiffusionSampler:
         return DiffusionSampler(self.frozen.model, self.num_steps, self.guidance_scale, self.grad_mode)
 
+    @property
+    def loop_length(self) -> int:
+        """Denoising steps (UNet calls per branch) one image takes: the scheduler's own timestep count for
+        ``num_steps`` (PNDM runs more), read from its config alone, so budgets need no model weights."""
+        if self._frozen is not None:
+            return loop_length(self.frozen.model.scheduler, self.num_steps)
+        scheduler = load_scheduler(self.diffusion_source, self.scheduler_name, self.local_files_only)
+        return loop_length(scheduler, self.num_steps)
+
     def prepare(self, targets_of) -> None:
         """Load the frozen models and build the targets; ``targets_of(class_names) -> list[Target]``."""
         if self._frozen is not None:
@@ -163,16 +172,25 @@ class TargetSearch(L.LightningModule):
     def prompt_embeddings(self, prompts: list[str]) -> Tensor:
         return self.frozen.encoder(prompts).to(self.device)
 
-    def generate(self, latents: Tensor, cond: Tensor) -> Tensor:
-        uncond = self.prompt_embeddings([""]) if self.sampler.guided else None
-        return self.sampler(latents, cond, uncond)
+    def generate(self, latents: Tensor, cond: Tensor, seeds: list[int] | None = None) -> Tensor:
+        """Images of ``latents`` ``[B, C, h, w]``; ``seeds``: the seed each row's latent was drawn from, which
+        also seeds that row's scheduler noise (:func:`~sage_lightning.targets.noise_generator`; a scheduler
+        that draws noise refuses to run without them)."""
+        sampler = self.sampler
+        uncond = self.prompt_embeddings([""]) if sampler.guided else None
+        generators = None
+        if seeds is not None and sampler.draws_noise:
+            if len(seeds) != latents.shape[0]:
+                raise ValueError(f"{len(seeds)} noise seeds for {latents.shape[0]} latents")
+            generators = [noise_generator(s, tuple(latents.shape[1:])) for s in seeds]
+        return sampler(latents, cond, uncond, generators)
 
     def unet_evaluations(self, iterations: int) -> int:
         """UNet evaluations a target used: forward calls of ``iterations + 1`` evaluations, plus one
         backward call per graphed step of each of the ``iterations`` updates (cond/uncond apart)."""
         sampler = self.sampler
         forward = sampler.unet_evaluations(1)
-        graphed = self.num_steps - self.grad_mode.graph_start(self.num_steps)
+        graphed = sampler.graphed_steps()
         backward = graphed * (2 if sampler.guided else 1) * (2 if self.grad_mode.checkpoint else 1)
         return (iterations + 1) * forward + iterations * backward
 
@@ -180,13 +198,13 @@ class TargetSearch(L.LightningModule):
         """Compute a latent-search target used after ``iterations`` updates, in forward-equivalents.
 
         SAGE_METHOD.md's unit: a UNet forward = 1, a backward through it = :data:`BACKWARD_FORWARDS`, a
-        checkpointed recompute = 1 more. ``iterations + 1`` sampling calls of ``num_steps`` forwards (x2 with
-        guidance), plus per update a backward through every graphed step. Needs no model (only the
-        sampling settings), so a baseline can size its budget from it before anything loads.
+        checkpointed recompute = 1 more. ``iterations + 1`` sampling calls of ``loop_length`` forwards (x2 with
+        guidance), plus per update a backward through every graphed step. Needs no model weights (only the
+        sampling settings and the scheduler's config), so a baseline can size its budget from it before anything loads.
         """
         calls = 2 if self.guidance_scale > 1.0 else 1
-        forward = self.num_steps * calls
-        graphed = (self.num_steps - self.grad_mode.graph_start(self.num_steps)) * calls
+        forward = self.loop_length * calls
+        graphed = self.grad_mode.graphed_steps(self.loop_length) * calls
         backward = graphed * (BACKWARD_FORWARDS + (1 if self.grad_mode.checkpoint else 0))
         return (iterations + 1) * forward + iterations * backward
 

@@ -43,7 +43,7 @@ class LatentSearch(TargetSearch):
         rows = ids.clamp(min=0)
         z = self.initial_latents(rows) + self.delta[rows]
         cond = self.prompt_embeddings([self.targets[int(i)].prompt for i in rows])
-        images = self.generate(z, cond)
+        images = self.generate(z, cond, [self.targets[int(i)].seed for i in rows])
         output = self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device))
         active = self.advance(ids, images, z, output)
         self.log("loss", output.loss, prog_bar=True, batch_size=len(ids))

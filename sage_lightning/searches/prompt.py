@@ -181,15 +181,14 @@ class PromptSearch(TargetSearch):
         rows = [table[torch.tensor(ids, device=table.device)].float().mean(0) for _, ids in accepted]
         return [c for c, _ in accepted], torch.stack(rows).cpu()
 
+    def step_seeds(self, targets: list[int], offset: int = 0) -> list[int]:
+        """Seed of each target's current sign step (``offset=-1``: its last step): its latent and its noise."""
+        return [self.targets[t].seed + STEP_SEED_STRIDE * int(self.iterations[t] + offset) for t in targets]
+
     def step_latents(self, targets: list[int], offset: int = 0) -> Tensor:
         """Latent of each target's current sign step (``offset=-1``: its last step)."""
         shape = self.latent_shape()
-        return torch.stack(
-            [
-                seeded_latent(self.targets[t].seed + STEP_SEED_STRIDE * int(self.iterations[t] + offset), shape)
-                for t in targets
-            ]
-        ).to(self.device)
+        return torch.stack([seeded_latent(s, shape) for s in self.step_seeds(targets, offset)]).to(self.device)
 
     def eval_seed_list(self, target: int) -> list[int]:
         base = EVAL_SEED_BASE + self.targets[target].seed * 1000
@@ -205,10 +204,15 @@ class PromptSearch(TargetSearch):
         """Generate the prompt so far (+ ``extra`` words) from the target's S evaluation seeds; ask D and the judge."""
         prompt = self.prompt_of(target, extra)
         shape = self.latent_shape()
-        latents = torch.stack([seeded_latent(s, shape) for s in self.eval_seed_list(target)])
+        seeds = self.eval_seed_list(target)
+        latents = torch.stack([seeded_latent(s, shape) for s in seeds])
         cond = self.prompt_embeddings([prompt])
+        size = self.eval_batch_size
         images = torch.cat(
-            [self.generate(chunk.to(self.device), cond) for chunk in latents.split(self.eval_batch_size)]
+            [
+                self.generate(chunk.to(self.device), cond, seeds[k * size : (k + 1) * size])
+                for k, chunk in enumerate(latents.split(size))
+            ]
         )
         cls = self.class_index[target].expand(len(images)).to(self.device)
         out = self.frozen.ensemble(images, cls)
@@ -230,18 +234,18 @@ class PromptSearch(TargetSearch):
         """D's loss of ``prompt + word`` for each word, on the latent of the target's last step ``[len(words)]``."""
         z = self.step_latents([target], offset=-1).expand(len(words), -1, -1, -1)
         cond = self.prompt_embeddings([self.prompt_of(target, [w]) for w in words])
-        images = self.generate(z, cond)
+        images = self.generate(z, cond, self.step_seeds([target], offset=-1) * len(words))
         cls = self.class_index[target].expand(len(words)).to(self.device)
         return self.frozen.ensemble(images, cls).per_sample_loss.float().cpu()
 
     def sample_cost(self) -> int:
         """UNet evaluations of one generated image (conditional and unconditional counted apart)."""
-        return self.num_steps * (2 if self.guidance_scale > 1.0 else 1)
+        return self.loop_length * (2 if self.guidance_scale > 1.0 else 1)
 
     def step_cost(self) -> int:
         """UNet evaluations of one sign step: a forward, and a backward through each graphed step (as
-        :meth:`TargetSearch.unet_evaluations` counts them; needs no model, so configs can match budgets)."""
-        graphed = self.num_steps - self.grad_mode.graph_start(self.num_steps)
+        :meth:`TargetSearch.unet_evaluations` counts them; needs no model weights, so configs can match budgets)."""
+        graphed = self.grad_mode.graphed_steps(self.loop_length)
         backward = graphed * (2 if self.guidance_scale > 1.0 else 1) * (2 if self.grad_mode.checkpoint else 1)
         return self.sample_cost() + backward
 
@@ -322,7 +326,7 @@ class PromptSearch(TargetSearch):
         targets = rows.tolist()
         prompts = [self.prompt_of(t) + " [x] [y]" for t in targets]
         cond = self.frozen.encoder(prompts, {"x": self.slots[rows, 0], "y": self.slots[rows, 1]}).to(self.device)
-        images = self.generate(self.step_latents(targets), cond)
+        images = self.generate(self.step_latents(targets), cond, self.step_seeds(targets))
         output = self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device))
         self.count_steps(rows, active)
         self.log("loss", output.loss, prog_bar=True, batch_size=len(ids))

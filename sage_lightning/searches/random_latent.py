@@ -47,16 +47,19 @@ class RandomLatentSearch(LatentSearch):
     def configure_optimizers(self):
         return None
 
-    def draw(self, target: int, iteration: int) -> Tensor:
+    def noise_seed(self, target: int, iteration: int) -> int:
+        """Seed of a target's draw at ``iteration``: its latent and its scheduler noise; draw 0 is its own z0."""
         seed = self.targets[target].seed
-        shape = self.latent_shape()
-        return seeded_latent(seed if iteration == 0 else seed + DRAW_SEED_STRIDE * iteration, shape)
+        return seed if iteration == 0 else seed + DRAW_SEED_STRIDE * iteration
+
+    def draw(self, target: int, iteration: int) -> Tensor:
+        return seeded_latent(self.noise_seed(target, iteration), self.latent_shape())
 
     @torch.no_grad()
     def training_step(self, ids: Tensor, batch_idx: int) -> None:
         rows = ids.clamp(min=0)
         z = torch.stack([self.draw(int(i), int(self.iterations[i])) for i in rows]).to(self.device)
         cond = self.prompt_embeddings([self.targets[int(i)].prompt for i in rows])
-        images = self.generate(z, cond)
+        images = self.generate(z, cond, [self.noise_seed(int(i), int(self.iterations[i])) for i in rows])
         output = self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device))
         self.advance(ids, images, z, output)

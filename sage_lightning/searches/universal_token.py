@@ -166,7 +166,8 @@ class UniversalTokenSearch(TargetSearch):
 
     def render(self, targets: list[Target], with_token: bool) -> Tensor:
         """Images ``[B, 3, H, W]`` in [0, 1] of the targets' prompts and seeds."""
-        return self.generate(self.latents_of(targets), self.encode([t.prompt for t in targets], with_token))
+        cond = self.encode([t.prompt for t in targets], with_token)
+        return self.generate(self.latents_of(targets), cond, [t.seed for t in targets])
 
     def text_similarity(self, prompts: list[str]) -> Tensor:
         """``cos(text(p + e), text(p))`` per prompt (pooled EOS features), differentiable in the token."""
