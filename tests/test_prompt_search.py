@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from sage_lightning.candidates import (
 )
 from sage_lightning.cli import main
 from sage_lightning.errors import SageError
+from sage_lightning.sampler import FullGradient, GradientMode, ResidualGradient
 from sage_lightning.searches import PromptSearch, RandomWordSearch, TargetSearch
 from sage_lightning.searches.base import EXHAUSTED, FOUND, RUNNING
 from sage_lightning.shapesworld.generator import SHAPES
@@ -152,6 +154,50 @@ def test_costs_are_counted_like_the_base_search_and_the_baseline_fits_the_budget
     sage_budget = 4 * (5 * search.step_cost() + 3 * search.sample_cost())
     spent = baseline.word_rounds * baseline.eval_cost()
     assert sage_budget - baseline.eval_cost() < spent <= sage_budget
+
+
+def _grad_mode_of(source: str) -> GradientMode | None:
+    """The grad_mode a prompt-search config names (None for ``default``: PromptSearch's own default)."""
+    if source == "default":
+        return None
+    spec = yaml.safe_load((CONFIGS / source).read_text())["model"]["init_args"]["grad_mode"]
+    module, name = spec["class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+
+def _slot_gradient_through_the_first_step(search: PromptSearch) -> torch.Tensor | None:
+    """d loss / d slots when only the FIRST denoising step sees the slots' graph (later steps get the same
+    embeddings detached): the gradient the early, layout-setting steps give the words."""
+    first = int(search.sampler.fresh_scheduler(torch.device("cpu")).timesteps[0])
+
+    def only_first_step(_module, args, kwargs):
+        if int(args[1]) != first:
+            kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"].detach()
+        return args, kwargs
+
+    handle = search.frozen.model.unet.register_forward_pre_hook(only_first_step, with_kwargs=True)
+    try:
+        rows = torch.tensor([0, 1])
+        prompts = [search.prompt_of(t) + " [x] [y]" for t in rows.tolist()]
+        cond = search.frozen.encoder(prompts, {"x": search.slots[rows, 0], "y": search.slots[rows, 1]})
+        images = search.generate(search.step_latents(rows.tolist()), cond)
+        loss = search.frozen.ensemble(images, search.class_index[rows]).loss
+        if loss.requires_grad:
+            loss.backward()
+    finally:
+        handle.remove()
+    return search.slots.grad
+
+
+@pytest.mark.parametrize("source", ["default", "prompt_search.yaml", "prompt_search_tiny.yaml"])
+def test_prompt_search_gradient_reaches_the_words_from_the_first_step(source):
+    """Issue 10 item 4: the prompt search's default gradient is exact (checkpointed) through every step."""
+    search = _prepared(grad_mode=_grad_mode_of(source))
+    assert search.grad_mode == FullGradient(checkpoint=True)
+    grad = _slot_gradient_through_the_first_step(search)
+    assert grad is not None and (grad.flatten(1).abs().sum(1) > 0).all()  # both targets, from step 0
+    truncated = _prepared(grad_mode=ResidualGradient(0.5))  # the probe sees what the residual hides
+    assert _slot_gradient_through_the_first_step(truncated) is None
 
 
 # ---------------------------------------------------------------------------------- end to end

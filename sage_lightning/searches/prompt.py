@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from sage_lightning.candidates import Candidate, CandidateSource, WordFilter
 from sage_lightning.errors import SageError
+from sage_lightning.sampler import FullGradient
 from sage_lightning.searches.base import EXHAUSTED, FOUND, RUNNING, TargetSearch
 from sage_lightning.targets import seeded_latent
 
@@ -72,6 +73,9 @@ class PromptSearch(TargetSearch):
         eval_batch_size: images per generation call when evaluating a prompt.
         kwargs: :class:`TargetSearch`'s arguments (diffusion, ensemble, num_steps, guidance_scale, scheduler,
             grad_mode, lr, dtype, local_files_only); ``max_iterations`` is ``max_words * steps_per_word``.
+            ``grad_mode`` defaults to the exact gradient through every denoising step, checkpointed
+            (SAGE_METHOD.md: the words condition every step, the early ones set the layout; the residual
+            shortcut is the latent search's device and would hide them).
 
     Example (the same as ``sage fit --config configs/prompt_search.yaml``)::
 
@@ -112,6 +116,8 @@ class PromptSearch(TargetSearch):
             raise SageError(f"eval_batch_size={eval_batch_size} must be at least 1")
         if judge not in (None, "auto", "shapesworld"):
             raise SageError(f"judge={judge!r}: use 'auto', 'shapesworld' or null")
+        if kwargs.get("grad_mode") is None:
+            kwargs["grad_mode"] = FullGradient(checkpoint=True)
         super().__init__(max_iterations=max_words * steps_per_word, **kwargs)
         self.candidates = candidates  # a plain object: never part of the module tree or the checkpoint
         self.max_words, self.steps_per_word, self.eval_seeds = max_words, steps_per_word, eval_seeds
