@@ -112,11 +112,13 @@ class ClipModule(WorldModule):
     wd = 0.05
 
     def __init__(self, batch_size: int = 128, lr: float = 1e-3, base_steps: int = 0, warm: bool = False,
-                 freeze_text: bool = False, class_weight: float = 1.0, pool_size: int = 0,
+                 freeze_text: bool = False, class_weight: float = 1.0, pool_size: int = 10000,
                  pool_refresh: int = 2000):
         super().__init__(batch_size, lr, base_steps)
-        self.pool: ImagePool | None = None  # pool_size 0: fresh images every step
+        self.pool: ImagePool | None = None  # pool_size 0: freshly rendered images every step
         self.clip = W.load_clip() if warm else W.build_clip(seed=0)
+        if freeze_text and not warm:  # a frozen text tower is the shipped one (the text stage's)
+            self.clip.text_model.load_state_dict(W.load_clip().text_model.state_dict())
         self.clip.train()
         # Once the UNet trains on the text tower, only the vision side (and projections) may move.
         self.clip.text_model.requires_grad_(not freeze_text)
