@@ -44,9 +44,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from sage_lightning.loading import DiffusionModel, build_tiny, clip_tokenizer
 from sage_lightning.sampler import DiffusionSampler, FullGradient, GradientMode, LastKGradient, ResidualGradient
-from sage_lightning.text import PromptEncoder
+from sage_lightning.text import PromptEncoder, slot
 
-PROMPT = "a photo of a [x]"
+PROMPT = f"a photo of a {slot('x')}"
 GUIDANCE = 7.5
 MIB = 2**20
 

@@ -1,10 +1,12 @@
 """Prompt encoding with free embedding slots: the one place that knows the text encoder's internals.
 
-A prompt may hold named slots, written ``[x]``, ``[y]`` or ``[*]``, each one token wide. Their input
-embeddings are not looked up in the vocabulary but taken from tensors the caller passes (SAGE's
-adversarial word slots and the universal token). Route: the prompt is tokenised piece by piece around
-the slots, and a forward hook on the text encoder's token-embedding module replaces the slot positions,
-so no transformers class is patched and gradients reach the slot tensors.
+A prompt may hold named slots (``a``..``z`` or ``*``; shown as ``[x]``, ``[y]``, ``[*]``), each one token
+wide, written with :func:`slot`: the name between two Unicode private-use characters, so no text a user
+types, "[a]" included, ever becomes a slot. Their input embeddings are not looked up in the vocabulary but
+taken from tensors the caller passes (SAGE's adversarial word slots and the universal token). Route: the
+prompt is tokenised piece by piece around the slots, and a forward hook on the text encoder's
+token-embedding module replaces the slot positions, so no transformers class is patched and gradients
+reach the slot tensors.
 """
 
 from __future__ import annotations
@@ -18,7 +20,20 @@ from torch import Tensor, nn
 
 from sage_lightning.errors import SageError
 
-SLOT = re.compile(r"\[([a-z]|\*)\]")
+SLOT_OPEN, SLOT_CLOSE = "\ue000", "\ue001"  # private-use code points: never typed by accident
+SLOT = re.compile(f"{SLOT_OPEN}([a-z]|\\*){SLOT_CLOSE}")
+
+
+def slot(name: str) -> str:
+    """The marker of slot ``name`` (``a``..``z`` or ``*``) to put in a prompt, e.g. ``f"a photo of a {slot('x')}"``."""
+    if not re.fullmatch(r"[a-z]|\*", name):
+        raise SageError(f"slot name {name!r}: use one letter a..z or '*'")
+    return f"{SLOT_OPEN}{name}{SLOT_CLOSE}"
+
+
+def readable(prompt: str) -> str:
+    """``prompt`` with its slot markers shown as ``[x]`` (for messages and logs)."""
+    return SLOT.sub(lambda m: f"[{m.group(1)}]", prompt)
 
 
 @dataclass(frozen=True)
@@ -36,7 +51,7 @@ class PromptEncoder(nn.Module):
 
         enc = PromptEncoder(model.tokenizer, model.text_encoder)
         e_x = torch.zeros(enc.embed_dim, requires_grad=True)
-        h = enc(["a photo of a dog [x]"], {"x": e_x})   # [1, 77, D], differentiable in e_x
+        h = enc([f"a photo of a dog {slot('x')}"], {"x": e_x})   # [1, 77, D], differentiable in e_x
     """
 
     def __init__(self, tokenizer, text_encoder: nn.Module) -> None:
@@ -68,14 +83,16 @@ class PromptEncoder(nn.Module):
             ids += self.word_ids(prompt[last : match.start()])
             name = match.group(1)
             if name in slots:
-                raise SageError(f"slot [{name}] appears twice in prompt {prompt!r}: use each slot once")
+                raise SageError(f"slot [{name}] appears twice in prompt {readable(prompt)!r}: use each slot once")
             slots[name] = len(ids)
             ids.append(self.slot_placeholder_id)
             last = match.end()
         ids += self.word_ids(prompt[last:])
+        if SLOT_OPEN in SLOT.sub("", prompt) or SLOT_CLOSE in SLOT.sub("", prompt):
+            raise SageError(f"prompt {readable(prompt)!r} has a broken slot marker: write slots with text.slot(name)")
         ids = ids[: self.max_length - 1]
         if any(pos >= len(ids) for pos in slots.values()):
-            raise SageError(f"prompt {prompt!r} is too long: a slot falls beyond {self.max_length} tokens")
+            raise SageError(f"prompt {readable(prompt)!r} is too long: a slot falls beyond {self.max_length} tokens")
         ids.append(self.tokenizer.eos_token_id)
         ids += [self.tokenizer.pad_token_id] * (self.max_length - len(ids))
         return TokenizedPrompt(ids, slots)
@@ -90,7 +107,7 @@ class PromptEncoder(nn.Module):
         for b, tok in enumerate(tokenized):
             for name, pos in tok.slots.items():
                 if name not in slots:
-                    raise SageError(f"prompt {prompts[b]!r} has slot [{name}] but no vector was given for it")
+                    raise SageError(f"prompt {readable(prompts[b])!r} has slot [{name}] but no vector was given for it")
                 vec = slots[name]
                 rows.append(b)
                 cols.append(pos)

@@ -64,13 +64,14 @@ def test_initial_latents_depend_on_seed_only():
     assert not torch.equal(a.initial_latents(torch.tensor([0])), a.initial_latents(torch.tensor([1])))
 
 
-def test_random_baseline_spends_the_same_unet_budget():
+def test_random_baseline_spends_the_same_forward_equivalent_budget():
     sage_search = _prepared(max_iterations=5)
     baseline = RandomLatentSearch(diffusion="tiny", num_steps=3, match_sage_iterations=5)
     baseline.prepare(ClassPromptDataModule(classes=["star"]).targets)
-    budget = sage_search.unet_evaluations(5)
-    spent = baseline.unet_evaluations(baseline.max_iterations)
+    budget = sage_search.forward_equivalents(5)
+    spent = baseline.forward_equivalents(baseline.max_iterations)
     assert budget - baseline.sampler.unet_evaluations(1) < spent <= budget
+    assert spent == baseline.unet_evaluations(baseline.max_iterations)  # draws: forwards only
 
 
 # -------------------------------------------------------------------------------- end to end

@@ -37,7 +37,7 @@ def _prompt(dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     )
     search.prepare(ClassPromptDataModule(classes=["star", "ring"]).targets)
     ids = torch.tensor([0, 1])
-    prompts = [search.prompt_of(t) + " [x] [y]" for t in ids.tolist()]
+    prompts = [search.slotted_prompt(t) for t in ids.tolist()]
     cond = search.frozen.encoder(prompts, {"x": search.slots[ids, 0], "y": search.slots[ids, 1]})
     images = search.generate(search.step_latents(ids.tolist()), cond)
     search.frozen.ensemble(images, search.class_index[ids]).loss.backward()

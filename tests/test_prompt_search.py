@@ -178,7 +178,7 @@ def _slot_gradient_through_the_first_step(search: PromptSearch) -> torch.Tensor 
     handle = search.frozen.model.unet.register_forward_pre_hook(only_first_step, with_kwargs=True)
     try:
         rows = torch.tensor([0, 1])
-        prompts = [search.prompt_of(t) + " [x] [y]" for t in rows.tolist()]
+        prompts = [search.slotted_prompt(t) for t in rows.tolist()]
         cond = search.frozen.encoder(prompts, {"x": search.slots[rows, 0], "y": search.slots[rows, 1]})
         images = search.generate(search.step_latents(rows.tolist()), cond)
         loss = search.frozen.ensemble(images, search.class_index[rows]).loss

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from sage_lightning.errors import SageError
-from sage_lightning.text import PromptEncoder
+from sage_lightning.text import PromptEncoder, slot
+
+X, Y = slot("x"), slot("y")
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +32,14 @@ def test_slot_with_existing_token_embedding_reproduces_prompt(encoder):
     vector = encoder.token_embedding.weight[word_id[0]].detach().clone()
     with torch.no_grad():
         reference = encoder(["a photo of a golden retriever", "a red star retriever"])
-        slotted = encoder(["a photo of a golden [x]", "a red star [x]"], {"x": vector})
+        slotted = encoder([f"a photo of a golden {X}", f"a red star {X}"], {"x": vector})
     assert torch.equal(slotted, reference)
 
 
 def test_two_slots_per_prompt_vectors_and_gradients(encoder):
     x = torch.randn(2, encoder.embed_dim, requires_grad=True)
     y = torch.randn(encoder.embed_dim, requires_grad=True)
-    hidden = encoder(["a photo of a cat [x] [y]", "[x] a dog [y]"], {"x": x, "y": y})
+    hidden = encoder([f"a photo of a cat {X} {Y}", f"{X} a dog {Y}"], {"x": x, "y": y})
     hidden.square().sum().backward()
     assert x.grad is not None and (x.grad.abs().sum(dim=1) > 0).all()
     assert y.grad is not None and y.grad.abs().sum() > 0
@@ -46,14 +48,31 @@ def test_two_slots_per_prompt_vectors_and_gradients(encoder):
 
 def test_slot_errors(encoder):
     with pytest.raises(SageError, match=r"slot \[x\] but no vector"):
-        encoder(["a [x]"])
+        encoder([f"a {X}"])
     with pytest.raises(SageError, match="appears twice"):
-        encoder.tokenize("[x] and [x]")
+        encoder.tokenize(f"{X} and {X}")
     with pytest.raises(SageError, match="too long"):
-        encoder.tokenize("word " * 80 + "[x]")
+        encoder.tokenize("word " * 80 + X)
 
 
 def test_hook_is_removed_after_encoding(encoder):
     vector = torch.zeros(encoder.embed_dim)
-    encoder(["a [x]"], {"x": vector})
+    encoder([f"a {X}"], {"x": vector})
     assert not encoder.token_embedding._forward_hooks
+
+
+@pytest.mark.parametrize("text", ["a photo of a [a] and a [x]", "star [*] [y] [z]"])
+def test_text_that_looks_like_a_slot_is_plain_text(tiny, encoder, text):
+    """Literal "[a]".."[z]", "[*]" in a user's prompt are words, never slots (issue 10 item 13)."""
+    ids = tiny.tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+    assert encoder.tokenize(text).ids == ids and not encoder.tokenize(text).slots
+    vector = torch.zeros(encoder.embed_dim)
+    with torch.no_grad():
+        slotted = encoder([f"{text} {X}"], {"x": vector})
+    assert encoder.tokenize(f"{text} {X}").slots == {"x": len(tiny.tokenizer(text).input_ids) - 1}
+    assert slotted.shape == (1, 77, encoder.embed_dim)
+
+
+def test_slot_markers_are_checked():
+    with pytest.raises(SageError, match="slot name 'xy'"):
+        slot("xy")

@@ -2,7 +2,8 @@
 
 For each target (class c, template prompt p, seed s) the prompt grows one word at a time, up to L words:
 
-1. ``p + words + " [x] [y]"``: the adversarial slot [x] and the look-ahead slot [y] take free
+1. ``p + words + " [x] [y]"`` (:meth:`PromptSearch.slotted_prompt`; slots are written with ``text.slot``, so
+   no word of a prompt is ever taken for one): the adversarial slot [x] and the look-ahead slot [y] take free
    embeddings ``e_x, e_y`` (the module's only trainable parameter, ``slots [N, 2, D]``), initialised
    to the token embedding of ``init_word``. K sign-gradient steps (lr, clamped by
    :class:`callbacks.ClampPerturbation`) minimise D's loss ``mean_m (2 p_m(c) - 1)``; step i of a
@@ -32,6 +33,7 @@ from sage_lightning.errors import SageError
 from sage_lightning.sampler import FullGradient
 from sage_lightning.searches.base import EXHAUSTED, FOUND, RUNNING, TargetSearch
 from sage_lightning.targets import seeded_latent
+from sage_lightning.text import slot
 
 STEP_SEED_STRIDE = 1_000_003
 EVAL_SEED_BASE = 2_000_000_000  # fresh seeds: far from every seed a target or a step uses
@@ -176,6 +178,10 @@ class PromptSearch(TargetSearch):
     def prompt_of(self, target: int, extra: list[str] | tuple[str, ...] = ()) -> str:
         """The natural prompt so far: template prompt + snapped words (+ ``extra``)."""
         return " ".join([self.targets[target].prompt, *self.words[target], *extra])
+
+    def slotted_prompt(self, target: int) -> str:
+        """The prompt so far followed by the adversarial slot [x] and the look-ahead slot [y]."""
+        return f"{self.prompt_of(target)} {slot('x')} {slot('y')}"
 
     def proposals(self, target: int) -> tuple[list[Candidate], Tensor]:
         """Accepted candidates for the next word of ``target`` and their embeddings ``[C, D]``."""
@@ -330,7 +336,7 @@ class PromptSearch(TargetSearch):
         active = self.template_round(ids)
         rows = ids.clamp(min=0)
         targets = rows.tolist()
-        prompts = [self.prompt_of(t) + " [x] [y]" for t in targets]
+        prompts = [self.slotted_prompt(t) for t in targets]
         cond = self.frozen.encoder(prompts, {"x": self.slots[rows, 0], "y": self.slots[rows, 1]}).to(self.device)
         images = self.generate(self.step_latents(targets), cond, self.step_seeds(targets))
         output = self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device))

@@ -3,7 +3,7 @@
 For each target, draw latents z ~ N(0, I) (the first is the target's own z0, the same one SAGE starts
 from), generate, and stop at the first one that D declares a failure. ``match_sage_iterations``
 converts a latent-search budget (iterations of forward + backward) into forward-only draws, so both
-spend the same number of UNet evaluations.
+spend the same compute in forward-equivalents (:meth:`TargetSearch.forward_equivalents`).
 """
 
 from __future__ import annotations
@@ -22,19 +22,32 @@ class RandomLatentSearch(LatentSearch):
     """Random sampling of latents. No trainable parameters; ``max_iterations`` = extra draws.
 
     Args:
-        match_sage_iterations: if given, ``max_iterations`` is set so that the draws cost as many UNet
-            evaluations as that many latent-search iterations with ``grad_mode`` would.
+        match_sage_iterations: if given, ``max_iterations`` is set so that the draws cost at most as many
+            forward-equivalents as that many latent-search iterations with ``grad_mode`` would.
     """
 
     def __init__(self, *args, match_sage_iterations: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
         self.match_sage_iterations = match_sage_iterations
+        if match_sage_iterations is not None:  # here, not at set-up: the CLI sizes max_epochs from it
+            if match_sage_iterations < 0:
+                raise SageError(f"match_sage_iterations={match_sage_iterations} must be >= 0")
+            self.max_iterations = self.draws_within(LatentSearch.forward_equivalents(self, match_sage_iterations))
 
     def init_parameters(self) -> None:
-        if self.match_sage_iterations is not None:
-            budget = LatentSearch.unet_evaluations(self, self.match_sage_iterations)
-            self.max_iterations = budget // self.sampler.unet_evaluations(1) - 1
+        """Nothing to optimise: every draw is a fresh latent."""
+
+    def draw_cost(self) -> int:
+        """Forward-equivalents of one draw: one sampling call (``loop_length`` UNet forwards, x2 with guidance)."""
+        return self.loop_length * (2 if self.guidance_scale > 1.0 else 1)
+
+    def draws_within(self, budget: int) -> int:
+        """``max_iterations``: the draws after z0 whose cost, z0's own evaluation included, fits in ``budget``."""
+        return max(budget // self.draw_cost() - 1, 0)
+
+    def forward_equivalents(self, iterations: int) -> int:
+        return (iterations + 1) * self.draw_cost()
 
     def unet_evaluations(self, iterations: int) -> int:
         return (iterations + 1) * self.sampler.unet_evaluations(1)

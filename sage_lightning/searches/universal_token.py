@@ -30,8 +30,9 @@ from sage_lightning.errors import SageError
 from sage_lightning.searches.base import EXHAUSTED, TargetSearch
 from sage_lightning.searches.latent import LatentSearch
 from sage_lightning.targets import Target, seeded_latent
+from sage_lightning.text import slot
 
-SLOT = "[*]"
+SLOT = slot("*")  # shown as [*]
 
 
 @dataclass
