@@ -1,0 +1,105 @@
+"""The local random baseline of latent SAGE: random perturbations of z0 in SAGE's own box, same budget.
+
+SAGE's latent claim is local (SAGE_METHOD.md, "Latent-space search"): from a seed z0 whose image the model
+gets right, a small, non-outlier perturbation delta makes it fail, and sign-gradient steps through the
+sampler find one more often than chance. This search is the chance: for each target (class c, prompt p,
+seed z0), the first evaluation is z0 itself (as SAGE's), then every iteration draws a fresh delta
+
+* ``mode="uniform"``: uniform in the clamp box ``[low, high]^d``;
+* ``mode="corners"``: a random sign vector at the box's corners (``low`` or ``high`` per entry, each with
+  probability 1/2), where sign-gradient steps of size ``lr`` pile up after ``(high - low) / lr`` steps;
+
+and the run's own constraint callbacks (``ClampPerturbation``, ``LatentProjection`` onto the Gaussian shell
+|z| = sqrt(d)) act on it exactly as they act on a SAGE step. The image of ``z = z0 + delta`` under p is
+judged by D; the target is *found* at the first draw that fails D, *exhausted* after ``max_iterations``
+draws. ``match_sage_iterations`` sizes the draws to SAGE's forward-equivalent budget per target
+(:meth:`RandomLatentSearch.draws_within`), shared with the fresh-seed baseline.
+
+Each draw is a function of (target seed, draw index) only, from its own generator: every rank computes
+the draws of every stepped target, so ``delta`` stays replicated under DDP, a resumed run draws what an
+uninterrupted one would, and a DDP run equals a one-device run.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from sage_lightning.errors import SageError
+from sage_lightning.searches.latent import LatentSearch
+from sage_lightning.searches.random_latent import DRAW_SEED_STRIDE, RandomLatentSearch
+
+MODES = ("uniform", "corners")
+PERTURBATION_SALT = 0x9E3779B97F4A7C15  # keeps delta's generator streams apart from the fresh-seed draws'
+
+
+class RandomPerturbationSearch(RandomLatentSearch):
+    """Random delta in SAGE's box around each target's z0. Parameter: ``delta`` ``[N_targets, C, h, w]``
+    (written by the draws, never by an optimizer; a parameter so that it is checkpointed and DDP runs).
+
+    Args:
+        mode: ``"uniform"`` (uniform in the box) or ``"corners"`` (random sign vectors at the box's corners).
+        match_sage_iterations: ``max_iterations`` = the draws that fit in the forward-equivalents of that
+            many SAGE iterations with this config's ``grad_mode`` (see :class:`RandomLatentSearch`).
+        **kwargs: :class:`LatentSearch` (diffusion, ensemble, num_steps, guidance_scale, grad_mode, ...).
+
+    The box is the run's ``callbacks.ClampPerturbation`` range, so the baseline cannot drift from the
+    SAGE config it is compared with. Example (the same as
+    ``sage fit --config configs/latent_search.yaml --config configs/random_perturbation.yaml``)::
+
+        search = RandomPerturbationSearch(diffusion="shapesworld", mode="corners", match_sage_iterations=20)
+        trainer = L.Trainer(callbacks=[ClampPerturbation(-1, 1), LatentProjection()], ...)
+        trainer.fit(search, datamodule=ClassPromptDataModule(classes="all", seeds_per_class=2))
+    """
+
+    def __init__(self, *args, mode: Literal["uniform", "corners"] = "uniform", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if mode not in MODES:
+            raise SageError(f"mode={mode!r} is unknown: use 'uniform' or 'corners'")
+        self.mode = mode
+        self.box: tuple[float, float] | None = None
+
+    def init_parameters(self) -> None:
+        LatentSearch.init_parameters(self)  # delta = 0: the first evaluation is z0 itself, as SAGE's
+
+    def setup(self, stage: str) -> None:
+        from callbacks.clamp import ClampPerturbation
+
+        LatentSearch.setup(self, stage)  # DDP is fine here (module docstring), unlike fresh seeds
+        clamps = [c for c in self.trainer.callbacks if isinstance(c, ClampPerturbation)]
+        if not clamps:
+            raise SageError(
+                "RandomPerturbationSearch draws delta in the box of the run's ClampPerturbation: add it to "
+                "trainer.callbacks (sage fit --config configs/latent_search.yaml --config "
+                "configs/random_perturbation.yaml keeps latent_search's)"
+            )
+        self.box = (clamps[0].low, clamps[0].high)
+
+    # ------------------------------------------------------------------------------------ draws
+    def draw_seed(self, target: int, draw: int) -> int:
+        """The generator seed of ``target``'s draw number ``draw``: a function of its seed and ``draw`` only."""
+        return (self.targets[target].seed * DRAW_SEED_STRIDE + draw + PERTURBATION_SALT) % 2**63
+
+    def perturbation(self, target: int, draw: int) -> Tensor:
+        """Draw number ``draw`` (>= 1) of ``target``: delta ``[C, h, w]`` in the box, before the constraints."""
+        if self.box is None:
+            raise RuntimeError("the box is unknown before setup: run trainer.fit with a ClampPerturbation")
+        low, high = self.box
+        u = torch.rand(self.latent_shape(), generator=torch.Generator().manual_seed(self.draw_seed(target, draw)))
+        if self.mode == "uniform":
+            return low + (high - low) * u
+        return torch.where(u < 0.5, torch.full_like(u, low), torch.full_like(u, high))
+
+    def draw(self, target: int, iteration: int) -> Tensor:
+        """The latent evaluated at ``iteration``: ``z0 + delta`` (delta = 0 at iteration 0), ``[C, h, w]``."""
+        return self.initial_latents(torch.tensor([target]))[0] + self.delta[target]
+
+    @torch.no_grad()
+    def training_step(self, ids: Tensor, batch_idx: int) -> None:
+        super().training_step(ids, batch_idx)  # judge z0 + delta, advance the targets (all ranks agree)
+        for target in self.stepped_targets.tolist():  # every rank draws every stepped target: replicated
+            draw = int(self.iterations[target])
+            self.delta[target] = self.perturbation(target, draw).to(self.delta)
+        # the constraint callbacks (clamp, projection) now act on the stepped rows, as after a SAGE step

@@ -1,0 +1,88 @@
+"""The chance level of the universal token (SAGE_METHOD.md, "Universal adversarial token"; issue 14).
+
+A trained universal token ``e`` ``[D]`` makes the model draw the target class t for many prompts. Is that
+the optimisation, or would any appended embedding that large do it? This baseline appends a *random*
+token ``r`` of the same norm, ``r = g * |e| / |g|`` with ``g ~ N(0, I_D)`` from its own seeded generator
+(a uniformly random direction), to the same held-out prompts with the same seeds, and reports the same
+hit rate against t (D, and ShapesWorld's judge) and CLIP score, through the same writer. Nothing is
+optimised: the run only renders and judges.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sage_lightning.errors import SageError
+from sage_lightning.searches.universal_token import UniversalTokenSearch
+
+TOKEN_FILE = "token.safetensors"
+
+
+def reference_token(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
+    """The ``embedding`` ``[D]`` and metadata of a universal-token run's ``token.safetensors`` (or its folder)."""
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    path = path / TOKEN_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise SageError(
+            f"reference token {str(path)!r} does not exist: give a universal-token run's token.safetensors "
+            "(sage fit --config configs/universal_token.yaml writes RUN/token.safetensors)"
+        )
+    with safe_open(str(path), "pt") as f:
+        if "embedding" not in f.keys():
+            raise SageError(f"{str(path)!r} holds no 'embedding': it is not a universal-token run's token")
+        return f.get_tensor("embedding").float(), f.metadata() or {}
+
+
+class RandomTokenSearch(UniversalTokenSearch):
+    """Parameter: ``token`` ``[D]``, a random direction scaled to the reference token's norm; never trained.
+
+    Args:
+        reference: a universal-token run's ``token.safetensors`` (or its run folder); its norm is matched
+            and its target must be this run's ``target``.
+        norm: the norm to match instead of a reference file.
+        draw_seed: seed of the random direction (one token per run; draw several for a spread).
+        **kwargs: :class:`UniversalTokenSearch` (target, diffusion, num_steps, ...); ``max_iterations``
+            is ignored (always 0: evaluation only).
+
+    Example (the same prompts and seeds as the trained token's run)::
+
+        sage fit --config configs/universal_token.yaml --config configs/random_token.yaml \\
+                 --model.init_args.reference runs/universal_token/token.safetensors
+    """
+
+    def __init__(self, reference: str | None = None, norm: float | None = None, draw_seed: int = 0, **kwargs) -> None:
+        super().__init__(**{**kwargs, "max_iterations": 0})
+        if (reference is None) == (norm is None):
+            raise SageError(
+                "RandomTokenSearch matches one norm: give reference (a token.safetensors) or norm, not both"
+            )
+        if norm is not None and not norm > 0:
+            raise SageError(f"norm={norm} must be > 0")
+        self.reference, self.norm, self.draw_seed = reference, norm, draw_seed
+
+    def target_norm(self) -> float:
+        """The norm to match: ``norm``, or the reference token's (checked against this run's target and D)."""
+        if self.reference is None:
+            return float(self.norm)
+        embedding, meta = reference_token(self.reference)
+        if meta.get("target", self.target_name) != self.target_name:
+            raise SageError(
+                f"the reference token was trained towards {meta['target']!r}, this run's target is "
+                f"{self.target_name!r}: give the same --model.init_args.target"
+            )
+        if embedding.numel() != self.frozen.encoder.embed_dim:
+            raise SageError(
+                f"the reference token has {embedding.numel()} dimensions, this text encoder "
+                f"{self.frozen.encoder.embed_dim}: it belongs to another model"
+            )
+        return float(embedding.norm())
+
+    def init_parameters(self) -> None:
+        super().init_parameters()  # max_iterations = 0: every prompt starts exhausted, nothing is optimised
+        g = torch.randn(self.frozen.encoder.embed_dim, generator=torch.Generator().manual_seed(self.draw_seed))
+        self.token = nn.Parameter(g * (self.target_norm() / g.norm()))

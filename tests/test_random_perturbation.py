@@ -1,0 +1,174 @@
+"""The local random baseline (issue 14) and the forward-equivalent budget both random baselines share.
+
+End to end on the tiny stack through ``sage fit --config latent_search_tiny.yaml --config
+random_perturbation.yaml``: every target finishes, an exhausted target spends exactly its budget, the
+draws obey the latent search's constraints, resume after SIGKILL and DDP on 2 processes equal one run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, assert_fit_refused, kill_after_first_checkpoint, results, sage
+from safetensors.torch import load_file
+
+from datamodules import ClassPromptDataModule
+from sage_lightning.sampler import FullGradient, ResidualGradient
+from sage_lightning.searches import LatentSearch, RandomLatentSearch, RandomPerturbationSearch
+
+TINY = str(REPO / "configs" / "latent_search_tiny.yaml")
+PERTURB = str(REPO / "configs" / "random_perturbation.yaml")
+FRESH = str(REPO / "configs" / "random_latent.yaml")
+SAGE_ITERATIONS = 8  # tiny: 4 guided steps (8 forwards a call), residual graph over the last 2 steps
+DRAWS = 16  # (8 + 1) * 8 + 8 * (2 * 2 * 2) = 136 forward-equivalents = 17 calls of 8: z0 and 16 draws
+ONE_DEVICE = ["--data.init_args.batch_size", "1"]
+
+
+def _args(run: Path, *extra: str, config: str = PERTURB) -> list[str]:
+    return [
+        "fit", "--config", TINY, "--config", config, "--trainer.default_root_dir", str(run),
+        "--model.init_args.match_sage_iterations", str(SAGE_ITERATIONS), *extra,
+    ]
+
+
+def _latents(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: load_file(p) for p in sorted((run / "latents").glob("*.safetensors"))}
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    assert [r["target"] for r in results(a)] == [r["target"] for r in results(b)]
+    for ra, rb in zip(results(a), results(b), strict=True):
+        assert {k: v for k, v in ra.items() if k not in ("probs", "loss")} == {
+            k: v for k, v in rb.items() if k not in ("probs", "loss")
+        }
+    la, lb = _latents(a), _latents(b)
+    assert la.keys() == lb.keys() and all(torch.equal(la[k]["z"], lb[k]["z"]) for k in la)
+
+
+# ------------------------------------------------------------------------------------ the budget
+def test_forward_equivalents_count_a_backward_as_two_forwards_and_a_recompute_as_one():
+    kwargs = {"diffusion": "tiny", "num_steps": 4, "guidance_scale": 3.0}
+    full = LatentSearch(grad_mode=FullGradient(), **kwargs)
+    assert full.forward_equivalents(0) == 8  # one guided call: 4 steps x (cond + uncond)
+    assert full.forward_equivalents(2) == 3 * 8 + 2 * 8 * 2
+    assert LatentSearch(grad_mode=FullGradient(checkpoint=True), **kwargs).forward_equivalents(2) == 3 * 8 + 2 * 8 * 3
+    assert LatentSearch(grad_mode=ResidualGradient(0.5), **kwargs).forward_equivalents(3) == 56
+    unguided = LatentSearch(diffusion="tiny", num_steps=4, guidance_scale=1.0, grad_mode=FullGradient())
+    assert unguided.forward_equivalents(1) == 2 * 4 + 4 * 2
+
+
+@pytest.mark.parametrize("baseline", [RandomLatentSearch, RandomPerturbationSearch])
+@pytest.mark.parametrize("grad_mode", [ResidualGradient(0.5), FullGradient(), FullGradient(checkpoint=True)])
+@pytest.mark.parametrize("iterations", [0, 1, 3, 20])
+def test_random_baselines_fill_the_sage_budget_in_forward_equivalents(baseline, grad_mode, iterations):
+    kwargs = {"diffusion": "tiny", "num_steps": 5, "guidance_scale": 3.0, "grad_mode": grad_mode}
+    budget = LatentSearch(**kwargs).forward_equivalents(iterations)
+    search = baseline(match_sage_iterations=iterations, **kwargs)
+    spent = search.forward_equivalents(search.max_iterations)
+    assert spent <= budget < search.forward_equivalents(search.max_iterations + 1)  # as many draws as fit
+    assert search.max_iterations >= iterations  # a draw is cheaper than a SAGE iteration
+
+
+def test_budget_is_known_before_set_up_so_the_cli_runs_every_draw():
+    search = RandomPerturbationSearch(diffusion="tiny", num_steps=4, match_sage_iterations=SAGE_ITERATIONS)
+    assert search.max_iterations == DRAWS and search._frozen is None  # nothing loaded yet
+
+
+# ------------------------------------------------------------------------------------- the draws
+def _prepared(mode: str, box=(-1.0, 1.0)) -> RandomPerturbationSearch:
+    search = RandomPerturbationSearch(diffusion="tiny", num_steps=3, mode=mode, max_iterations=4)
+    search.prepare(ClassPromptDataModule(classes=["star", "ring"], seeds_per_class=2).targets)
+    search.box = box
+    return search
+
+
+def test_uniform_draws_fill_the_box():
+    search = _prepared("uniform", box=(-0.5, 1.0))
+    delta = search.perturbation(1, 1)
+    assert tuple(delta.shape) == search.latent_shape()
+    assert delta.min() >= -0.5 and delta.max() <= 1.0
+    assert delta.min() < -0.45 and delta.max() > 0.95 and abs(float(delta.mean()) - 0.25) < 0.02
+
+
+def test_corner_draws_are_random_sign_vectors_at_the_corners():
+    search = _prepared("corners")
+    delta = search.perturbation(0, 1)
+    assert set(delta.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float((delta > 0).float().mean()) - 0.5) < 0.03
+    assert not torch.equal(delta, search.perturbation(0, 2))  # a fresh corner every draw
+
+
+def test_draws_depend_on_seed_and_draw_index_only_and_start_from_z0():
+    a, b = _prepared("uniform"), _prepared("uniform")
+    assert torch.equal(a.perturbation(1, 3), b.perturbation(1, 3))
+    assert not torch.equal(a.perturbation(1, 3), a.perturbation(1, 4))
+    assert not torch.equal(a.perturbation(0, 3), a.perturbation(1, 3))  # seeds 0 and 1
+    ids = torch.tensor([0, 1, 2, 3])
+    z = torch.stack([a.draw(int(i), 0) for i in ids])
+    assert torch.equal(z, LatentSearch.initial_latents(a, ids))  # iteration 0 is SAGE's own z0
+
+
+# -------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("perturb") / "run"
+    sage(*_args(run, *ONE_DEVICE))
+    return run
+
+
+def _assert_every_target_finished_within_budget(run: Path, draws: int) -> list[dict]:
+    rows = results(run)
+    assert [r["target"] for r in rows] == list(range(6))  # every target exactly once
+    assert any(not r["found"] for r in rows), "no target exhausted: the budget check below would be empty"
+    for r in rows:
+        assert r["found"] or r["iterations"] == draws  # an exhausted target used every draw it was given
+        assert r["unet_evaluations"] == (r["iterations"] + 1) * 8  # forward only: 8 = one guided tiny call
+    return rows
+
+
+def test_run_finishes_every_target_and_spends_exactly_the_budget(reference_run):
+    rows = _assert_every_target_finished_within_budget(reference_run, DRAWS)
+    for r in rows:
+        z = _latents(reference_run)[Path(r["latent"]).name]
+        if r["iterations"]:  # a draw: moved off z0, then put on the Gaussian shell by LatentProjection
+            assert not torch.equal(z["z"], z["z0"])
+            assert abs(z["z"].norm().item() / z["z"].numel() ** 0.5 - 1) < 1e-4
+        else:
+            assert torch.equal(z["z"], z["z0"])
+    assert (reference_run / "summary.json").is_file() and (reference_run / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("config", "extra"), [(PERTURB, ["--model.init_args.mode", "corners"]), (FRESH, [])], ids=["corners", "fresh"]
+)
+def test_other_baselines_finish_every_target_and_spend_exactly_the_budget(config, extra, tmp_path):
+    run = tmp_path / "run"
+    sage(*_args(run, *extra, config=config))
+    _assert_every_target_finished_within_budget(run, DRAWS)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(reference_run, tmp_path):
+    run = tmp_path / "run"
+    kill_after_first_checkpoint(run, *_args(run, *ONE_DEVICE))
+    assert not (run / "summary.json").exists()
+    sage("fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last")
+    _assert_same_run(reference_run, run)
+    assert results(reference_run) == results(run)
+
+
+def test_ddp_on_two_cpu_processes_equals_one_device(reference_run, tmp_path):
+    run = tmp_path / "ddp"
+    sage(*_args(run, "--trainer.devices", "2", "--trainer.strategy", "ddp", *ONE_DEVICE))
+    _assert_same_run(reference_run, run)
+
+
+def test_a_run_without_the_clamp_box_is_refused(capsys, tmp_path):
+    assert_fit_refused(
+        TINY, tmp_path / "r",
+        ["--config", PERTURB, "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(tmp_path / "r")],
+        "ClampPerturbation", capsys,
+    )
+    with pytest.raises(Exception, match="mode='edge'"):
+        RandomPerturbationSearch(diffusion="tiny", mode="edge")
