@@ -17,6 +17,7 @@ from sage_lightning.surrogate import (
     EnsembleMember,
     OpenClipZeroShotMember,
     TimmMember,
+    default_top_k,
     imagenet_class_names,
     resolve_classes,
 )
@@ -182,3 +183,21 @@ def test_ensemble_from_jsonargparse_config():
     ens = parser.instantiate(cfg).discriminator
     assert isinstance(ens, ClassifierEnsemble) and isinstance(ens.members[0], TimmMember)
     assert ens.top_k == 2 and ens.tau == 0.2 and ens.class_names == NAMES[:3]
+
+
+@pytest.mark.parametrize(("classes", "k"), [(10, 1), (100, 1), (300, 2), (500, 3), (1000, 5), (21843, 109)])
+def test_top_k_scales_with_the_class_count(classes, k):
+    """k = max(1, round(0.005 x classes)), halves up (SAGE_METHOD.md): top-5 would be half of a 10-class world."""
+    member = FixedProbsMember([[1.0 / classes] * classes], class_names=[f"c{i}" for i in range(classes)])
+    assert default_top_k(classes) == k
+    assert ClassifierEnsemble([member]).top_k == k
+    assert ClassifierEnsemble([member], top_k=2).top_k == 2  # an explicit k wins
+
+
+def test_a_10_class_world_fails_a_class_that_is_only_second():
+    """Issue 10 item 14: with top-5 of 10 classes, images that were no triangle (judge) still passed as
+    triangles when the triangle came second; top-1 counts them as failures (p below tau)."""
+    second = [_probs_with(0.09, [0.5, 0.05, 0.05, 0.05])]  # c=0 second, p < tau
+    image, target = _images(1), torch.zeros(1, dtype=torch.long)
+    assert ClassifierEnsemble([FixedProbsMember(second)])(image, target).failed.tolist() == [True]
+    assert ClassifierEnsemble([FixedProbsMember(second)], top_k=5)(image, target).failed.tolist() == [False]

@@ -1,7 +1,7 @@
 """The discriminator D of SAGE: a frozen classifier ensemble and its surrogate loss."""
 
 from sage_lightning.surrogate.classnames import imagenet_class_names, resolve_classes
-from sage_lightning.surrogate.ensemble import ClassifierEnsemble, EnsembleOutput
+from sage_lightning.surrogate.ensemble import ClassifierEnsemble, EnsembleOutput, default_top_k
 from sage_lightning.surrogate.members import (
     CannyEdgeMember,
     EnsembleMember,
@@ -16,6 +16,7 @@ __all__ = [
     "EnsembleOutput",
     "OpenClipZeroShotMember",
     "TimmMember",
+    "default_top_k",
     "imagenet_class_names",
     "resolve_classes",
 ]

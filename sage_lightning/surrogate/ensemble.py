@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,19 +34,28 @@ class EnsembleOutput:
     failed: Tensor
 
 
+def default_top_k(num_classes: int) -> int:
+    """k of the failure test for ``num_classes`` classes (SAGE_METHOD.md): 0.5% of them, at least 1.
+
+    ``max(1, round(0.005 * classes))`` with halves rounded up: 1000 -> 5, 10 -> 1, 300 -> 2.
+    """
+    return max(1, math.floor(0.005 * num_classes + 0.5))
+
+
 class ClassifierEnsemble(nn.Module):
     """The discriminator D of SAGE: frozen classifiers that must all miss the class.
 
     Surrogate loss for class c: ``mean_m (2 p_m(c) - 1)`` per sample (minimise it to drive every
     member away from c). A sample is a failure when every member puts c outside its top-k and
-    ``p_m(c) < tau``. With ``towards=True`` (:meth:`targeted_loss`, for the universal-token
-    search) the loss is ``mean_m (1 - 2 p_m(t))`` (minimise it to pull every member towards t);
-    ``failed`` keeps its meaning for the given class. Members are frozen (eval mode, no parameter
-    grads); gradients flow to the images.
+    ``p_m(c) < tau``; k scales with the class count (:func:`default_top_k`: top-5 of ImageNet's 1000,
+    top-1 of a 10-class world, where top-5 would wave through half the classes). With ``towards=True``
+    (:meth:`targeted_loss`, for the universal-token search) the loss is ``mean_m (1 - 2 p_m(t))``
+    (minimise it to pull every member towards t); ``failed`` keeps its meaning for the given class.
+    Members are frozen (eval mode, no parameter grads); gradients flow to the images.
 
     Args:
         members: the classifiers, all with the same class list.
-        top_k: k of the failure test.
+        top_k: k of the failure test; None: :func:`default_top_k` of the class count.
         tau: probability threshold of the failure test.
 
     Shape:
@@ -54,7 +64,7 @@ class ClassifierEnsemble(nn.Module):
         - output: :class:`EnsembleOutput`.
     """
 
-    def __init__(self, members: list[EnsembleMember], top_k: int = 5, tau: float = 0.1) -> None:
+    def __init__(self, members: list[EnsembleMember], top_k: int | None = None, tau: float = 0.1) -> None:
         super().__init__()
         members = list(members)
         if not members:
@@ -76,6 +86,7 @@ class ClassifierEnsemble(nn.Module):
                     f"ensemble member {i} ({type(m).__name__}) has a different class list than member 0 "
                     f"({where}); give every member the same class_names"
                 )
+        top_k = default_top_k(len(ref)) if top_k is None else top_k
         if not 1 <= int(top_k) <= len(ref):
             raise SageError(f"top_k={top_k} is out of range; use 1..{len(ref)}")
         if not 0.0 < float(tau) <= 1.0:
