@@ -56,7 +56,8 @@ class RandomTokenSearch(UniversalTokenSearch):
     """
 
     def __init__(self, reference: str | None = None, norm: float | None = None, draw_seed: int = 0, **kwargs) -> None:
-        super().__init__(**{**kwargs, "max_iterations": 0})
+        super().__init__(**kwargs)  # plain **kwargs: jsonargparse follows it to the parents' arguments
+        self.max_iterations = 0  # evaluation only, whatever the config says
         if (reference is None) == (norm is None):
             raise SageError(
                 "RandomTokenSearch matches one norm: give reference (a token.safetensors) or norm, not both"
