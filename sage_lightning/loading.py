@@ -237,7 +237,7 @@ def load_scheduler(source: str, scheduler: str | None = "ddim", local_files_only
     else:
         path, is_local = check_source(source)
         try:
-            config = SchedulerMixin.load_config(
+            config = diffusers.DDIMScheduler.load_config(  # any scheduler class reads scheduler_config.json
                 str(path) if is_local else source, subfolder="scheduler", local_files_only=local_files_only or is_local
             )
         except (OSError, ValueError) as err:
@@ -362,7 +362,10 @@ def default_ensemble(source: str):
         shipped = [name for name in NAMES if (folder / name / "config.json").exists()]
         if not shipped:
             raise SageError(f"ShapesWorld classifiers are missing in {folder}: rebuild them (`sage-shapesworld build`)")
-        return ClassifierEnsemble([ensemble_member(name, folder) for name in shipped])
+        members = [ensemble_member(name, folder) for name in shipped]
+        for member in members:  # trained on 64-px images resized to 64, no crop (config.json "images")
+            getattr(member, "classifier", member).use_data_config(crop_pct=1.0, interpolation="bilinear")
+        return ClassifierEnsemble(members)
     raise SageError(
         f"model {source!r} has no default ensemble: list the members under model.ensemble in the config "
         "(see configs/models/sd15.yaml)"

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from sage_lightning.errors import SageError
 from sage_lightning.surrogate import (
@@ -201,3 +202,62 @@ def test_a_10_class_world_fails_a_class_that_is_only_second():
     image, target = _images(1), torch.zeros(1, dtype=torch.long)
     assert ClassifierEnsemble([FixedProbsMember(second)])(image, target).failed.tolist() == [True]
     assert ClassifierEnsemble([FixedProbsMember(second)], top_k=5)(image, target).failed.tolist() == [False]
+
+
+# ------------------------------------------- each member's own preprocessing (issue 10 item 10)
+def _sd_sized_images(b: int = 2, h: int = 96, w: int = 80) -> torch.Tensor:
+    """Images with one-pixel detail (aliasing shows) of a non-square size, in [0, 1]."""
+    torch.manual_seed(3)
+    return torch.rand(b, 3, h, w)
+
+
+def test_timm_member_preprocesses_as_timm_eval_transform():
+    """Resize the shortest edge to input/crop_pct with antialias in the model's interpolation, centre-crop,
+    normalise: timm's own eval transform on a tensor."""
+    from timm.data import create_transform, resolve_data_config
+
+    for name in ("test_resnet", "test_vit"):  # bilinear / bicubic, crop_pct 0.95, 160 px
+        member = TimmMember(name, NAMES)
+        transform = create_transform(**resolve_data_config({}, model=member.model))
+        images = _sd_sized_images()
+        reference = torch.stack([transform(image) for image in images])
+        ours = member.preprocess(images)
+        assert ours.shape == reference.shape == (2, 3, 160, 160)
+        assert (ours - reference).abs().max() < 1e-5, name
+
+
+def test_open_clip_member_preprocesses_as_open_clip_transform(clip_member):
+    import open_clip
+
+    pp = clip_member.model.visual.preprocess_cfg
+    transform = open_clip.image_transform(
+        pp["size"], is_train=False, mean=pp["mean"], std=pp["std"], resize_mode=pp["resize_mode"],
+        interpolation=pp["interpolation"],
+    )
+    images = _sd_sized_images()
+    tensor_steps = [t for t in transform.transforms if type(t).__name__ in ("Resize", "CenterCrop", "Normalize")]
+    assert len(tensor_steps) == 3  # the rest converts PIL images only
+    reference = torch.stack([torchvision.transforms.Compose(tensor_steps)(image) for image in images])
+    ours = clip_member.preprocess(images)
+    assert ours.shape == reference.shape == (2, 3, 32, 32)
+    assert (ours - reference).abs().max() < 1e-5
+
+
+def test_preprocessing_keeps_gradients():
+    member = TimmMember("test_resnet", NAMES)
+    x = _sd_sized_images(1).requires_grad_(True)
+    member.preprocess(x).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_shapesworld_members_preprocess_as_trained():
+    """ShapesWorld's members were trained on 64-px images resized (bilinear) to 64, no crop (config.json
+    "images"): their data config is that, not timm's defaults for the architecture (crop 0.875)."""
+    from sage_lightning.loading import default_ensemble
+
+    ensemble = default_ensemble("shapesworld")
+    images = _sd_sized_images(2, 64, 64)
+    for member in ensemble.members:
+        timm_member = getattr(member, "classifier", member)
+        expected = (images - 0.5) / 0.5
+        assert torch.allclose(timm_member.preprocess(images), expected, atol=1e-6)

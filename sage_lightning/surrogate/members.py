@@ -1,11 +1,13 @@
 """Members of the discriminator D: frozen, differentiable image classifiers with their own preprocessing.
 
-Every member maps images in [0, 1] of any size to logits over its class list; it resizes and
-normalises the images itself, with differentiable ops, so gradients reach the input image.
+Every member maps images in [0, 1] of any size to logits over its class list; it preprocesses the images
+itself exactly as its library's eval transform does (:class:`Preprocess`: antialiased resize, centre crop,
+normalisation), with differentiable tensor ops, so gradients reach the input image.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,11 +29,63 @@ def _check_images(images: Tensor) -> None:
         raise SageError(f"images have shape {tuple(images.shape)}; pass RGB images [B, 3, H, W] in [0, 1]")
 
 
-def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
-    """Differentiable bilinear resize (no antialias) to ``size`` = (H, W); a no-op at that size."""
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=False)
+class Preprocess(nn.Module):
+    """A classifier's own eval preprocessing as differentiable tensor ops (torchvision's functional resize
+    and centre crop, the ops timm's and open_clip's transforms run): resize to ``resize`` (an int: the
+    shortest edge, keeping the aspect ratio; a pair: both edges) with antialias in ``interpolation``,
+    centre-crop to ``size`` = (H, W), then ``(x - mean) / std``. Computed in float32.
+
+    Shape:
+        - images01: :math:`(B, 3, H, W)` in [0, 1], any size. Output: :math:`(B, 3, *size)`.
+    """
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        resize: int | tuple[int, int],
+        interpolation: str,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        super().__init__()
+        from torchvision.transforms import InterpolationMode
+
+        modes = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+        if interpolation not in modes:
+            raise SageError(f"interpolation {interpolation!r} is not supported: use bilinear or bicubic")
+        self.size, self.resize, self.interpolation = tuple(size), resize, modes[interpolation]
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_timm(cls, cfg: dict) -> Preprocess:
+        """timm's ``transforms_imagenet_eval`` for a resolved data config (``resolve_data_config``)."""
+        size = _pair(cfg["input_size"])
+        crop_pct, mode = float(cfg.get("crop_pct") or 0.875), cfg.get("crop_mode") or "center"
+        scale = (math.floor(size[0] / crop_pct), math.floor(size[1] / crop_pct))
+        if mode == "squash":
+            return cls(size, scale, cfg["interpolation"], cfg["mean"], cfg["std"])
+        if mode != "center" or scale[0] != scale[1]:
+            raise SageError(f"timm crop_mode {mode!r} with input size {size} is not supported: use a square crop")
+        return cls(size, scale[0], cfg["interpolation"], cfg["mean"], cfg["std"])
+
+    @classmethod
+    def from_open_clip(cls, pp: dict) -> Preprocess:
+        """open_clip's ``image_transform(is_train=False)`` for a model's ``visual.preprocess_cfg``."""
+        size, mode = _pair(pp["size"]), pp.get("resize_mode") or "shortest"
+        if mode == "squash":
+            return cls(size, size, pp.get("interpolation") or "bicubic", pp["mean"], pp["std"])
+        if mode != "shortest" or size[0] != size[1]:
+            raise SageError(f"open_clip resize_mode {mode!r} with size {size} is not supported: use 'shortest'")
+        return cls(size, size[0], pp.get("interpolation") or "bicubic", pp["mean"], pp["std"])
+
+    def forward(self, images01: Tensor) -> Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        resize = [self.resize] if isinstance(self.resize, int) else list(self.resize)
+        x = TF.resize(images01.float(), resize, interpolation=self.interpolation, antialias=True)
+        x = TF.center_crop(x, list(self.size))
+        return (x - self.mean) / self.std
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -82,8 +136,9 @@ class EnsembleMember(nn.Module):
 class TimmMember(EnsembleMember):
     """A timm image classifier as a member of the discriminator D.
 
-    Any ``timm`` model name. Preprocessing follows the model's own data config
-    (``timm.data.resolve_data_config``): bilinear resize to its input size, then its mean/std.
+    Any ``timm`` model name. Preprocessing is the model's own eval transform (``resolve_data_config``:
+    antialiased resize of the shortest edge to input/crop_pct in its interpolation, centre crop, its
+    mean/std; :class:`Preprocess`), as differentiable tensor ops.
     Local weights: ``checkpoint_path`` to a ``.safetensors`` file or a torch file read with
     ``weights_only=True``.
 
@@ -93,6 +148,8 @@ class TimmMember(EnsembleMember):
         pretrained: let timm load its pretrained weights (downloads if not cached).
         checkpoint_path: local state dict for the model (strict load).
         model_kwargs: extra ``timm.create_model`` keyword arguments.
+        data_config: entries that replace timm's resolved data config (e.g. ``{"crop_pct": 1.0}`` for a
+            model trained without a crop).
 
     Shape:
         - images01: :math:`(B, 3, H, W)` in [0, 1]. Output: :math:`(B, C)` logits.
@@ -105,6 +162,7 @@ class TimmMember(EnsembleMember):
         pretrained: bool = False,
         checkpoint_path: str | None = None,
         model_kwargs: dict | None = None,
+        data_config: dict | None = None,
     ) -> None:
         super().__init__()
         import timm
@@ -124,16 +182,19 @@ class TimmMember(EnsembleMember):
                 f"timm model {model_name!r} has {self.model.num_classes} classes but class_names has "
                 f"{self.num_classes}; make class_names match the model's head"
             )
-        cfg = timm.data.resolve_data_config({}, model=self.model)
-        self.input_size = _pair(cfg["input_size"])
-        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.use_data_config(**(data_config or {}))
         self.freeze()
 
+    def use_data_config(self, **overrides) -> None:
+        """Preprocess with timm's resolved data config for this model, ``overrides`` replacing entries."""
+        import timm
+
+        cfg = {**timm.data.resolve_data_config({}, model=self.model), **overrides}
+        self.preprocess = Preprocess.from_timm(cfg)
+        self.input_size = self.preprocess.size
+
     def logits(self, images01: Tensor) -> Tensor:
-        x = _resize(images01.to(self._param_dtype()), self.input_size)
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        return self.model(x)
+        return self.model(self.preprocess(images01).to(self._param_dtype()))
 
 
 def _load_state_dict(path: str) -> dict[str, Tensor]:
@@ -160,9 +221,8 @@ class OpenClipZeroShotMember(EnsembleMember):
     Text features of each class are averaged over ``templates`` (each with one ``{}`` for the
     class name), normalised, and cached once as a buffer. Logits are
     ``logit_scale * normalize(image_features) @ text_features.T`` (plus ``logit_bias`` if the
-    model has one). Preprocessing: bilinear resize to ``model.visual.image_size`` (a direct
-    resize, not open_clip's resize-then-center-crop; equal for square images), then the model's
-    mean/std.
+    model has one). Preprocessing: open_clip's eval transform for the model's ``preprocess_cfg``
+    (antialiased resize of the shortest edge, centre crop, its mean/std; :class:`Preprocess`).
 
     Args:
         model_name: open_clip model name (``"ViT-B-32"``) or ``"local-dir:/path"`` / ``"hf-hub:org/repo"``.
@@ -193,12 +253,12 @@ class OpenClipZeroShotMember(EnsembleMember):
         self.model = open_clip.create_model(model_name, pretrained=pretrained)
         self.model.requires_grad_(False).eval()
         visual = self.model.visual
-        self.input_size = _pair(visual.image_size)
-        pp = getattr(visual, "preprocess_cfg", None) or {}
-        mean = pp.get("mean") or getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-        std = pp.get("std") or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        pp = dict(getattr(visual, "preprocess_cfg", None) or {})
+        pp.setdefault("size", visual.image_size)
+        pp["mean"] = pp.get("mean") or getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        pp["std"] = pp.get("std") or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+        self.preprocess = Preprocess.from_open_clip(pp)
+        self.input_size = self.preprocess.size
         tokenizer = open_clip.get_tokenizer(model_name)
         self.register_buffer("text_features", self._text_features(tokenizer, templates), persistent=False)
         self.freeze()
@@ -213,8 +273,7 @@ class OpenClipZeroShotMember(EnsembleMember):
         return torch.stack(feats)  # [C, D]
 
     def logits(self, images01: Tensor) -> Tensor:
-        x = _resize(images01.to(self._param_dtype()), self.input_size)
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        x = self.preprocess(images01).to(self._param_dtype())
         feats = F.normalize(self.model.encode_image(x).float(), dim=-1)
         logits = self.model.logit_scale.exp().float() * feats @ self.text_features.float().T
         bias = getattr(self.model, "logit_bias", None)
