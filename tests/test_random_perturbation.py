@@ -74,6 +74,8 @@ def test_random_baselines_fill_the_sage_budget_in_forward_equivalents(baseline, 
 def test_budget_is_known_before_set_up_so_the_cli_runs_every_draw():
     search = RandomPerturbationSearch(diffusion="tiny", num_steps=4, match_sage_iterations=SAGE_ITERATIONS)
     assert search.max_iterations == DRAWS and search._frozen is None  # nothing loaded yet
+    world = RandomPerturbationSearch(diffusion="shapesworld", num_steps=20, match_sage_iterations=20)
+    assert world.max_iterations == (21 * 40 + 20 * 10 * 2 * 2) // 40 - 1  # from the scheduler's config alone
 
 
 # ------------------------------------------------------------------------------------- the draws
