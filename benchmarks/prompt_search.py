@@ -48,7 +48,7 @@ def run_sage(out: Path, configs: list[str], overrides: list[str], threads: int) 
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"run failed:\n{proc.stderr[-3000:]}")
-    summary = [line for line in proc.stdout.splitlines() if line.startswith("SAGE")]
+    summary = [line for line in proc.stdout.splitlines() if " summary: " in line]
     print(*summary[-1:], file=sys.stderr, flush=True)  # the run's one-line summary
     return time.perf_counter() - started
 

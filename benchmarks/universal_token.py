@@ -9,6 +9,8 @@ the optimisation never sees; prompts of the target shape itself excluded):
 * the same two by the ensemble D (every member's top-1 is the target);
 * CLIP score (ShapesWorld's CLIP, torchmetrics ``CLIPScore``) of the images against the ORIGINAL prompts,
   with and without the token.
+* with ``--random-tokens K`` (default 3): the same hit rates for K random tokens of the trained token's norm
+  on the same held-out prompts and seeds (``configs/random_token.yaml``): the chance level (issue 14).
 
 Examples::
 
@@ -17,7 +19,7 @@ Examples::
     python benchmarks/universal_token.py --accelerator gpu --passes 10
     python benchmarks/universal_token.py --config configs/universal_token_tiny.yaml --targets star --passes 1
 
-Each target's run folder (token, grid, results, summary) stays under ``--out``.
+Each target's run folder (token, grid, results, summary; ``random_token_K/``) stays under ``--out``.
 """
 
 from __future__ import annotations
@@ -63,7 +65,19 @@ def run_target(target: str, args: argparse.Namespace) -> dict:
     summary["seconds"] = time.perf_counter() - start
     summary["run"] = str(run)
     summary["unet_steps"] = unet_steps
+    summary["random"] = [random_token(run, seed, overrides, args) for seed in range(args.random_tokens)]
     return summary
+
+
+def random_token(run: Path, seed: int, overrides: dict, args: argparse.Namespace) -> dict:
+    """Issue 14's chance level: a random token of the trained token's norm on the same held-out prompts and
+    seeds (``configs/random_token.yaml``, nothing optimised); returns its ``summary.json``."""
+    folder = run / f"random_token_{seed}"
+    extra = {**overrides, "--trainer.default_root_dir": str(folder), "--model.init_args.draw_seed": seed,
+             "--model.init_args.reference": str(run / "token.safetensors")}
+    sage_main(["fit", "--config", args.config, "--config", str(REPO / "configs" / "random_token.yaml"),
+               *[str(x) for kv in extra.items() for x in kv]])
+    return json.loads((folder / "summary.json").read_text())
 
 
 def world_stages() -> dict:
@@ -78,17 +92,24 @@ def table(rows: list[dict]) -> str:
     def clip(s: dict | None, side: str) -> str:
         return "n/a" if s is None else f"{s[side]:.2f}"
 
+    def random(r: dict, key: str) -> str:  # mean hit rate of the random tokens of the same norm, and their spread
+        rates = [(x[key] or {}).get("with_token") for x in r["random"]]
+        rates = [x for x in rates if x is not None]
+        return "n/a" if not rates else f"{pct(sum(rates) / len(rates))} ({pct(min(rates))}-{pct(max(rates))})"
+
     lines = [
-        "| target | held-out prompts | hit, judge, with token | base rate, judge, without | hit, D, with | "
-        "base, D, without | CLIP with | CLIP without | steps | minutes | UNet training steps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| target | held-out prompts | hit, judge, with token | base rate, judge, without | hit, judge, random "
+        "token (same norm) | hit, D, with | base, D, without | hit, D, random token | CLIP with | CLIP without | "
+        "steps | minutes | UNet training steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         judge = r["hit_rate_judge"] or {"with_token": None, "without_token": None}
         lines.append(
             f"| {r['target_class']} | {r['held_out_prompts']} | {pct(judge['with_token'])} | "
-            f"{pct(judge['without_token'])} | {pct(r['hit_rate_ensemble']['with_token'])} | "
-            f"{pct(r['hit_rate_ensemble']['without_token'])} | {clip(r['clip_score'], 'with_token')} | "
+            f"{pct(judge['without_token'])} | {random(r, 'hit_rate_judge')} | "
+            f"{pct(r['hit_rate_ensemble']['with_token'])} | {pct(r['hit_rate_ensemble']['without_token'])} | "
+            f"{random(r, 'hit_rate_ensemble')} | {clip(r['clip_score'], 'with_token')} | "
             f"{clip(r['clip_score'], 'without_token')} | {r['steps']} | {r['seconds'] / 60:.1f} | {r['unet_steps']} |"
         )
     return "\n".join(lines)
@@ -107,6 +128,8 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--out", default="runs/bench_universal_token")
     parser.add_argument("--config", default=str(CONFIG), help="e.g. configs/universal_token_tiny.yaml (smoke run)")
+    parser.add_argument("--random-tokens", type=int, default=3,
+                        help="random tokens of the trained token's norm per target (issue 14's chance level)")
     args = parser.parse_args()
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))

@@ -3,6 +3,8 @@
 Per target: ``images/NNNNN_clean.png`` (first evaluation), ``images/NNNNN_final.png`` (the failure, or
 the last attempt), ``latents/NNNNN.safetensors`` (z, z0) and a line in ``results.jsonl``. At the end:
 ``summary.json`` (SSR(A), NGR, cost per failure) and ``gallery.png`` (clean | failure pairs).
+A target whose clean image (z0, iteration 0) already fails D is recorded with ``already_failing``: SAGE
+searches from samples the model gets right, so it is left out of SSR (:func:`target_summary`).
 Under DDP every rank writes its own targets' files; rank 0 writes the lines, gathered after each step.
 """
 
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torchvision.utils import make_grid
 
-from sage_lightning.metrics import gaussianity, non_gaussian_rate, success_rate
+from sage_lightning.metrics import gaussianity, non_gaussian_rate, target_summary
 from sage_lightning.results import RunFolder
 from sage_lightning.surrogate.ensemble import member_names
 
@@ -46,7 +48,8 @@ class FailureWriter(L.Callback):
         class_names = pl_module.frozen.ensemble.class_names
         return {
             "target": target, "class": t.class_name, "prompt": t.prompt, "seed": t.seed,
-            "found": bool(out.found[k]), "iterations": iterations,
+            "found": bool(out.found[k]), "already_failing": bool(out.found[k]) and iterations == 0,
+            "iterations": iterations,
             "unet_evaluations": pl_module.unet_evaluations(iterations),
             "loss": float(out.output.per_sample_loss[k]),
             "probs": {n: float(out.output.probs[m, k]) for m, n in enumerate(names)},
@@ -81,10 +84,11 @@ class FailureWriter(L.Callback):
         if not trainer.is_global_zero:
             return
         results = self.run.read_results()
-        found = [r for r in results if r["found"]]
+        found = [r for r in results if r["found"] and not r["already_failing"]]
         summary = {
-            "targets": len(pl_module.targets), "finished": len(results),
-            "ssr_discriminator": success_rate([r["found"] for r in results]),
+            "search": type(pl_module).__name__,
+            **target_summary([r["found"] for r in results], [r["already_failing"] for r in results],
+                             len(pl_module.targets)),
             "ngr": non_gaussian_rate([r["ngr"]["outlier"] for r in found]),
             "median_iterations_per_failure": _median([r["iterations"] for r in found]),
             "median_unet_evaluations_per_failure": _median([r["unet_evaluations"] for r in found]),
@@ -92,10 +96,8 @@ class FailureWriter(L.Callback):
         (self.run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if found:
             self.write_gallery(found[: self.gallery_size])
-        print(
-            f"\nSAGE: {len(found)} failures in {len(results)} targets (SSR {summary['ssr_discriminator']:.2f}, "
-            f"NGR {summary['ngr']:.2f}). Results: {self.run.root.resolve()}/results.jsonl, images/, gallery.png"
-        )
+        where = f"{self.run.root.resolve()}/results.jsonl, images/, gallery.png"
+        print("\n" + summary_line(summary, "failures", f", NGR {summary['ngr']:.2f}", where))
 
     def write_gallery(self, found: list[dict]) -> None:
         from PIL import Image
@@ -106,6 +108,24 @@ class FailureWriter(L.Callback):
             for key in ("clean_image", "image"):
                 tiles.append(pil_to_tensor(Image.open(self.run.root / r[key]).convert("RGB")).float() / 255)
         self.run.save_image("gallery.png", make_grid(tiles, nrow=8, padding=2, pad_value=1.0))
+
+
+def summary_line(summary: dict, noun: str, measures: str, where: str) -> str:
+    """The run's one summary line: the search that ran, SSR(A) over the searched targets, the targets already
+    failing before any search (left out of SSR), and plainly whether the trainer stopped before every target
+    finished (those count as not found)."""
+    ssr = summary["ssr_discriminator"]
+    line = (
+        f"{summary['search']} summary: {summary['failures']} {noun} in {summary['searched']} searched targets "
+        f"(SSR {'n/a' if ssr is None else f'{ssr:.2f}'}{measures}); {summary['already_failing']} of "
+        f"{summary['targets']} targets already failing before any search, left out of SSR"
+    )
+    if summary["unfinished"]:
+        line += (
+            f". INCOMPLETE: {summary['unfinished']} of {summary['targets']} targets unfinished when the trainer "
+            "stopped (counted as not found): resume with --ckpt_path last"
+        )
+    return f"{line}. Results: {where}"
 
 
 def _median(values: list[float]) -> float | None:

@@ -4,7 +4,9 @@ Per target: ``images/NNNNN_wK.png`` (the grid of the S evaluation images of the 
 ``_w0`` is the bare template) and a line in ``results.jsonl`` with the prompt, the words in order, the
 per-seed decisions of D, each member's probabilities per seed, the judge's verdict (where the model has
 a judge), the history of rounds and the cost in UNet evaluations. At the end: ``summary.json``
-(SSR(A), SSR(J), cost per failure) and ``gallery.png`` (template | failing prompt grids).
+(SSR(A), SSR(J), cost per failure) and ``gallery.png`` (template | failing prompt grids). A target whose
+bare template already fails D is recorded with ``already_failing`` and left out of SSR (SAGE searches from
+prompts the model gets right).
 Each rank saves the grids of the prompts it evaluated; rank 0 writes the lines (the search already
 shares every decision between ranks).
 """
@@ -16,8 +18,8 @@ import json
 import torch
 from torchvision.utils import make_grid
 
-from callbacks.failure_writer import FailureWriter, _median
-from sage_lightning.metrics import success_rate
+from callbacks.failure_writer import FailureWriter, _median, summary_line
+from sage_lightning.metrics import target_summary
 from sage_lightning.searches.base import FOUND
 from sage_lightning.searches.prompt import majority
 from sage_lightning.surrogate.ensemble import member_names
@@ -37,6 +39,7 @@ class PromptResultWriter(FailureWriter):
             "target": target, "class": t.class_name, "template": t.prompt, "seed": t.seed,
             "prompt": pl_module.prompt_of(target), "words": list(pl_module.words[target]),
             "found": int(pl_module.status[target]) == FOUND, "reason": pl_module.reason[target],
+            "already_failing": pl_module.reason[target] == "template fails",
             "iterations": int(pl_module.iterations[target]),
             "unet_evaluations": pl_module.unet_evaluations(target),
             "rounds": list(pl_module.rounds[target]),
@@ -84,13 +87,14 @@ class PromptResultWriter(FailureWriter):
         if not trainer.is_global_zero:
             return
         results = self.run.read_results()
-        found = [r for r in results if r["found"]]
-        judged = [r for r in results if r["judge"] is not None]
+        found = [r for r in results if r["found"] and not r["already_failing"]]
+        counts = target_summary([r["found"] for r in results], [r["already_failing"] for r in results],
+                                len(pl_module.targets))
+        confirmed = sum(bool(r["judge"] and r["judge"]["confirmed"]) for r in found)
+        judged = any(r["judge"] is not None for r in results)
         summary = {
-            "targets": len(pl_module.targets), "finished": len(results),
-            "ssr_discriminator": success_rate([r["found"] for r in results]),
-            "ssr_judge": success_rate([r["judge"]["confirmed"] for r in judged]) if judged else None,
-            "template_failures": sum(r["reason"] == "template fails" for r in results),
+            "search": type(pl_module).__name__, **counts,
+            "ssr_judge": confirmed / counts["searched"] if judged and counts["searched"] else None,
             "median_words_per_failure": _median([len(r["words"]) for r in found]),
             "median_unet_evaluations_per_failure": _median([r["unet_evaluations"] for r in found]),
         }
@@ -99,7 +103,4 @@ class PromptResultWriter(FailureWriter):
         if pairs:
             self.write_gallery(pairs[: self.gallery_size])
         ssr_j = "" if summary["ssr_judge"] is None else f", SSR(J) {summary['ssr_judge']:.2f}"
-        print(
-            f"\nSAGE {type(pl_module).__name__}: {len(found)} failing prompts in {len(results)} targets "
-            f"(SSR {summary['ssr_discriminator']:.2f}{ssr_j}). Results: {self.run.root.resolve()}/results.jsonl"
-        )
+        print("\n" + summary_line(summary, "failing prompts", ssr_j, f"{self.run.root.resolve()}/results.jsonl"))

@@ -31,3 +31,31 @@ def success_rate(found: Sequence[bool]) -> float:
 def non_gaussian_rate(outliers: Sequence[bool]) -> float:
     """NGR: share of found latents that fail the normality test."""
     return float(sum(bool(o) for o in outliers) / len(outliers)) if outliers else 0.0
+
+
+def target_summary(
+    found: Sequence[bool], already_failing: Sequence[bool], targets: int
+) -> dict[str, int | float | None]:
+    """SSR(A) over all ``targets`` of a run from its finished targets' records (SAGE_METHOD.md, "What a run
+    reports"; issue 10 items 2-3).
+
+    ``found[i]``: D declared a failure for finished target i; ``already_failing[i]``: it did so on the clean
+    image (latent z0, iteration 0) or the bare template, before any search. SAGE searches from samples the
+    model gets right, so those are in neither the numerator nor the denominator; targets the run never
+    finished count as not found (``unfinished`` says how many). ``ssr_discriminator`` is None when no target
+    was left to search.
+    """
+    if len(found) != len(already_failing) or len(found) > targets:
+        raise ValueError(f"{len(found)} found flags, {len(already_failing)} already-failing flags, {targets} targets")
+    already = sum(bool(a) for a in already_failing)
+    failures = sum(bool(f) and not bool(a) for f, a in zip(found, already_failing, strict=True))
+    searched = targets - already
+    return {
+        "targets": targets,
+        "finished": len(found),
+        "unfinished": targets - len(found),
+        "already_failing": already,
+        "searched": searched,
+        "failures": failures,
+        "ssr_discriminator": failures / searched if searched else None,
+    }

@@ -1,0 +1,272 @@
+"""Discovery benchmark (issue 14): does SAGE find a failure near a latent the model gets right, better than chance?
+
+For the same targets (class, seed z0, prompt) and the same compute per target, measured in
+forward-equivalents (SAGE_METHOD.md: a UNet forward = 1, a backward = 2, a checkpointed recompute = 1 more;
+``TargetSearch.forward_equivalents``), five searches run through the ``sage`` CLI (so the shipped configs
+are what is measured):
+
+* SAGE, residual gradient (``configs/latent_search.yaml``, ``ResidualGradient(0.5)``), ``--iterations N``:
+  the budget B = its forward-equivalents for N iterations;
+* SAGE, exact gradient through every step (``FullGradient``): as many iterations as fit in B;
+* local random, uniform (``configs/random_perturbation.yaml``): delta uniform in SAGE's box around z0,
+  under the same clamp and Gaussian-shell projection, as many draws as fit in B;
+* local random, corners: random sign vectors at the box's corners, same constraints and draws;
+* fresh seeds (``configs/random_latent.yaml``): new z ~ N(0, I), same draws.
+
+Every search starts from the target's z0. Targets whose clean image (z0) already fails D are reported
+apart and left out of every rate. Per method, per class and overall, over the remaining targets:
+
+* SSR(A): share of targets where D declared a failure within B;
+* SSR(J): share where, in addition, ShapesWorld's geometric judge confirms it (its shape is not the class);
+* median forward-equivalents per failure (over found targets);
+* NGR: share of found latents that fail the KS normality test (``sage_lightning.metrics.gaussianity``);
+
+each with a 95% bootstrap interval over targets (percentile, ``--bootstrap`` resamples, fixed seed).
+
+Smoke run (tiny random stack, about a minute on a quiet CPU; the numbers mean nothing)::
+
+    python benchmarks/discovery.py --smoke
+
+Full run (ShapesWorld; only once its world passes its gate)::
+
+    python benchmarks/discovery.py --iterations 20 --seeds 10 --accelerator gpu --out runs/discovery
+
+Each method's run folder stays under ``--out``; the table is also written to ``OUT/discovery.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from sage_lightning.cli import main as sage_main
+from sage_lightning.sampler import FullGradient, GradientMode, ResidualGradient
+from sage_lightning.searches import LatentSearch, RandomLatentSearch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "latent_search.yaml"
+SMOKE = {"config": str(REPO / "configs" / "latent_search_tiny.yaml"), "classes": "star,ring", "seeds": 2,
+         "iterations": 2, "bootstrap": 200}
+ALL = "overall"
+
+
+@dataclass
+class Method:
+    """One row group of the table: a search and how it is run."""
+
+    name: str
+    configs: list[str]  # after the base config
+    args: dict[str, str] = field(default_factory=dict)
+    grad_mode: GradientMode | None = None  # SAGE rows: what its forward-equivalents are counted with
+
+
+def grad_mode_yaml(folder: Path, name: str, mode: GradientMode) -> str:
+    """A config overlay that sets ``model.init_args.grad_mode`` (the CLI takes a class as a file best)."""
+    init = dict(vars(mode))
+    path = folder / f"grad_mode_{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"model": {"init_args": {"grad_mode": {
+        "class_path": f"sage_lightning.sampler.{type(mode).__name__}", "init_args": init}}}}))
+    return str(path)
+
+
+def sampling(config: str, num_steps: int | None) -> dict:
+    """The base config's model, scheduler, ``num_steps`` and ``guidance_scale``: the budget's inputs."""
+    init = (yaml.safe_load(Path(config).read_text()).get("model") or {}).get("init_args") or {}
+    return {"diffusion": init.get("diffusion", "shapesworld"), "scheduler": init.get("scheduler", "ddim"),
+            "num_steps": num_steps or init.get("num_steps", 20), "guidance_scale": init.get("guidance_scale", 3.0)}
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Method], dict]:
+    """The five methods with their iterations / draws, all within the residual SAGE run's budget B."""
+    settings = sampling(args.config, args.num_steps)
+    residual, full = ResidualGradient(0.5, 1.0), FullGradient(checkpoint=False)
+    budget = LatentSearch(grad_mode=residual, **settings).forward_equivalents(args.iterations)
+    full_search = LatentSearch(grad_mode=full, **settings)
+    full_iterations = max(n for n in range(args.iterations + 1) if full_search.forward_equivalents(n) <= budget)
+    draws = RandomLatentSearch(**settings).draws_within(budget)
+    overlays = Path(args.out) / "overlays"
+    perturb = str(REPO / "configs" / "random_perturbation.yaml")
+    random_args = {"--model.init_args.max_iterations": str(draws), "--model.init_args.match_sage_iterations": "null"}
+    methods = [
+        Method("SAGE residual", [grad_mode_yaml(overlays, "residual", residual)],
+               {"--model.init_args.max_iterations": str(args.iterations)}, residual),
+        Method("SAGE full gradient", [grad_mode_yaml(overlays, "full", full)],
+               {"--model.init_args.max_iterations": str(full_iterations)}, full),
+        Method("local random uniform", [perturb], {**random_args, "--model.init_args.mode": "uniform"}),
+        Method("local random corners", [perturb], {**random_args, "--model.init_args.mode": "corners"}),
+        Method("fresh seeds", [str(REPO / "configs" / "random_latent.yaml")], random_args),
+    ]
+    info = {**settings, "budget_forward_equivalents": budget, "sage_iterations": args.iterations,
+            "full_iterations": full_iterations, "draws": draws}
+    return methods, info
+
+
+def run_method(method: Method, args: argparse.Namespace) -> tuple[Path, float]:
+    run = Path(args.out) / method.name.replace(" ", "_")
+    if run.exists():
+        shutil.rmtree(run)
+    overrides = {
+        **method.args,
+        "--model.init_args.num_steps": str(sampling(args.config, args.num_steps)["num_steps"]),
+        "--data.init_args.classes": f"[{args.classes}]" if args.classes != "all" else "all",
+        "--data.init_args.seeds_per_class": str(args.seeds),
+        "--trainer.accelerator": args.accelerator,
+        "--trainer.default_root_dir": str(run),
+        "--trainer.enable_progress_bar": "false",
+    }
+    if args.batch_size:
+        overrides["--data.init_args.batch_size"] = str(args.batch_size)
+    configs = [x for c in [args.config, *method.configs] for x in ("--config", c)]
+    start = time.perf_counter()
+    sage_main(["fit", *configs, *[x for kv in overrides.items() for x in kv]])
+    return run, time.perf_counter() - start
+
+
+def judge_failed(run: Path, rows: list[dict]) -> dict[int, bool]:
+    """ShapesWorld's geometric judge on each found target's final image: True when its shape is not the class."""
+    from sage_lightning.shapesworld.judge import judge_shapes
+
+    found = [r for r in rows if r["found"]]
+    if not found:
+        return {}
+    images = np.stack([np.asarray(Image.open(run / r["image"]).convert("RGB")) for r in found])
+    return {r["target"]: shape != r["class"] for r, shape in zip(found, judge_shapes(images), strict=True)}
+
+
+def outcomes(method: Method, run: Path, settings: dict, judge: bool) -> dict[int, dict]:
+    """Per target: class, found at iteration 0 (already failing), found, judge-confirmed, cost, outlier."""
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines() if line.strip()]
+    cost = (LatentSearch(grad_mode=method.grad_mode, **settings) if method.grad_mode else
+            RandomLatentSearch(**settings)).forward_equivalents
+    confirmed = judge_failed(run, rows) if judge else {}
+    return {
+        r["target"]: {
+            "class": r["class"], "already": r["found"] and r["iterations"] == 0, "found": r["found"],
+            "confirmed": bool(confirmed.get(r["target"])) if judge else None,
+            "cost": cost(r["iterations"]), "outlier": r["ngr"]["outlier"],
+        }
+        for r in rows
+    }
+
+
+def statistics_of(items: list[dict]) -> dict[str, float | None]:
+    found = [o for o in items if o["found"]]
+    nan = float("nan")
+    return {
+        "ssr_a": sum(o["found"] for o in items) / len(items) if items else nan,
+        "ssr_j": (sum(o["found"] and bool(o["confirmed"]) for o in items) / len(items) if items else nan)
+        if items and items[0]["confirmed"] is not None else None,
+        "median_cost": statistics.median(o["cost"] for o in found) if found else nan,
+        "ngr": sum(o["outlier"] for o in found) / len(found) if found else nan,
+    }
+
+
+def bootstrap(items: list[dict], resamples: int, seed: int) -> dict[str, tuple[float, float] | None]:
+    """95% percentile intervals of each statistic over targets resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(resamples if items else 0):
+        sample = [items[i] for i in rng.integers(0, len(items), len(items))]
+        for key, value in statistics_of(sample).items():
+            if value is not None and not math.isnan(value):
+                draws.setdefault(key, []).append(value)
+    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
+
+
+def summarise(results: dict[str, dict[int, dict]], resamples: int, seed: int) -> tuple[list[dict], list[int]]:
+    """Table rows (method x class, then overall) over the targets no method found already failing."""
+    already = sorted({t for per in results.values() for t, o in per.items() if o["already"]})
+    rows = []
+    for name, per in results.items():
+        eligible = {t: o for t, o in per.items() if t not in already}
+        classes = sorted({o["class"] for o in eligible.values()})
+        for group in [*classes, ALL]:
+            items = [o for o in eligible.values() if group in (ALL, o["class"])]
+            rows.append({"method": name, "class": group, "targets": len(items), **statistics_of(items),
+                         "intervals": bootstrap(items, resamples, seed)})
+    return rows, already
+
+
+def cell(row: dict, key: str, percent: bool) -> str:
+    value = row[key]
+    if value is None:
+        return "n/a"
+    if math.isnan(value):
+        return "-"
+    fmt = (lambda x: f"{100 * x:.0f}%") if percent else (lambda x: f"{x:,.0f}")
+    low_high = row["intervals"].get(key)
+    return fmt(value) + (f" [{fmt(low_high[0])}, {fmt(low_high[1])}]" if low_high else "")
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | class | targets | SSR(A) | SSR(J) | median fwd-eq / failure | NGR |", "|---" * 7 + "|"]
+    for r in sorted(rows, key=lambda r: (r["class"] != ALL, r["class"])):
+        lines.append(f"| {r['method']} | {r['class']} | {r['targets']} | {cell(r, 'ssr_a', True)} | "
+                     f"{cell(r, 'ssr_j', True)} | {cell(r, 'median_cost', False)} | {cell(r, 'ngr', True)} |")
+    return "\n".join(lines)
+
+
+def world_stages() -> dict:
+    path = REPO / "sage_lightning" / "shapesworld" / "weights" / "world.json"
+    return json.loads(path.read_text()).get("stages", {}) if path.exists() else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny random stack, 2 classes x 2 seeds, N=2 (~1 min)")
+    parser.add_argument("--config", default=str(CONFIG), help="base latent-search config (clamp, projection, model)")
+    parser.add_argument("--classes", default="all", help="comma-separated classes, or 'all'")
+    parser.add_argument("--seeds", type=int, default=10, help="seeds per class: the targets")
+    parser.add_argument("--iterations", type=int, default=20, help="SAGE residual iterations N: the budget B")
+    parser.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: the config's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="targets per step (default: the config's)")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over targets")
+    parser.add_argument("--no-judge", action="store_true", help="skip ShapesWorld's judge (SSR(J) n/a)")
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--out", default="runs/discovery")
+    args = parser.parse_args()
+    if args.smoke:
+        for key, value in SMOKE.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+
+    methods, info = plan(args)
+    settings = {k: info[k] for k in ("diffusion", "scheduler", "num_steps", "guidance_scale")}
+    results, seconds = {}, {}
+    for method in methods:
+        run, seconds[method.name] = run_method(method, args)
+        results[method.name] = outcomes(method, run, settings, judge=not args.no_judge)
+    rows, already = summarise(results, args.bootstrap, seed=0)
+
+    stages = ", ".join(f"{k} {v.get('steps', '?')} steps" for k, v in sorted(world_stages().items()))
+    print(f"\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {args.accelerator}; ShapesWorld stages: {stages or 'n/a'}")
+    print(f"config {args.config}; classes {args.classes}, {args.seeds} seeds each; {info['num_steps']} steps, "
+          f"guidance {info['guidance_scale']}; budget B = {info['budget_forward_equivalents']:,} forward-equivalents "
+          f"per target = SAGE residual {info['sage_iterations']} iterations = SAGE full {info['full_iterations']} "
+          f"iterations (or fewer) = z0 + {info['draws']} random draws")
+    total = len(next(iter(results.values())))
+    print(f"targets: {total}; already failing at z0 (left out of every rate): {len(already)} {already}; "
+          f"minutes per method: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + "\n")
+    print(table(rows))
+    out = Path(args.out) / "discovery.json"
+    out.write_text(json.dumps({"args": vars(args), "plan": info, "already_failing": already, "rows": rows,
+                               "seconds": seconds}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
