@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 
 from sage_lightning.errors import SageError
+
+MAX_BOUND = 100.0  # latents are N(0, 1) and token embeddings have norms near 1
 
 
 class ClampPerturbation(L.Callback):
@@ -15,6 +19,11 @@ class ClampPerturbation(L.Callback):
     """
 
     def __init__(self, low: float = -1.0, high: float = 1.0) -> None:
+        if not (math.isfinite(low) and math.isfinite(high) and max(abs(low), abs(high)) <= MAX_BOUND):
+            raise SageError(
+                f"clamp range [{low}, {high}] is too wide: bounds within [-{MAX_BOUND:g}, {MAX_BOUND:g}] "
+                "(SAGE uses [-1, 1] for latents, [-2.5, 2.5] for embeddings)"
+            )
         if not low < high:
             raise SageError(f"clamp range [{low}, {high}] is empty or reversed: give low < high, e.g. [-1, 1]")
         self.low, self.high = low, high

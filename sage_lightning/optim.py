@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.optim import Optimizer
 
 from sage_lightning.errors import SageError
+
+MAX_LR = 10.0  # a sign step moves every entry by lr: latents are N(0, 1), the clamp boxes are [-1, 1] / [-2.5, 2.5]
+
+
+def check_lr(lr: float, who: str = "lr") -> None:
+    """Refuse a step size that is not a positive number of reasonable magnitude (SageError)."""
+    if not (math.isfinite(lr) and 0 < lr <= MAX_LR):
+        raise SageError(f"{who}={lr} must be > 0 and at most {MAX_LR:g} (a sign step moves every entry by lr)")
 
 
 class SignSGD(Optimizer):
@@ -14,9 +24,8 @@ class SignSGD(Optimizer):
     Clamping and projection are separate callbacks."""
 
     def __init__(self, params, lr: float = 0.05) -> None:
-        if not lr > 0:
-            raise SageError(f"SignSGD lr={lr} must be > 0")
-        super().__init__(params, {"lr": lr})
+        check_lr(lr, "SignSGD lr")
+        super().__init__(params, {"lr": lr, "steps": 0})  # steps: in the checkpoint with the param groups
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -25,7 +34,15 @@ class SignSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            group["steps"] = group.get("steps", 0) + 1
             for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(p.grad.sign(), alpha=-group["lr"])
+                if p.grad is None:
+                    continue
+                if not bool(torch.isfinite(p.grad).all()):  # sign(nan) = nan would poison the parameter
+                    bad = p.grad[~torch.isfinite(p.grad)].flatten()[0].item()
+                    raise SageError(
+                        f"the gradient holds {bad} at optimizer step {group['steps']}: the search diverged (lower lr "
+                        "or guidance_scale); nothing of this step was written"
+                    )
+                p.add_(p.grad.sign(), alpha=-group["lr"])
         return loss

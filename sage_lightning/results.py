@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from sage_lightning.errors import SageError
+
 RESULTS = "results.jsonl"
 
 
@@ -29,6 +31,17 @@ def _replace_atomically(path: Path, write) -> None:
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """``[3, H, W]`` in [0, 1] -> ``[H, W, 3]`` uint8 (rounded, as PIL would store it)."""
     return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def _json_line(record: dict) -> str:
+    """One strict JSON line (NaN and infinities are not JSON: SageError instead of writing them)."""
+    try:
+        return json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+    except ValueError as err:
+        raise SageError(
+            f"the result of target {record.get('target')} holds a non-finite value ({err}): the search diverged; "
+            "nothing non-finite is written"
+        ) from err
 
 
 class RunFolder:
@@ -63,7 +76,7 @@ class RunFolder:
             text = self.results_path.read_text()
             if text and not text.endswith("\n"):
                 _replace_atomically(self.results_path, lambda p: p.write_text(text[: text.rfind("\n") + 1]))
-        payload = "".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(fresh, key=lambda r: r["target"]))
+        payload = "".join(_json_line(r) for r in sorted(fresh, key=lambda r: r["target"]))
         with open(self.results_path, "a") as f:
             f.write(payload)
             f.flush()

@@ -10,6 +10,7 @@ by DDP, which leaves the sign (the only thing a sign-gradient step uses) unchang
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import lightning as L
@@ -19,13 +20,14 @@ from torch import Tensor
 
 from sage_lightning.errors import SageError
 from sage_lightning.loading import DiffusionModel, check_source, load_diffusion, load_scheduler
-from sage_lightning.optim import SignSGD
+from sage_lightning.optim import SignSGD, check_lr
 from sage_lightning.sampler import DiffusionSampler, GradientMode, ResidualGradient, loop_length
 from sage_lightning.surrogate import ClassifierEnsemble, EnsembleOutput
 from sage_lightning.targets import Target, noise_generator
 from sage_lightning.text import PromptEncoder
 
 RUNNING, FOUND, EXHAUSTED = 0, 1, 2
+MAX_GUIDANCE = 100.0  # larger scales overflow float32 images into NaN
 BACKWARD_FORWARDS = 2  # a backward through the UNet costs about two forwards (SAGE_METHOD.md)
 
 
@@ -90,8 +92,12 @@ class TargetSearch(L.LightningModule):
             raise SageError(f"max_iterations={max_iterations} must be >= 0")
         if num_steps < 1:
             raise SageError(f"num_steps={num_steps} must be at least 1")
-        if not lr > 0:
-            raise SageError(f"lr={lr} must be > 0")
+        check_lr(lr)
+        if not (math.isfinite(guidance_scale) and 0 <= guidance_scale <= MAX_GUIDANCE):
+            raise SageError(
+                f"guidance_scale={guidance_scale} must be in [0, {MAX_GUIDANCE:g}] (Stable Diffusion uses 7.5; "
+                "1 or less disables guidance)"
+            )
         self.diffusion_source, self.scheduler_name, self.dtype_name = diffusion, scheduler, dtype
         self.local_files_only = local_files_only
         self.num_steps, self.guidance_scale, self.max_iterations, self.lr = (
@@ -218,11 +224,42 @@ class TargetSearch(L.LightningModule):
             dist.all_reduce(tensor)
         return tensor.cpu()
 
+    def stop_if_not_finite(self, ids: Tensor, values: dict[str, Tensor]) -> None:
+        """Stop the run when a value of a real row is NaN or infinite (SageError naming the value, the target
+        and its iteration), before anything of this step is written or stepped.
+
+        ``values``: name -> tensor whose first dimension follows ``ids`` (``-1`` rows are padding).
+        Collective: every rank calls it once per step, and every rank raises the same error.
+        """
+        problem = ""
+        real = (ids >= 0).cpu()
+        for name, value in values.items():
+            bad = ~torch.isfinite(value.detach().reshape(len(ids), -1)).all(1).cpu() & real
+            if bad.any():
+                k = int(torch.nonzero(bad)[0])
+                target = int(ids[k])
+                number = value.detach()[k].reshape(-1)[~torch.isfinite(value.detach()[k].reshape(-1))][0].item()
+                problem = f"the {name} of target {target} is {number} at iteration {int(self.iterations[target])}"
+                break
+        if not int(self._all_ranks_sum(torch.tensor([int(bool(problem))]))[0]):
+            return
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            everyone: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, problem)
+            problem = next(p for p in everyone if p)
+        raise SageError(
+            f"{problem}: the search diverged (lower lr or guidance_scale); the run stops before anything "
+            "non-finite is written"
+        )
+
     def advance(self, ids: Tensor, images: Tensor, latents: Tensor, output: EnsembleOutput) -> Tensor:
         """SAGE's per-target stopping rule; returns the mask of rows that keep being optimised.
 
         ``ids``: ``[B]`` target ids with ``-1`` for padding. Called once per step on every rank.
         """
+        self.stop_if_not_finite(
+            ids, {"latent": latents, "loss": output.per_sample_loss, "probability": output.probs.transpose(0, 1)}
+        )
         real = (ids >= 0).cpu()
         rows = ids.clamp(min=0).cpu()
         iterations = self.iterations[rows]
@@ -264,6 +301,7 @@ class TargetSearch(L.LightningModule):
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["sage_state"] = {
+            "search": type(self).__name__,
             "status": self.status.clone(),
             "iterations": self.iterations.clone(),
             "targets": [t.to_dict() for t in self.targets],
@@ -273,10 +311,18 @@ class TargetSearch(L.LightningModule):
         state = checkpoint.get("sage_state")
         if state is None:
             raise SageError("the checkpoint holds no SAGE search state: resume from a checkpoint of a sage run")
+        resume = "resume with the run's config.yaml (sage fit --config RUN/config.yaml --ckpt_path last)"
+        made_by = state.get("search", type(self).__name__)  # checkpoints before 0.1.1 do not name their search
+        if made_by != type(self).__name__:
+            raise SageError(f"the checkpoint was made by {made_by}, this config runs {type(self).__name__}: {resume}")
         if state["targets"] != [t.to_dict() for t in self.targets]:
+            raise SageError(f"the checkpoint was made for other targets than this config gives: {resume}")
+        saved = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+        mine = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        if saved != mine:
             raise SageError(
-                "the checkpoint was made for other targets than this config gives: resume with the run's "
-                "config.yaml (sage fit --config RUN/config.yaml --ckpt_path last)"
+                f"the checkpoint holds parameters {saved}, this config's {type(self).__name__} has {mine}: it was "
+                f"made by another search or model; {resume}"
             )
         self.status.copy_(state["status"])
         self.iterations.copy_(state["iterations"])

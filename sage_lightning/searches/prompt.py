@@ -32,6 +32,7 @@ from sage_lightning.candidates import Candidate, CandidateSource, WordFilter
 from sage_lightning.errors import SageError
 from sage_lightning.sampler import FullGradient
 from sage_lightning.searches.base import EXHAUSTED, FOUND, RUNNING, TargetSearch
+from sage_lightning.surrogate.classnames import class_synonyms
 from sage_lightning.targets import seeded_latent
 from sage_lightning.text import slot
 
@@ -65,9 +66,10 @@ class PromptSearch(TargetSearch):
         steps_per_word: K, sign-gradient steps on the slots before each snap.
         eval_seeds: S, fresh seeds a prompt is judged on (strict majority decides).
         init_word: the slots start (and restart after each snap) at this word's token embedding.
-        synonyms: ``{class: [words]}`` never proposed for that class (the class name never is).
-        exclude_class_names: also never propose any other class name of D (a prompt that names another
-            class is not a failure of the model).
+        synonyms: ``{class: [words]}`` never proposed for that class (the class name never is, nor, for
+            ImageNet, any WordNet lemma of its synset: :func:`~sage_lightning.surrogate.classnames.class_synonyms`).
+        exclude_class_names: also never propose any other class name of D or its synonyms (a prompt that
+            names another class is not a failure of the model).
         multi_token: ``drop`` (candidates must be one CLIP token) or ``mean`` (see candidates.py).
         check_template: evaluate the bare template before the first word.
         judge: ``auto`` (ShapesWorld's geometric judge for ``diffusion: shapesworld``), ``shapesworld`` or
@@ -159,10 +161,10 @@ class PromptSearch(TargetSearch):
 
     def word_filter(self, class_name: str) -> WordFilter:
         if class_name not in self.filters:
-            excluded = [class_name, *self.synonyms.get(class_name, [])]
-            if self.exclude_class_names:
-                excluded += self.frozen.ensemble.class_names
-            self.filters[class_name] = WordFilter(self.frozen.model.tokenizer, excluded, self.multi_token)
+            known = class_synonyms(self.frozen.ensemble.class_names)
+            excluded = [class_name, *self.synonyms.get(class_name, []), *known.get(class_name, [])]
+            others = [w for name, words in known.items() for w in (name, *words)] if self.exclude_class_names else []
+            self.filters[class_name] = WordFilter(self.frozen.model.tokenizer, excluded, self.multi_token, others)
         return self.filters[class_name]
 
     def configure_callbacks(self):
@@ -285,7 +287,15 @@ class PromptSearch(TargetSearch):
             }
             for t, (word, ev, cost) in sorted(rounds.items())
         ]
-        for item in _all_gather(local):
+        items = _all_gather(local)
+        for item in items:  # every rank holds every item: all raise the same error
+            if item["probs"] is not None and not torch.isfinite(torch.tensor(item["probs"])).all():
+                raise SageError(
+                    f"a probability of prompt {item['prompt']!r} (target {item['target']}) is not finite at "
+                    f"iteration {int(self.iterations[item['target']])}: the search diverged (lower lr or "
+                    "guidance_scale); the run stops before anything non-finite is written"
+                )
+        for item in items:
             self.apply_round(item)
 
     def apply_round(self, item: dict) -> None:
@@ -340,6 +350,10 @@ class PromptSearch(TargetSearch):
         cond = self.frozen.encoder(prompts, {"x": self.slots[rows, 0], "y": self.slots[rows, 1]}).to(self.device)
         images = self.generate(self.step_latents(targets), cond, self.step_seeds(targets))
         output = self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device))
+        slots = self.slots[rows]
+        self.stop_if_not_finite(
+            ids, {"slot embedding": slots, "loss": output.per_sample_loss, "probability": output.probs.transpose(0, 1)}
+        )
         self.count_steps(rows, active)
         self.log("loss", output.loss, prog_bar=True, batch_size=len(ids))
         self.log("targets_done", float((self.status != RUNNING).sum()), prog_bar=True, batch_size=len(ids))

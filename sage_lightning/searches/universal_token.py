@@ -186,6 +186,10 @@ class UniversalTokenSearch(TargetSearch):
         output = self.frozen.ensemble.targeted_loss(images, self.target_index.expand(len(targets)).to(self.device))
         similarity = self.text_similarity([t.prompt for t in targets])
         per_sample = output.per_sample_loss + self.text_weight * (1 - similarity)
+        self.stop_if_not_finite(
+            ids, {"token": self.token.expand(len(ids), -1), "loss": per_sample,
+                  "probability": output.probs.transpose(0, 1)},
+        )
         self.count_step(ids)
         weights = real.to(per_sample.dtype)
         n = max(int(real.sum()), 1)
