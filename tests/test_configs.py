@@ -14,6 +14,8 @@ COMBOS = [
     ["latent_search.yaml"],
     ["latent_search_tiny.yaml"],
     ["latent_search.yaml", "random_latent.yaml"],
+    ["latent_search.yaml", "random_perturbation.yaml"],
+    ["universal_token.yaml", "random_token.yaml"],
     ["latent_search.yaml", "models/sd15.yaml", "trainer/gpu.yaml"],
     ["latent_search.yaml", "models/sd15.yaml", "models/sd21.yaml", "trainer/ddp_gpu.yaml"],
     ["latent_search.yaml", "trainer/ddp_cpu.yaml"],
@@ -30,6 +32,12 @@ def test_config_groups_parse(files, capsys):
     last = yaml.safe_load((CONFIGS / files[-1]).read_text())
     if "model" in last and "class_path" in last["model"]:
         assert printed["model"]["class_path"] == last["model"]["class_path"]
+    if files[-1] in ("random_perturbation.yaml", "random_token.yaml"):  # overlays: the base's model and callbacks stay
+        base = yaml.safe_load((CONFIGS / files[0]).read_text())
+        assert printed["model"]["init_args"]["diffusion"] == base["model"]["init_args"]["diffusion"]
+        assert printed["model"]["init_args"]["num_steps"] == base["model"]["init_args"]["num_steps"]
+        classes = [c["class_path"] for c in printed["trainer"]["callbacks"]]
+        assert classes[: len(base["trainer"]["callbacks"])] == [c["class_path"] for c in base["trainer"]["callbacks"]]
     if files[1:2] == ["models/sd15.yaml"]:
         members = printed["model"]["init_args"]["ensemble"]["init_args"]["members"]
         assert [m["class_path"].rsplit(".", 1)[1] for m in members] == [
