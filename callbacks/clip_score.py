@@ -123,6 +123,15 @@ class ClipScoreLogger(L.Callback):
                 hf_logging.enable_progress_bar()
         self.metrics = {flag: CLIPScore(model_name_or_path=lambda: pair) for flag in (True, False)}
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Refuses, before anything loads, to score a model's images with another world's CLIP."""
+        source = getattr(pl_module, "diffusion_source", None)
+        if self.model == "shapesworld" and source not in (None, "shapesworld", "tiny"):
+            raise SageError(
+                f"ClipScoreLogger would score {source!r}'s images with ShapesWorld's CLIP: set its model to a "
+                "CLIP for that model (a hub id such as openai/clip-vit-large-patch14, or a folder)"
+            )
+
     def on_fit_start(self, trainer, pl_module) -> None:
         """Loads the CLIP model after the search's own set-up, so its input errors come first."""
         if not hasattr(pl_module, "held_out_evaluation"):

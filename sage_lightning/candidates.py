@@ -198,16 +198,22 @@ class WordFilter:
 
     Args:
         tokenizer: the diffusion model's CLIP tokenizer.
-        excluded: words never allowed (class names and synonyms); their plurals (+s, +es) are excluded too.
+        excluded: words never allowed (the class's names and synonyms); their plurals (+s, +es) and each
+            word of a multi-word name are excluded too.
+        excluded_whole: names never allowed as a whole (other classes' names and synonyms) and their
+            plurals; the words inside a multi-word name stay allowed ("great" of "great white shark").
         multi_token: ``"drop"`` (a candidate must be one CLIP token) or ``"mean"`` (multi-token words are
             kept, embedded as the mean of their tokens).
     """
 
-    def __init__(self, tokenizer, excluded: Iterable[str] = (), multi_token: str = "drop") -> None:
+    def __init__(
+        self, tokenizer, excluded: Iterable[str] = (), multi_token: str = "drop", excluded_whole: Iterable[str] = ()
+    ) -> None:
         if multi_token not in ("drop", "mean"):
             raise SageError(f"multi_token={multi_token!r}: use 'drop' or 'mean'")
         self.tokenizer, self.multi_token = tokenizer, multi_token
         self.excluded = {f.lower() for w in excluded for f in _forms(w)}
+        self.excluded |= {f.lower() for w in excluded_whole for f in _forms(w)[:3]}
 
     def token_ids(self, word: str) -> list[int]:
         return list(self.tokenizer(word, add_special_tokens=False).input_ids)

@@ -61,6 +61,16 @@ def _default_ensemble(source: str) -> ClassifierEnsemble:
     return default_ensemble(source)
 
 
+PAPER_ITERATIONS = 100  # SAGE's pseudo-code: at most 100 sign-gradient iterations per target
+CPU_WORLD_ITERATIONS = 20  # ShapesWorld and the tiny stack: a budget that runs in minutes on a CPU
+
+
+def default_max_iterations(diffusion: str) -> int:
+    """The iteration budget a model gets when its config names none: the paper's 100, except on the CPU worlds
+    (``shapesworld``, ``tiny``), where 20 keeps a run to minutes on a CPU."""
+    return CPU_WORLD_ITERATIONS if diffusion in ("shapesworld", "tiny") else PAPER_ITERATIONS
+
+
 class TargetSearch(L.LightningModule):
     """Base of the searches. Subclasses define the adversarial parameters and ``training_step``.
 
@@ -70,7 +80,8 @@ class TargetSearch(L.LightningModule):
         ensemble: the discriminator D; None takes the source's default ensemble.
         num_steps, guidance_scale, scheduler: sampling of the text-to-image model.
         grad_mode: how gradients cross the denoising loop (default: SAGE's residual connection).
-        max_iterations: attack iterations per target before it counts as exhausted.
+        max_iterations: attack iterations per target before it counts as exhausted; None: the model's
+            default (:func:`default_max_iterations`: the paper's 100, or 20 on the CPU worlds).
         lr: step size of the default sign-gradient optimizer (a config ``optimizer:`` overrides it).
     """
 
@@ -82,12 +93,13 @@ class TargetSearch(L.LightningModule):
         guidance_scale: float = 3.0,
         scheduler: str = "ddim",
         grad_mode: GradientMode | None = None,
-        max_iterations: int = 100,
+        max_iterations: int | None = None,
         lr: float = 0.05,
         dtype: str = "float32",
         local_files_only: bool = False,
     ) -> None:
         super().__init__()
+        max_iterations = default_max_iterations(diffusion) if max_iterations is None else max_iterations
         if max_iterations < 0:
             raise SageError(f"max_iterations={max_iterations} must be >= 0")
         if num_steps < 1:

@@ -125,7 +125,13 @@ class UniversalTokenSearch(TargetSearch):
     def _resolve_target(self, known: list[str]) -> list[int]:
         from sage_lightning.surrogate import resolve_classes
 
-        return resolve_classes([self.target], known)
+        try:
+            return resolve_classes([self.target], known)
+        except SageError as err:  # e.g. ShapesWorld's "star" under an ImageNet ensemble
+            raise SageError(
+                f"target {self.target!r} is not a class of D ({len(known)} classes; {err}): set "
+                "model.init_args.target to a class of this model's ensemble"
+            ) from err
 
     def init_parameters(self) -> None:
         encoder = self.frozen.encoder

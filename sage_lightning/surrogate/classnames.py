@@ -14,6 +14,22 @@ def imagenet_class_names() -> list[str]:
     return list(IMAGENET_CLASSNAMES)
 
 
+def class_synonyms(class_names: Sequence[str]) -> dict[str, list[str]]:
+    """Synonyms of each class: for ImageNet-1k (``imagenet_class_names()``), all WordNet lemmas of its synset
+    (timm's ``ImageNetInfo``, shipped with timm: "cab" -> cab, hack, taxi, taxicab); none for other lists."""
+    names = list(class_names)
+    if names != imagenet_class_names():
+        return {name: [] for name in names}
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    synonyms: dict[str, list[str]] = {}
+    for i, name in enumerate(names):  # two names occur twice ("missile", "sunglasses"): their lemmas are merged
+        words = synonyms.setdefault(name, [])
+        words += [lemma for lemma in info.index_to_description(i).split(", ") if lemma != name and lemma not in words]
+    return synonyms
+
+
 def class_names_from_spec(spec: Sequence[str] | str) -> list[str]:
     """A member's ``class_names`` argument as a list: a list of names, or the shorthand ``"imagenet"``."""
     if isinstance(spec, str):
