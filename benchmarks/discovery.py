@@ -21,7 +21,9 @@ apart and left out of every rate. Per method, per class and overall, over the re
 * median forward-equivalents per failure (over found targets);
 * NGR: share of found latents that fail the KS normality test (``sage_lightning.metrics.gaussianity``);
 
-each with a 95% bootstrap interval over targets (percentile, ``--bootstrap`` resamples, fixed seed).
+each with a 95% bootstrap interval over targets (percentile, ``--bootstrap`` resamples, fixed seed); then
+each method's SSR(A) and SSR(J) minus local random uniform's on the same targets, with a paired bootstrap
+interval: the direct answer to "better than chance?".
 
 Smoke run (tiny random stack, about a minute on a quiet CPU; the numbers mean nothing)::
 
@@ -61,6 +63,7 @@ CONFIG = REPO / "configs" / "latent_search.yaml"
 SMOKE = {"config": str(REPO / "configs" / "latent_search_tiny.yaml"), "classes": "star,ring", "seeds": 2,
          "iterations": 2, "bootstrap": 200}
 ALL = "overall"
+BASELINE = "local random uniform"  # the chance level the paired differences are taken against
 
 
 @dataclass
@@ -201,6 +204,48 @@ def summarise(results: dict[str, dict[int, dict]], resamples: int, seed: int) ->
     return rows, already
 
 
+def paired_differences(
+    results: dict[str, dict[int, dict]], already: list[int], baseline: str, resamples: int, seed: int
+) -> list[dict]:
+    """SSR(A) and SSR(J) of each method minus ``baseline``'s on the same targets, with a paired bootstrap
+    interval (the same resampled targets for both): does the method find failures more often than chance?"""
+    base = results[baseline]
+    targets = sorted(t for t in base if t not in already)
+    rng = np.random.default_rng(seed)
+    picks = [rng.integers(0, len(targets), len(targets)) for _ in range(resamples if targets else 0)]
+    rows = []
+    for name, per in results.items():
+        if name == baseline:
+            continue
+        row = {"method": name, "baseline": baseline, "targets": len(targets), "intervals": {}}
+        for key, hit in (("ssr_a", lambda o: o["found"]), ("ssr_j", lambda o: o["found"] and bool(o["confirmed"]))):
+            if key == "ssr_j" and (not targets or per[targets[0]]["confirmed"] is None):
+                row[key] = None
+                continue
+            diff = np.array([float(hit(per[t])) - float(hit(base[t])) for t in targets])
+            row[key] = float(diff.mean()) if targets else float("nan")
+            means = [float(diff[i].mean()) for i in picks]
+            if means:
+                row["intervals"][key] = (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+        rows.append(row)
+    return rows
+
+
+def difference_table(rows: list[dict]) -> str:
+    def signed(row: dict, key: str) -> str:
+        if row[key] is None or math.isnan(row[key]):
+            return "n/a"
+        low, high = row["intervals"].get(key, (float("nan"), float("nan")))
+        return f"{100 * row[key]:+.0f} pp [{100 * low:+.0f}, {100 * high:+.0f}]"
+
+    lines = ["| method | minus | targets | SSR(A) difference | SSR(J) difference |", "|---" * 5 + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['baseline']} | {r['targets']} | {signed(r, 'ssr_a')} | {signed(r, 'ssr_j')} |"
+        )
+    return "\n".join(lines)
+
+
 def cell(row: dict, key: str, percent: bool) -> str:
     value = row[key]
     if value is None:
@@ -263,9 +308,12 @@ def main() -> None:
     print(f"targets: {total}; already failing at z0 (left out of every rate): {len(already)} {already}; "
           f"minutes per method: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + "\n")
     print(table(rows))
+    differences = paired_differences(results, already, BASELINE, args.bootstrap, seed=0)
+    print("\nPaired differences over the same targets (95% paired bootstrap; pp = percentage points):\n")
+    print(difference_table(differences))
     out = Path(args.out) / "discovery.json"
     out.write_text(json.dumps({"args": vars(args), "plan": info, "already_failing": already, "rows": rows,
-                               "seconds": seconds}, indent=2) + "\n")
+                               "differences": differences, "seconds": seconds}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
