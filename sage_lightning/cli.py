@@ -3,34 +3,47 @@
 The run folder is ``--trainer.default_root_dir`` (default ``runs/latent_search``). It holds
 ``config.yaml``, ``checkpoints/last.ckpt`` (one per finished iteration pass), ``logs/`` (CSV metrics),
 ``results.jsonl``, ``images/``, ``latents/``, ``summary.json`` and ``gallery.png``.
-Resume a killed run with ``sage fit --config RUN/config.yaml --ckpt_path last``.
-User mistakes end with one line ``sage: error: ...`` and exit status 2.
+Resume a killed run with ``sage fit --config RUN/config.yaml --ckpt_path last`` (killed at any moment: before
+its first checkpoint the run starts again; a copied run folder resumes itself). User mistakes, parse errors
+included, end with one line ``sage: error: ...`` and exit status 2, and a run that fails to start leaves
+nothing in its folder. Under DDP the command returns after every rank has exited.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
+from jsonargparse import ArgumentError
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
 from callbacks.defaults import missing_run_callbacks
-from sage_lightning.errors import SageError
+from sage_lightning.errors import SageError, one_line, shorten
 from sage_lightning.searches import TargetSearch
 
 DEFAULT_RUN_DIR = "runs/latent_search"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "latent_search.yaml"
+SUBCOMMANDS = ("validate", "test", "predict")
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's own calls; not the user's business
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Saves ``config.yaml`` at the top of the run folder; a resumed run keeps the original."""
+    """Saves ``config.yaml`` at the top of the run folder once the run starts (after the checks at set-up and
+    the checkpoint's), so a failed start leaves no config behind; a resumed run keeps the original."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        """Nothing is written before the run starts."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
         if self.already_saved:
             return
         path = Path(trainer.default_root_dir) / self.config_filename
@@ -52,13 +65,94 @@ def _check_checkpoint(path: Path) -> None:
         ) from err
 
 
+RUN_MARKERS = ("checkpoints", "results.jsonl", "logs")
+
+
+@dataclass
+class _Trace:
+    """What this process's ``sage fit`` created: folders to remove when the run fails to start, ranks to await."""
+
+    root: Path | None = None
+    existing: set[Path] = field(default_factory=set)
+    trainer: Trainer | None = None
+
+    def watch(self, root: Path) -> None:
+        self.root = root.absolute()
+        top = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+        inside = {p for p in top.rglob("*") if p.is_dir()} if top == self.root else set()
+        self.existing = {top, *top.parents, *inside}
+
+    def remove_new_empty_folders(self) -> None:
+        """Undo the empty folders (logs/version_N, the run folder) made by a run that failed to start."""
+        if self.root is None:
+            return
+        candidates = [p for p in self.root.rglob("*") if p.is_dir()] if self.root.is_dir() else []
+        candidates += [self.root, *self.root.parents]
+        for folder in sorted(candidates, key=lambda p: len(p.parts), reverse=True):
+            if folder not in self.existing and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+    def await_ranks(self, timeout: float = 60) -> None:
+        """Return only after the other DDP ranks this process launched have exited (killed after ``timeout``)."""
+        launcher = getattr(getattr(self.trainer, "strategy", None), "launcher", None)
+        procs = list(getattr(launcher, "procs", None) or [])
+        for thread in threading.enumerate():  # Lightning's observer SIGKILLs this process when a rank exits != 0
+            if hasattr(thread, "_child_processes"):
+                thread._child_processes = []
+        for proc in procs:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+_trace = _Trace()
+
+
+def _check_run_folder(root: Path) -> None:
+    """Refuse a run folder that cannot be created or written (before anything is built or written)."""
+    for folder in (root.absolute(), *root.absolute().parents):
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            raise SageError(
+                f"run folder {str(root)!r} cannot be created: {str(folder)!r} is a file; choose another "
+                "--trainer.default_root_dir"
+            )
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise SageError(f"run folder {str(root)!r} cannot be written: {str(folder)!r} is not writable")
+        return
+
+
+def _copied_run_folder(config_files: list, root: Path) -> Path | None:
+    """The folder of a run's ``config.yaml`` given with ``--config`` when that run was copied or moved there
+    (its stored run folder is elsewhere and the command names no other one): the copy resumes itself."""
+    for given in config_files:
+        path = Path(getattr(given, "absolute", None) or str(given))
+        if path.name != "config.yaml" or not any((path.parent / m).exists() for m in RUN_MARKERS):
+            continue
+        try:
+            stored = (yaml.safe_load(path.read_text()) or {}).get("trainer", {}).get("default_root_dir")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if stored and Path(stored).absolute() == root.absolute() and root.resolve() != path.parent.resolve():
+            return path.parent
+    return None
+
+
 class SageCLI(LightningCLI):
     """LightningCLI with SAGE's defaults: the latent search on ShapesWorld, a run folder, checkpoints."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
+        fit_kwargs = {"exit_on_error": False}  # parse errors reach main(), which prints them as one line
         if DEFAULT_CONFIG.is_file():  # `sage fit` alone = the latent search on ShapesWorld
-            kwargs.setdefault("parser_kwargs", {"fit": {"default_config_files": [str(DEFAULT_CONFIG)]}})
+            fit_kwargs["default_config_files"] = [str(DEFAULT_CONFIG)]
+        kwargs.setdefault(
+            "parser_kwargs",
+            {"exit_on_error": False, "fit": fit_kwargs, **{s: {"exit_on_error": False} for s in SUBCOMMANDS}},
+        )
         kwargs.setdefault(
             "trainer_defaults",
             {
@@ -88,7 +182,8 @@ class SageCLI(LightningCLI):
         if config.get("logger") in (None, True):
             config["logger"] = CSVLogger(str(root), name="logs")
         callbacks.extend(missing_run_callbacks(root, list(config.get("callbacks") or []) + list(callbacks)))
-        return super()._instantiate_trainer(config, callbacks)
+        _trace.trainer = super()._instantiate_trainer(config, callbacks)
+        return _trace.trainer
 
     def _parse_ckpt_path(self) -> None:
         """Check the run folder and the checkpoint before anything is built (LightningCLI reads it next)."""
@@ -96,6 +191,12 @@ class SageCLI(LightningCLI):
         if sub == "fit":
             cfg = self.config[sub]
             root = Path(cfg.trainer.default_root_dir or DEFAULT_RUN_DIR)
+            copy = _copied_run_folder(cfg.get("config") or [], root)
+            if copy is not None:
+                root = copy
+                cfg.trainer.default_root_dir = str(copy)
+            _check_run_folder(root)
+            _trace.watch(root)
             ckpt = cfg.get("ckpt_path")
             if ckpt is None and (root / "results.jsonl").exists():
                 raise SageError(
@@ -104,10 +205,10 @@ class SageCLI(LightningCLI):
                 )
             if ckpt == "last":
                 ckpt = str(root / "checkpoints" / "last.ckpt")
-                if not Path(ckpt).is_file():
-                    raise SageError(
-                        f"no checkpoint to resume in {str(root)!r} (no checkpoints/last.ckpt): drop --ckpt_path"
-                    )
+                if not Path(ckpt).is_file():  # killed before its first checkpoint: the run starts again and
+                    ckpt = None  # redoes exactly what it did; result lines already written are not repeated
+                    print(f"sage: {str(root)!r} holds no checkpoint yet: the run starts from the beginning",
+                          file=sys.stderr)
             if ckpt is not None:
                 _check_checkpoint(Path(ckpt))
                 cfg["ckpt_path"] = ckpt
@@ -116,6 +217,7 @@ class SageCLI(LightningCLI):
     def after_fit(self) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # avoids a rare abort at interpreter exit (STACK_NOTES)
+        _trace.await_ranks()  # the command returns only after every rank has exited
 
 
 def _user_error(err: BaseException) -> SageError | None:
@@ -127,14 +229,27 @@ def _user_error(err: BaseException) -> SageError | None:
     return None
 
 
+def _launched_rank() -> bool:
+    """This process is a DDP rank other than the first (its errors are reported by rank 0)."""
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0"
+
+
 def main(args: list[str] | None = None) -> None:
+    global _trace
+    _trace = _Trace()
     try:
         SageCLI(args=args)
     except Exception as err:
         user_error = _user_error(err)
+        if user_error is None and isinstance(err, ArgumentError):
+            user_error = SageError(f"{one_line(str(err))} (sage fit --help lists the options)")
         if user_error is None:
+            _trace.await_ranks()
             raise
-        print(f"sage: error: {user_error}", file=sys.stderr)
+        _trace.remove_new_empty_folders()
+        if not _launched_rank():
+            print(f"sage: error: {shorten(' '.join(str(user_error).split()))}", file=sys.stderr)
+        _trace.await_ranks()
         sys.exit(2)
 
 

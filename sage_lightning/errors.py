@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -13,3 +14,21 @@ class SageError(ValueError):
 def closest_names(name: str, known: Iterable[str], n: int = 5) -> list[str]:
     """The known names most similar to ``name`` (for 'did you mean' messages)."""
     return difflib.get_close_matches(name, list(known), n=n, cutoff=0.4)
+
+
+def shorten(text: str, longest: int = 80) -> str:
+    """``text`` with every run of more than ``longest`` non-blank characters cut to its start and its length."""
+    return re.sub(
+        rf"\S{{{longest + 1},}}", lambda m: f"{m.group()[: longest // 2]}...({len(m.group())} characters)", text
+    )
+
+
+_NOISE = ("Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>", "Does not validate against any",
+          "Expected a path but")
+
+
+def one_line(message: str, longest: int = 80) -> str:
+    """A multi-line (jsonargparse) error as one line: bookkeeping lines dropped, long values shortened."""
+    kept = [line.strip().removeprefix("- ") for line in message.splitlines()]
+    kept = [line for line in kept if line and not line.startswith(_NOISE)]
+    return shorten(" ".join(" ".join(kept).split()), longest)
