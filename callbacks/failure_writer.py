@@ -51,6 +51,7 @@ class FailureWriter(L.Callback):
             "found": bool(out.found[k]), "already_failing": bool(out.found[k]) and iterations == 0,
             "iterations": iterations,
             "unet_evaluations": pl_module.unet_evaluations(iterations),
+            "forward_equivalents": pl_module.forward_equivalents(iterations),
             "loss": float(out.output.per_sample_loss[k]),
             "probs": {n: float(out.output.probs[m, k]) for m, n in enumerate(names)},
             "top1": {n: class_names[int(out.output.topk[m, k, 0])] for m, n in enumerate(names)},
@@ -92,6 +93,7 @@ class FailureWriter(L.Callback):
             "ngr": non_gaussian_rate([r["ngr"]["outlier"] for r in found]),
             "median_iterations_per_failure": _median([r["iterations"] for r in found]),
             "median_unet_evaluations_per_failure": _median([r["unet_evaluations"] for r in found]),
+            "median_forward_equivalents_per_failure": _median([r["forward_equivalents"] for r in found]),
         }
         (self.run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if found:

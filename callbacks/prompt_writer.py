@@ -42,6 +42,7 @@ class PromptResultWriter(FailureWriter):
             "already_failing": pl_module.reason[target] == "template fails",
             "iterations": int(pl_module.iterations[target]),
             "unet_evaluations": pl_module.unet_evaluations(target),
+            "forward_equivalents": pl_module.target_forward_equivalents(target),
             "rounds": list(pl_module.rounds[target]),
             "clean_image": grid_path(target, 0) if pl_module.check_template else None,
             "image": None, "eval_seeds": None, "decisions": None, "failed_seeds": None, "probs": None,
@@ -97,6 +98,7 @@ class PromptResultWriter(FailureWriter):
             "ssr_judge": confirmed / counts["searched"] if judged and counts["searched"] else None,
             "median_words_per_failure": _median([len(r["words"]) for r in found]),
             "median_unet_evaluations_per_failure": _median([r["unet_evaluations"] for r in found]),
+            "median_forward_equivalents_per_failure": _median([r["forward_equivalents"] for r in found]),
         }
         (self.run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         pairs = [r for r in found if r["clean_image"] and r["image"] and r["words"]]

@@ -94,6 +94,7 @@ def test_run_folder_holds_every_output(reference_run):
         assert r["found"] or r["iterations"] == 3
         assert set(r["probs"]) == {"0:test_resnet", "1:test_vit", "2:canny+test_resnet"}
         assert r["unet_evaluations"] == (r["iterations"] + 1) * 8 + r["iterations"] * 4
+        assert r["forward_equivalents"] == (r["iterations"] + 1) * 8 + r["iterations"] * 4 * 2  # backward = 2
     for name in ("config.yaml", "summary.json", "checkpoints/last.ckpt"):
         assert (reference_run / name).is_file()
     summary = json.loads((reference_run / "summary.json").read_text())

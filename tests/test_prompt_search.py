@@ -144,16 +144,26 @@ def test_a_target_without_candidates_ends_exhausted():
     assert search.words[0] == [] and int(search.status[1]) == RUNNING
 
 
-def test_costs_are_counted_like_the_base_search_and_the_baseline_fits_the_budget():
-    search = _prepared(steps_per_word=5, max_words=4)
+def test_costs_are_forward_equivalents_and_the_baseline_fits_the_budget():
+    """Issue 10 item 9: a backward through the UNet costs two forwards, three with checkpointing."""
+    search = _prepared(steps_per_word=5, max_words=4)  # 2 guided steps: 4 forwards a sample
     assert search.step_cost() == TargetSearch.unet_evaluations(search, 1) - search.sampler.unet_evaluations(1)
+    assert search.sample_cost() == 4
+    assert search.step_forward_equivalents() == 4 + 4 * 3  # default: exact, checkpointed backward
+    assert _prepared(grad_mode=FullGradient()).step_forward_equivalents() == 4 + 4 * 2
+    assert _prepared(grad_mode=ResidualGradient(0.5)).step_forward_equivalents() == 4 + 2 * 2  # last step only
     baseline = RandomWordSearch(
         candidates=WordListCandidates(WORDS), diffusion="tiny", num_steps=2, eval_seeds=3, max_words=4,
         match_sage_steps_per_word=5,
     )
-    sage_budget = 4 * (5 * search.step_cost() + 3 * search.sample_cost())
+    sage_budget = 4 * (5 * search.step_forward_equivalents() + 3 * search.sample_cost())
     spent = baseline.word_rounds * baseline.eval_cost()
     assert sage_budget - baseline.eval_cost() < spent <= sage_budget
+    search.iterations[0], search.spent[0] = 7, 24
+    assert search.target_forward_equivalents(0) == 7 * 16 + 24
+    baseline.prepare(ClassPromptDataModule(classes=["star"]).targets)
+    baseline.iterations[0], baseline.spent[0] = 7, 24
+    assert baseline.target_forward_equivalents(0) == 24  # rounds are forwards only
 
 
 def _grad_mode_of(source: str) -> GradientMode | None:

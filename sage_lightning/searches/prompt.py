@@ -267,6 +267,17 @@ class PromptSearch(TargetSearch):
         """UNet evaluations target ``target`` used: its sign steps plus its prompt evaluations and re-ranks."""
         return int(self.iterations[target]) * self.step_cost() + int(self.spent[target])
 
+    def step_forward_equivalents(self) -> int:
+        """Compute of one sign step in forward-equivalents (SAGE_METHOD.md's unit, as
+        :meth:`TargetSearch.forward_equivalents`): a sampling call, and a backward through each graphed step
+        at two forwards (three with checkpointing). Needs no model weights, so a baseline can match it."""
+        return TargetSearch.forward_equivalents(self, 1) - TargetSearch.forward_equivalents(self, 0)
+
+    def target_forward_equivalents(self, target: int) -> int:
+        """Compute target ``target`` used, in forward-equivalents: its sign steps plus its prompt evaluations
+        and re-ranks (forwards only)."""
+        return int(self.iterations[target]) * self.step_forward_equivalents() + int(self.spent[target])
+
     # ----------------------------------------------------------------------------- state changes
     def conclude(self, rounds: dict[int, tuple[str | None, PromptEvaluation | None, int]]) -> None:
         """Apply this rank's finished rounds ``{target: (word, evaluation, unet_evaluations)}`` on every rank.

@@ -24,8 +24,9 @@ class RandomWordSearch(PromptSearch):
 
     Args:
         rounds: words drawn per target (over all chains); default ``max_words`` (one chain).
-        match_sage_steps_per_word: if given, ``rounds`` = the most rounds that cost no more UNet evaluations
-            than SAGE with this K (and the same L, S, sampler and grad_mode) spends on one target.
+        match_sage_steps_per_word: if given, ``rounds`` = the most rounds that cost no more forward-equivalents
+            than SAGE with this K (and the same L, S, sampler and grad_mode) spends on one target: a round is
+            forwards only, a SAGE sign step also a backward (:meth:`PromptSearch.step_forward_equivalents`).
     """
 
     def __init__(self, *args, rounds: int | None = None, match_sage_steps_per_word: int | None = None, **kwargs):
@@ -34,7 +35,8 @@ class RandomWordSearch(PromptSearch):
         if match_sage_steps_per_word is not None:
             if match_sage_steps_per_word < 1:
                 raise SageError(f"match_sage_steps_per_word={match_sage_steps_per_word} must be at least 1")
-            sage_words = self.max_words * (match_sage_steps_per_word * self.step_cost() + self.eval_cost())
+            sage_step = self.step_forward_equivalents()
+            sage_words = self.max_words * (match_sage_steps_per_word * sage_step + self.eval_cost())
             rounds = sage_words // self.eval_cost()
         rounds = self.max_words if rounds is None else rounds
         if rounds < 1:
@@ -63,6 +65,10 @@ class RandomWordSearch(PromptSearch):
         super().setup(stage)
 
     def unet_evaluations(self, target: int) -> int:
+        return int(self.spent[target])
+
+    def target_forward_equivalents(self, target: int) -> int:
+        """Forwards only: the rounds' prompt evaluations."""
         return int(self.spent[target])
 
     def exhausted(self, target: int) -> bool:
