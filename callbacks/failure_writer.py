@@ -5,6 +5,9 @@ the last attempt), ``latents/NNNNN.safetensors`` (z, z0) and a line in ``results
 ``summary.json`` (SSR(A), NGR, cost per failure) and ``gallery.png`` (clean | failure pairs).
 A target whose clean image (z0, iteration 0) already fails D is recorded with ``already_failing``: SAGE
 searches from samples the model gets right, so it is left out of SSR (:func:`target_summary`).
+Where the model has a judge (ShapesWorld), each line holds the judge's verdict on the clean image
+(``clean_judge``) and ``summary.json`` how often D and the judge agree on the clean images
+(``clean_agreement``, :func:`~sage_lightning.metrics.judge_agreement`).
 Under DDP every rank writes its own targets' files; rank 0 writes the lines, gathered after each step.
 """
 
@@ -17,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torchvision.utils import make_grid
 
-from sage_lightning.metrics import gaussianity, non_gaussian_rate, target_summary
+from sage_lightning.errors import SageError
+from sage_lightning.metrics import gaussianity, judge_agreement, non_gaussian_rate, target_summary
 from sage_lightning.results import RunFolder
 from sage_lightning.surrogate.ensemble import member_names
 
@@ -30,11 +34,34 @@ def _gather(records: list[dict]) -> list[dict]:
     return records
 
 
-class FailureWriter(L.Callback):
-    """Writes each finished target of a search (see module docstring). ``gallery_size``: pairs shown."""
+JUDGES = ("auto", "shapesworld")
 
-    def __init__(self, gallery_size: int = 16) -> None:
-        self.gallery_size = gallery_size
+
+def shapesworld_judge(images: torch.Tensor) -> list[str | None]:
+    """ShapesWorld's geometric judge on uint8 images ``[N, 3, H, W]``."""
+    from sage_lightning.shapesworld.judge import judge_shapes
+
+    return judge_shapes(images.permute(0, 2, 3, 1).contiguous().numpy())
+
+
+class FailureWriter(L.Callback):
+    """Writes each finished target of a search (see module docstring).
+
+    Args:
+        gallery_size: pairs shown in ``gallery.png``.
+        judge: ``"auto"`` (ShapesWorld's judge when the model is ShapesWorld), ``"shapesworld"``, or None.
+    """
+
+    def __init__(self, gallery_size: int = 16, judge: str | None = "auto") -> None:
+        if judge is not None and judge not in JUDGES:
+            raise SageError(f"judge={judge!r} is unknown: use 'auto', 'shapesworld' or null")
+        self.gallery_size, self.judge = gallery_size, judge
+
+    def judge_of(self, pl_module):
+        """The judge of this run (a function of uint8 images ``[N, 3, H, W]``), or None."""
+        if self.judge == "shapesworld" or (self.judge == "auto" and pl_module.diffusion_source == "shapesworld"):
+            return shapesworld_judge
+        return None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.run = RunFolder(trainer.default_root_dir)
@@ -55,8 +82,19 @@ class FailureWriter(L.Callback):
             "loss": float(out.output.per_sample_loss[k]),
             "probs": {n: float(out.output.probs[m, k]) for m, n in enumerate(names)},
             "top1": {n: class_names[int(out.output.topk[m, k, 0])] for m, n in enumerate(names)},
-            "ngr": gaussianity(z), **paths,
+            "ngr": gaussianity(z), **paths, **self.judge_clean(pl_module, paths["clean_image"]),
         }
+
+    def judge_clean(self, pl_module, clean_image: str) -> dict[str, str | None]:
+        """``{"clean_judge": shape}``: the judge's verdict on the saved clean image (read back, so a resumed run
+        judges the same pixels); empty when the run has no judge."""
+        judge = self.judge_of(pl_module)
+        if judge is None:
+            return {}
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
+
+        return {"clean_judge": judge(pil_to_tensor(Image.open(self.run.root / clean_image).convert("RGB"))[None])[0]}
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -95,11 +133,17 @@ class FailureWriter(L.Callback):
             "median_unet_evaluations_per_failure": _median([r["unet_evaluations"] for r in found]),
             "median_forward_equivalents_per_failure": _median([r["forward_equivalents"] for r in found]),
         }
+        judged = [r for r in results if "clean_judge" in r]  # D's clean decision: failing at iteration 0
+        if judged:
+            summary["clean_agreement"] = judge_agreement(
+                [r["already_failing"] for r in judged], [r["clean_judge"] for r in judged], [r["class"] for r in judged]
+            )
         (self.run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if found:
             self.write_gallery(found[: self.gallery_size])
         where = f"{self.run.root.resolve()}/results.jsonl, images/, gallery.png"
-        print("\n" + summary_line(summary, "failures", f", NGR {summary['ngr']:.2f}", where))
+        measures = f", NGR {summary['ngr']:.2f}" + agreement_note(summary)
+        print("\n" + summary_line(summary, "failures", measures, where))
 
     def write_gallery(self, found: list[dict]) -> None:
         from PIL import Image
@@ -128,6 +172,14 @@ def summary_line(summary: dict, noun: str, measures: str, where: str) -> str:
             "stopped (counted as not found): resume with --ckpt_path last"
         )
     return f"{line}. Results: {where}"
+
+
+def agreement_note(summary: dict) -> str:
+    """The summary line's note on D and the judge (``clean_agreement``), or nothing without a judge."""
+    agreement = summary.get("clean_agreement")
+    if not agreement or not agreement["images"]:
+        return ""
+    return f", D and judge agree on {agreement['agree']} of {agreement['images']} clean images"
 
 
 def _median(values: list[float]) -> float | None:

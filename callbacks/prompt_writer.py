@@ -4,7 +4,8 @@ Per target: ``images/NNNNN_wK.png`` (the grid of the S evaluation images of the 
 ``_w0`` is the bare template) and a line in ``results.jsonl`` with the prompt, the words in order, the
 per-seed decisions of D, each member's probabilities per seed, the judge's verdict (where the model has
 a judge), the history of rounds and the cost in UNet evaluations. At the end: ``summary.json``
-(SSR(A), SSR(J), cost per failure) and ``gallery.png`` (template | failing prompt grids). A target whose
+(SSR(A), SSR(J), cost per failure; with a judge, how often D and the judge agree on the bare template's
+images, ``clean_agreement``) and ``gallery.png`` (template | failing prompt grids). A target whose
 bare template already fails D is recorded with ``already_failing`` and left out of SSR (SAGE searches from
 prompts the model gets right).
 Each rank saves the grids of the prompts it evaluated; rank 0 writes the lines (the search already
@@ -18,8 +19,8 @@ import json
 import torch
 from torchvision.utils import make_grid
 
-from callbacks.failure_writer import FailureWriter, _median, summary_line
-from sage_lightning.metrics import target_summary
+from callbacks.failure_writer import FailureWriter, _median, agreement_note, summary_line
+from sage_lightning.metrics import judge_agreement, target_summary
 from sage_lightning.searches.base import FOUND
 from sage_lightning.searches.prompt import majority
 from sage_lightning.surrogate.ensemble import member_names
@@ -100,9 +101,17 @@ class PromptResultWriter(FailureWriter):
             "median_unet_evaluations_per_failure": _median([r["unet_evaluations"] for r in found]),
             "median_forward_equivalents_per_failure": _median([r["forward_equivalents"] for r in found]),
         }
+        clean = [(r, rnd) for r in results for rnd in r["rounds"][:1] if rnd.get("judged") is not None]
+        if clean:  # per seed of each bare template
+            summary["clean_agreement"] = judge_agreement(
+                [d for _, rnd in clean for d in rnd["decisions"]],
+                [j for _, rnd in clean for j in rnd["judged"]],
+                [r["class"] for r, rnd in clean for _ in rnd["decisions"]],
+            )
         (self.run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         pairs = [r for r in found if r["clean_image"] and r["image"] and r["words"]]
         if pairs:
             self.write_gallery(pairs[: self.gallery_size])
         ssr_j = "" if summary["ssr_judge"] is None else f", SSR(J) {summary['ssr_judge']:.2f}"
+        ssr_j += agreement_note(summary)
         print("\n" + summary_line(summary, "failing prompts", ssr_j, f"{self.run.root.resolve()}/results.jsonl"))

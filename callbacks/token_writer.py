@@ -8,8 +8,9 @@ without the token (each rank its share) and written as:
 * ``images/heldout_NNNNN_without.png`` / ``_with.png`` and ``grid.png`` (top row without, bottom with);
 * ``results.jsonl``: one line per held-out prompt: each member's probability of the target and top-1,
   the ensemble hit (every member's top-1 is the target), the judge's verdict where there is a judge;
-* ``summary.json``: hit rates with and without the token (ensemble, judge) and the CLIP scores
-  (from ``callbacks.ClipScoreLogger``, when it runs).
+* ``summary.json``: hit rates with and without the token (ensemble, judge), the CLIP scores
+  (from ``callbacks.ClipScoreLogger``, when it runs) and, with a judge, how often D and the judge agree on
+  the clean images (held out, without the token; ``clean_agreement``).
 """
 
 from __future__ import annotations
@@ -20,20 +21,11 @@ import torch
 from torchvision.utils import make_grid
 
 from callbacks.clip_score import SCORE_KEYS
-from callbacks.failure_writer import FailureWriter, _gather
-from sage_lightning.errors import SageError
-from sage_lightning.metrics import success_rate
+from callbacks.failure_writer import FailureWriter, _gather, agreement_note
+from sage_lightning.metrics import judge_agreement, success_rate
 from sage_lightning.surrogate.ensemble import member_names
 
 TOKEN_FILE = "token.safetensors"
-JUDGES = ("auto", "shapesworld")
-
-
-def shapesworld_judge(images: torch.Tensor) -> list[str | None]:
-    """ShapesWorld's geometric judge on uint8 images ``[N, 3, H, W]``."""
-    from sage_lightning.shapesworld.judge import judge_shapes
-
-    return judge_shapes(images.permute(0, 2, 3, 1).contiguous().numpy())
 
 
 class TokenWriter(FailureWriter):
@@ -45,15 +37,7 @@ class TokenWriter(FailureWriter):
     """
 
     def __init__(self, grid_size: int = 8, judge: str | None = "auto") -> None:
-        super().__init__(gallery_size=grid_size)
-        if judge is not None and judge not in JUDGES:
-            raise SageError(f"judge={judge!r} is unknown: use 'auto', 'shapesworld' or null")
-        self.judge = judge
-
-    def judge_of(self, pl_module):
-        if self.judge == "shapesworld" or (self.judge == "auto" and pl_module.diffusion_source == "shapesworld"):
-            return shapesworld_judge
-        return None
+        super().__init__(gallery_size=grid_size, judge=judge)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Nothing per step: the token is evaluated once, at the end."""
@@ -64,6 +48,7 @@ class TokenWriter(FailureWriter):
         verdict = judged[k] if judged is not None else None
         return {
             "hit": bool(evaluation.hit[k]),
+            "d_failed": bool(evaluation.failed[k]),  # D on the prompt's own class
             "p_target": {n: float(evaluation.probs[m, k]) for m, n in enumerate(names)},
             "top1": {n: class_names[int(evaluation.top1[m, k])] for m, n in enumerate(names)},
             "judge": verdict,
@@ -120,12 +105,17 @@ class TokenWriter(FailureWriter):
             "token_norm": float(pl_module.token.detach().norm()),
             "token": TOKEN_FILE,
         }
+        if results and results[0]["without_token"]["judge_hit"] is not None:
+            clean = [r["without_token"] for r in results]
+            summary["clean_agreement"] = judge_agreement(
+                [c["d_failed"] for c in clean], [c["judge"] for c in clean], [r["class"] for r in results]
+            )
         (self.run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.write_grid(results[: self.gallery_size])
         print(
             f"\nSAGE universal token -> {summary['target_class']!r}: held-out hit rate (ensemble) "
             f"{summary['hit_rate_ensemble']['with_token']:.2f} with the token, "
-            f"{summary['hit_rate_ensemble']['without_token']:.2f} without. "
+            f"{summary['hit_rate_ensemble']['without_token']:.2f} without{agreement_note(summary)}. "
             f"Results: {self.run.root.resolve()}/summary.json, {TOKEN_FILE}, grid.png"
         )
 

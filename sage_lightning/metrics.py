@@ -59,3 +59,24 @@ def target_summary(
         "failures": failures,
         "ssr_discriminator": failures / searched if searched else None,
     }
+
+
+def judge_agreement(d_failed: Sequence[bool], judged: Sequence[str | None], classes: Sequence[str]) -> dict:
+    """How often D and the independent judge agree on clean images (issue 10 item 14): they agree on an image
+    when D declares a failure exactly when the judge does not see the image's class. Reported in every
+    ShapesWorld run, so a failure rule too lenient (or too strict) for the world shows at once.
+
+    ``d_failed[i]``: D's decision on clean image i; ``judged[i]``: the shape the judge sees (None: none);
+    ``classes[i]``: the class the image was generated for.
+    """
+    if not len(d_failed) == len(judged) == len(classes):
+        raise ValueError(f"{len(d_failed)} decisions, {len(judged)} verdicts, {len(classes)} classes")
+    rows = [(bool(f), j != c) for f, j, c in zip(d_failed, judged, classes, strict=True)]
+    agree = sum(f == wrong for f, wrong in rows)
+    return {
+        "images": len(rows),
+        "agree": agree,
+        "rate": agree / len(rows) if rows else None,
+        "d_fails_judge_sees_class": sum(f and not wrong for f, wrong in rows),
+        "d_passes_judge_sees_other": sum(wrong and not f for f, wrong in rows),
+    }

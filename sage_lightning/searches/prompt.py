@@ -320,7 +320,10 @@ class PromptSearch(TargetSearch):
         else:
             self.last[t] = {k: item[k] for k in ("prompt", "decisions", "probs", "judged")}
             self.last[t]["words"] = len(self.words[t])
-            self.rounds[t].append({"words": len(self.words[t]), "failed_seeds": sum(item["decisions"])})
+            entry = {"words": len(self.words[t]), "failed_seeds": sum(item["decisions"])}
+            if item["word"] is None:  # the bare template's images are the clean ones (D/judge agreement)
+                entry.update(decisions=list(item["decisions"]), judged=item["judged"])
+            self.rounds[t].append(entry)
             if majority(item["decisions"]):
                 self.status[t], self.reason[t] = FOUND, "failure" if self.words[t] else "template fails"
             elif self.exhausted(t):

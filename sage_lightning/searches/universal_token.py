@@ -44,6 +44,7 @@ class HeldOutEvaluation:
     probs: Tensor  # [M, n] each member's probability of the target class
     top1: Tensor  # [M, n] each member's top-1 class index
     hit: Tensor  # [n] bool: every member's top-1 is the target class
+    failed: Tensor  # [n] bool: D declares a failure for each prompt's own class
 
 
 class UniversalTokenSearch(TargetSearch):
@@ -229,13 +230,16 @@ class UniversalTokenSearch(TargetSearch):
         from sage_lightning.results import to_uint8
 
         mine = self.rank_share(self.held_out)
-        images, probs, top1 = [], [], []
+        images, probs, top1, failed = [], [], [], []
+        ensemble = self.frozen.ensemble
         for start in range(0, len(mine), self.eval_batch_size):
             chunk = mine[start : start + self.eval_batch_size]
             batch = self.render(chunk, with_token)
-            member_probs = self.frozen.ensemble.member_probs(batch)  # [M, b, C]
+            member_probs = ensemble.member_probs(batch)  # [M, b, C]
             probs.append(member_probs[..., int(self.target_index)].cpu())
             top1.append(member_probs.argmax(-1).cpu())
+            own = torch.tensor([ensemble.class_names.index(t.class_name) for t in chunk])
+            failed.append(ensemble.from_probs(member_probs, own).failed.cpu())
             images += [torch.from_numpy(to_uint8(image)).permute(2, 0, 1) for image in batch]
         members = len(self.frozen.ensemble.members)
         top1 = torch.cat(top1, 1) if top1 else torch.zeros(members, 0, dtype=torch.long)
@@ -245,6 +249,7 @@ class UniversalTokenSearch(TargetSearch):
             probs=torch.cat(probs, 1) if probs else torch.zeros(members, 0),
             top1=top1,
             hit=(top1 == int(self.target_index)).all(0),
+            failed=torch.cat(failed) if failed else torch.zeros(0, dtype=torch.bool),
         )
         self._evaluations[with_token] = (key, evaluation)
         return evaluation

@@ -1,0 +1,82 @@
+"""How often D and the judge agree on the clean images, reported in every run that has a judge (ShapesWorld
+runs: judge "auto"), for each search (issue 10 item 14)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+
+from callbacks import ClampPerturbation, FailureWriter, PromptResultWriter, TokenWriter
+from datamodules import ClassPromptDataModule, PromptSetDataModule
+from sage_lightning.candidates import WordListCandidates
+from sage_lightning.metrics import judge_agreement
+from sage_lightning.searches import LatentSearch, PromptSearch, UniversalTokenSearch
+
+COMMON = {"diffusion": "tiny", "num_steps": 2, "guidance_scale": 1.0}
+
+
+def test_agreement_counts_both_kinds_of_disagreement():
+    out = judge_agreement(
+        d_failed=[False, True, True, False, False],
+        judged=["star", "ring", "star", None, "ring"],
+        classes=["star", "star", "star", "star", "ring"],
+    )
+    assert out == {"images": 5, "agree": 3, "rate": 0.6, "d_fails_judge_sees_class": 1, "d_passes_judge_sees_other": 1}
+    assert judge_agreement([], [], [])["rate"] is None
+
+
+def test_shapesworld_runs_are_judged_by_default():
+    assert FailureWriter().judge_of(SimpleNamespace(diffusion_source="shapesworld")) is not None
+    assert FailureWriter().judge_of(SimpleNamespace(diffusion_source="tiny")) is None
+    assert FailureWriter(judge=None).judge_of(SimpleNamespace(diffusion_source="shapesworld")) is None
+
+
+def _fit(search, data, writer, tmp_path, callbacks=()) -> tuple[dict, list[dict]]:
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=2, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[*callbacks, writer],
+    )
+    trainer.fit(search, datamodule=data)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    return summary, results
+
+
+def test_latent_search_reports_agreement_on_the_clean_images(tmp_path):
+    search = LatentSearch(max_iterations=1, **COMMON)
+    data = ClassPromptDataModule(classes=["ring", "heart"], seeds_per_class=1, batch_size=2)
+    summary, results = _fit(search, data, FailureWriter(judge="shapesworld"), tmp_path, [ClampPerturbation(-1, 1)])
+    assert len(results) == 2 and all("clean_judge" in r for r in results)
+    expected = judge_agreement(
+        [r["already_failing"] for r in results], [r["clean_judge"] for r in results], [r["class"] for r in results]
+    )
+    assert summary["clean_agreement"] == expected and expected["images"] == 2
+
+
+def test_prompt_search_reports_agreement_on_every_template_image(tmp_path):
+    search = PromptSearch(candidates=WordListCandidates(["red", "blue"]), max_words=1, steps_per_word=1,
+                          eval_seeds=3, judge="shapesworld", **COMMON)
+    data = ClassPromptDataModule(classes=["ring", "heart"], seeds_per_class=1, batch_size=2)
+    summary, results = _fit(search, data, PromptResultWriter(), tmp_path, [ClampPerturbation(-2.5, 2.5)])
+    template = [r["rounds"][0] for r in results]
+    assert all(len(t["judged"]) == len(t["decisions"]) == 3 for t in template)
+    assert summary["clean_agreement"]["images"] == 6
+
+
+@pytest.mark.parametrize("judge", ["shapesworld", None])
+def test_universal_token_reports_agreement_on_the_held_out_images_without_token(judge, tmp_path):
+    search = UniversalTokenSearch(target="star", max_iterations=1, **COMMON)
+    data = PromptSetDataModule(classes=["ring", "heart"], seeds_per_class=1, batch_size=2,
+                               held_out_templates=["a drawing of a {}"])
+    summary, results = _fit(search, data, TokenWriter(grid_size=2, judge=judge), tmp_path)
+    if judge is None:
+        assert "clean_agreement" not in summary
+        return
+    clean = [r["without_token"] for r in results]
+    classes = [r["class"] for r in results]
+    expected = judge_agreement([c["d_failed"] for c in clean], [c["judge"] for c in clean], classes)
+    assert summary["clean_agreement"] == expected and expected["images"] == 2
