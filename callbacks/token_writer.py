@@ -113,7 +113,7 @@ class TokenWriter(FailureWriter):
         (self.run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.write_grid(results[: self.gallery_size])
         print(
-            f"\nSAGE universal token -> {summary['target_class']!r}: held-out hit rate (ensemble) "
+            f"\n{type(pl_module).__name__} summary: token -> {summary['target_class']!r}: held-out hit rate (ensemble) "
             f"{summary['hit_rate_ensemble']['with_token']:.2f} with the token, "
             f"{summary['hit_rate_ensemble']['without_token']:.2f} without{agreement_note(summary)}. "
             f"Results: {self.run.root.resolve()}/summary.json, {TOKEN_FILE}, grid.png"

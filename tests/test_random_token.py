@@ -77,8 +77,10 @@ def test_cli_run_writes_the_random_token_and_its_hit_rates(tmp_path):
     config.write_text(yaml.safe_dump(cfg))
     path = _reference(tmp_path)
     run = tmp_path / "run"
-    sage("fit", "--config", str(config), "--config", str(REPO / "configs" / "random_token.yaml"),
-         "--model.init_args.reference", str(path), "--trainer.default_root_dir", str(run))
+    proc = sage("fit", "--config", str(config), "--config", str(REPO / "configs" / "random_token.yaml"),
+                "--model.init_args.reference", str(path), "--trainer.default_root_dir", str(run))
+    (line,) = [line for line in proc.stdout.splitlines() if " summary: " in line]
+    assert line.startswith("RandomTokenSearch summary: token -> 'star'") and "SAGE" not in line  # names the search
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 0 and summary["token_norm"] == pytest.approx(3.7, rel=1e-5)
     with safe_open(str(run / "token.safetensors"), "pt") as f:
