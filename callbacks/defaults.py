@@ -1,4 +1,8 @@
-"""The callbacks every search run needs, whatever the config lists: the per-pass checkpoint and the writer."""
+"""The callback every search run needs, whatever the config lists: the per-pass checkpoint.
+
+The result writer is the search's own (``TargetSearch.result_writer``, added by its ``configure_callbacks``),
+so the CLI never decides which writer a search gets.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,10 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.checkpoint import IterationCheckpoint
-from callbacks.failure_writer import FailureWriter
 
 
 def missing_run_callbacks(root: str | Path, given: list[L.Callback]) -> list[L.Callback]:
-    """``IterationCheckpoint(root/checkpoints)`` and ``FailureWriter`` unless ``given`` has them."""
-    extra: list[L.Callback] = []
-    if not any(isinstance(c, ModelCheckpoint) for c in given):
-        extra.append(IterationCheckpoint(dirpath=str(Path(root) / "checkpoints")))
-    if not any(isinstance(c, FailureWriter) for c in given):
-        extra.append(FailureWriter())
-    return extra
+    """``IterationCheckpoint(root/checkpoints)`` unless ``given`` has a checkpoint callback."""
+    if any(isinstance(c, ModelCheckpoint) for c in given):
+        return []
+    return [IterationCheckpoint(dirpath=str(Path(root) / "checkpoints"))]

@@ -17,21 +17,15 @@ import json
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torchvision.utils import make_grid
 
 from sage_lightning.errors import SageError
 from sage_lightning.metrics import gaussianity, judge_agreement, non_gaussian_rate, target_summary
 from sage_lightning.results import RunFolder
+from sage_lightning.searches.base import all_gather_objects
 from sage_lightning.surrogate.ensemble import member_names
 
-
-def _gather(records: list[dict]) -> list[dict]:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        everyone: list[list[dict] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, records)
-        return [r for part in everyone for r in (part or [])]
-    return records
+_gather = all_gather_objects  # every rank's records, in rank order
 
 
 JUDGES = ("auto", "shapesworld")

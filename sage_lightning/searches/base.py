@@ -10,6 +10,7 @@ by DDP, which leaves the sign (the only thing a sign-gradient step uses) unchang
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -71,8 +72,27 @@ def default_max_iterations(diffusion: str) -> int:
     return CPU_WORLD_ITERATIONS if diffusion in ("shapesworld", "tiny") else PAPER_ITERATIONS
 
 
+def import_class(path: str) -> type:
+    """The class at ``module.Name`` (a search names its callbacks this way: no import of an upper layer)."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def all_gather_objects(items: list) -> list:
+    """Every rank's ``items`` concatenated, in rank order (``items`` itself without DDP)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list[list | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, items)
+        return [item for part in everyone for item in (part or [])]
+    return items
+
+
 class TargetSearch(L.LightningModule):
     """Base of the searches. Subclasses define the adversarial parameters and ``training_step``.
+
+    A search names its result writer (``result_writer``) and the callbacks its method needs
+    (:meth:`method_callbacks`) by class path; :meth:`configure_callbacks` adds those a run lacks, so the CLI
+    and a plain ``Trainer`` get the same run folder.
 
     Args:
         diffusion: model source for :func:`sage_lightning.loading.load_diffusion` (``shapesworld``,
@@ -126,7 +146,19 @@ class TargetSearch(L.LightningModule):
         self.step_outputs: StepOutputs | None = None
         self.stepped_targets = torch.zeros(0, dtype=torch.long)
 
+    result_writer = "callbacks.failure_writer.FailureWriter"
+
     # ----------------------------------------------------------------------------------- set-up
+    def method_callbacks(self) -> list[str]:
+        """Class paths of the callbacks that are part of this search's method (beyond its writer)."""
+        return []
+
+    def configure_callbacks(self):
+        """The result writer and the method's callbacks, each added when the run has none of its class."""
+        have = list(self.trainer.callbacks) if self._trainer is not None else []
+        needed = [import_class(path) for path in (self.result_writer, *self.method_callbacks())]
+        return [cls() for cls in needed if not any(isinstance(c, cls) for c in have)]
+
     @property
     def frozen(self) -> _Frozen:
         if self._frozen is None:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from sage_lightning.candidates import Candidate, CandidateSource, WordFilter
 from sage_lightning.errors import SageError
 from sage_lightning.sampler import FullGradient
-from sage_lightning.searches.base import EXHAUSTED, FOUND, RUNNING, TargetSearch
+from sage_lightning.searches.base import EXHAUSTED, FOUND, RUNNING, TargetSearch, all_gather_objects
 from sage_lightning.surrogate.classnames import class_synonyms
 from sage_lightning.targets import seeded_latent
 from sage_lightning.text import slot
@@ -167,14 +167,11 @@ class PromptSearch(TargetSearch):
             self.filters[class_name] = WordFilter(self.frozen.model.tokenizer, excluded, self.multi_token, others)
         return self.filters[class_name]
 
-    def configure_callbacks(self):
-        """TokenSnapping and the prompt writer are part of the method: added when the config has none."""
-        from callbacks.prompt_writer import PromptResultWriter
-        from callbacks.token_snapping import TokenSnapping
+    result_writer = "callbacks.prompt_writer.PromptResultWriter"
 
-        have = list(self.trainer.callbacks) if self._trainer is not None else []
-        needed = [PromptResultWriter] + ([TokenSnapping] if self.automatic_optimization else [])
-        return [cls() for cls in needed if not any(isinstance(c, cls) for c in have)]
+    def method_callbacks(self) -> list[str]:
+        """Token snapping is part of the method (added when the config has none; not for the baselines)."""
+        return ["callbacks.token_snapping.TokenSnapping"] if self.automatic_optimization else []
 
     # ---------------------------------------------------------------------------------- prompts
     def prompt_of(self, target: int, extra: list[str] | tuple[str, ...] = ()) -> str:
@@ -412,9 +409,7 @@ class PromptSearch(TargetSearch):
 
 
 def _all_gather(items: list[dict]) -> list[dict]:
-    from callbacks.failure_writer import _gather
-
-    return sorted(_gather(items), key=lambda i: i["target"])
+    return sorted(all_gather_objects(items), key=lambda i: i["target"])
 
 
 def majority(decisions: list[bool]) -> bool:

@@ -107,11 +107,7 @@ class UniversalTokenSearch(TargetSearch):
             )
         self.prepare(datamodule.targets, datamodule.held_out)
 
-    def configure_callbacks(self):
-        """The token's writer replaces the CLI's default ``FailureWriter`` unless the config lists one."""
-        from callbacks.token_writer import TokenWriter
-
-        return [] if any(isinstance(c, TokenWriter) for c in self.trainer.callbacks) else [TokenWriter()]
+    result_writer = "callbacks.token_writer.TokenWriter"
 
     def _drop_target_class(self, targets: list[Target], known: list[str]) -> list[Target]:
         (index,) = self._resolve_target(known)
