@@ -2,14 +2,14 @@
 
 Runs ``sage fit --config configs/prompt_search.yaml`` (SAGE: L words of K sign steps, S-seed majority rule)
 and the random-word baseline (``configs/prompt_random.yaml``: random whole words from the same candidate
-source, the same S seeds and rule, at the same UNet-evaluation budget), one target per class, then prints:
+source, the same S seeds and rule, at the same forward-equivalent budget), one target per class, then prints:
 
 * the share of classes with a failing natural prompt (at least one appended word) found by D, and the
   share also confirmed by ShapesWorld's geometric judge (a strict majority of the S images judged not
   to show the class);
-* classes whose bare template already fails (reported apart: no word is credited for them);
-* the median cost per found failure, in UNet evaluations (sign steps forward + backward, prompt
-  evaluations), and the median number of words.
+* classes whose bare template already fails (reported apart and left out of the two shares above);
+* the median cost per found failure, in forward-equivalents (a UNet forward = 1, a backward = 2, a
+  checkpointed recompute = 1 more: sign steps and prompt evaluations), and the median number of words.
 
 Examples::
 
@@ -95,13 +95,14 @@ def row(name: str, rows: list[dict], seconds: float) -> list[str]:
     confirmed = sorted({r["class"] for r in found if r["judge"] and r["judge"]["confirmed"]})
     judged = any(r["judge"] for r in rows)
     n = len(classes)
-    cost = statistics.median(r["unet_evaluations"] for r in found) if found else None
+    m = n - len(template)  # SSR leaves out the classes whose template already fails (README, "What a run writes")
+    cost = statistics.median(r["forward_equivalents"] for r in found) if found else None
     words = statistics.median(len(r["words"]) for r in found) if found else None
     return [
-        name, str(n), f"{len(template)}/{n}", f"{len(found_classes)}/{n} ({len(found_classes) / n:.0%})",
-        f"{len(confirmed)}/{n} ({len(confirmed) / n:.0%})" if judged else "no judge",
+        name, str(n), f"{len(template)}/{n}", f"{len(found_classes)}/{m} ({len(found_classes) / max(m, 1):.0%})",
+        f"{len(confirmed)}/{m} ({len(confirmed) / max(m, 1):.0%})" if judged else "no judge",
         "-" if cost is None else f"{cost:,.0f}", "-" if words is None else f"{words:g}",
-        f"{max(r['unet_evaluations'] for r in rows):,}", "-" if seconds != seconds else f"{seconds:.0f}",
+        f"{max(r['forward_equivalents'] for r in rows):,}", "-" if seconds != seconds else f"{seconds:.0f}",
     ]
 
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.threads)
 
     head = ["method", "classes", "template already fails", "failing prompt found (D)", "confirmed by judge",
-            "median UNet evals / found failure", "median words", "budget / class (UNet evals)", "wall s"]
+            "median forward-eq. / found failure", "median words", "budget / class (forward-eq.)", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     sage_rows, rand_rows = read(out / "sage"), read(out / "random")
     lines.append("| " + " | ".join(row(f"SAGE prompt search (L={args.max_words}, K={args.steps_per_word})",
