@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from sage_lightning.errors import SageError
+from sage_lightning.loading import check_lm_source, load_causal_lm
 
 
 @dataclass(frozen=True)
@@ -101,28 +101,14 @@ class CausalLMCandidates(CandidateSource):
         self.source = model_name_or_path
         self.top_k, self.min_prob, self.max_word_tokens = top_k, min_prob, max_word_tokens
         self.local_files_only, self.device = local_files_only, device
-        self.path, self.is_local = _resolve_lm(model_name_or_path)
+        check_lm_source(model_name_or_path)  # a missing folder is named now, before anything loads
         self._model = self._tokenizer = None
 
     def load(self) -> None:
+        """The language model and its tokenizer, through ``loading.load_causal_lm`` (the one door to weights)."""
         if self._model is not None:
             return
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        where = str(self.path) if self.is_local else self.source
-        offline = self.local_files_only or self.is_local
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(
-                where, local_files_only=offline, trust_remote_code=False, dtype=torch.float32
-            )
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SageError(
-                f"cannot load the candidate language model {self.source!r} ({first[:200]}): check the hub id or "
-                "folder, or your network / local_files_only"
-            ) from err
-        self._tokenizer, self._model = tokenizer, model.requires_grad_(False).eval().to(self.device)
+        self._tokenizer, self._model = load_causal_lm(self.source, self.local_files_only, self.device)
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -176,21 +162,6 @@ class CausalLMCandidates(CandidateSource):
             if is_whole_word(word) and word not in out:
                 out[word] = Candidate(word, p)
         return list(out.values())
-
-
-def _resolve_lm(source: str) -> tuple[Path, bool]:
-    from sage_lightning.loading import SHAPESWORLD_DIR
-
-    if source == "shapesworld":
-        path = SHAPESWORLD_DIR / "lm"
-        if not (path / "config.json").exists():
-            raise SageError(f"ShapesWorld's language model is missing at {path}: reinstall sage-lightning")
-        return path, True
-    path = Path(source).expanduser()
-    local = source.startswith((".", "/", "~")) or path.exists()
-    if local and not (path / "config.json").exists():
-        raise SageError(f"language model folder {source!r} does not exist or has no config.json")
-    return path, local
 
 
 class WordFilter:

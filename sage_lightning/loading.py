@@ -318,6 +318,42 @@ def load_diffusion(
     return model.freeze().to(device, None if torch_dtype == torch.float32 else torch_dtype)
 
 
+def check_lm_source(source: str) -> tuple[Path, bool]:
+    """Where a causal language model ``source`` points and whether it is local (``"shapesworld"``: the world's
+    own LM); SageError at once for a missing folder."""
+    if source == "shapesworld":
+        path = SHAPESWORLD_DIR / "lm"
+        if not (path / "config.json").exists():
+            raise SageError(f"ShapesWorld's language model is missing at {path}: reinstall sage-lightning")
+        return path, True
+    path = Path(source).expanduser()
+    local = source.startswith((".", "/", "~")) or path.exists()
+    if local and not (path / "config.json").exists():
+        raise SageError(f"language model folder {source!r} does not exist or has no config.json")
+    return path, local
+
+
+def load_causal_lm(source: str, local_files_only: bool = False, device: str = "cpu"):
+    """``(tokenizer, model)`` of a Hugging Face causal LM (hub id, folder or ``"shapesworld"``), frozen, float32,
+    on ``device``; ``trust_remote_code`` is never set (prompt search's candidate words)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, is_local = check_lm_source(source)
+    where, offline = (str(path) if is_local else source), local_files_only or is_local
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, local_files_only=offline, trust_remote_code=False, dtype=torch.float32
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SageError(
+            f"cannot load the candidate language model {source!r} ({first[:200]}): check the hub id or "
+            "folder, or your network / local_files_only"
+        ) from err
+    return tokenizer, model.requires_grad_(False).eval().to(device)
+
+
 def known_sources() -> list[str]:
     return ["shapesworld", "tiny"]
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import REPO
 
 from callbacks import FailureWriter, PromptResultWriter, TokenSnapping, TokenWriter, missing_run_callbacks
-from sage_lightning.candidates import WordListCandidates
+from sage_lightning.candidates import CausalLMCandidates, WordListCandidates
 from sage_lightning.searches import (
     LatentSearch,
     PromptSearch,
@@ -55,3 +55,18 @@ WORDS = WordListCandidates(["red"])
 def test_each_search_names_its_writer_and_the_cli_adds_none(search, expected, tmp_path):
     assert [type(c) for c in search.configure_callbacks()] == expected
     assert not any(isinstance(c, FailureWriter) for c in missing_run_callbacks(tmp_path, []))
+
+
+def test_loading_is_the_one_door_to_weights():
+    """candidates.py asks loading.py for its language model; it calls no from_pretrained itself."""
+    from sage_lightning.loading import load_causal_lm
+
+    tree = ast.parse((REPO / "sage_lightning" / "candidates.py").read_text())
+    calls = {node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute)}
+    assert "from_pretrained" not in calls
+    tokenizer, model = load_causal_lm("shapesworld")
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    source = CausalLMCandidates("shapesworld")
+    source.load()
+    assert type(source._model) is type(model)
