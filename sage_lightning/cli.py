@@ -89,8 +89,11 @@ class _Trace:
         candidates = [p for p in self.root.rglob("*") if p.is_dir()] if self.root.is_dir() else []
         candidates += [self.root, *self.root.parents]
         for folder in sorted(candidates, key=lambda p: len(p.parts), reverse=True):
-            if folder not in self.existing and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+            try:
+                if folder not in self.existing and folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            except OSError:  # removed or filled meanwhile: leave it
+                continue
 
     def await_ranks(self, timeout: float = 60) -> None:
         """Return only after the other DDP ranks this process launched have exited (killed after ``timeout``)."""
@@ -246,10 +249,11 @@ def main(args: list[str] | None = None) -> None:
         if user_error is None:
             _trace.await_ranks()
             raise
-        _trace.remove_new_empty_folders()
-        if not _launched_rank():
-            print(f"sage: error: {shorten(' '.join(str(user_error).split()))}", file=sys.stderr)
+        if _launched_rank():  # rank 0 reports and cleans up for all
+            sys.exit(2)
+        print(f"sage: error: {shorten(' '.join(str(user_error).split()))}", file=sys.stderr)
         _trace.await_ranks()
+        _trace.remove_new_empty_folders()
         sys.exit(2)
 
 

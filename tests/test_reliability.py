@@ -292,6 +292,15 @@ def test_await_ranks_returns_after_every_launched_rank_exited():
     assert rank.poll() == 0 and time.time() - started > 1.0
 
 
+def test_ddp_user_error_is_one_line_from_rank_zero_and_leaves_nothing(tmp_path):
+    run = tmp_path / "ddp"
+    proc = sage("fit", "--config", TINY["latent_search"], "--trainer.default_root_dir", str(run), "--trainer.devices",
+                "2", "--trainer.strategy", "ddp", "--data.init_args.classes", "[stra]", check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 2 and errors == [errors[0]] and "unknown class 'stra'" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not run.exists() and _ranks_alive(str(run)) == []
+
+
 @pytest.mark.parametrize("targets", [3, 5])
 def test_ddp_with_uneven_targets_equals_one_device_and_returns_after_every_rank(targets, tmp_path):
     args = ["--config", TINY["latent_search"], "--data.init_args.classes", "[star]", "--data.init_args.seeds_per_class",
