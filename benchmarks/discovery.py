@@ -151,7 +151,10 @@ def judge_failed(run: Path, rows: list[dict]) -> dict[int, bool]:
 
 
 def outcomes(method: Method, run: Path, settings: dict, judge: bool) -> dict[int, dict]:
-    """Per target: class, found at iteration 0 (already failing), found, judge-confirmed, cost, outlier."""
+    """Per target: class, found at iteration 0 (already failing), found, judge-confirmed, cost, outlier.
+
+    The cost is the record's own ``forward_equivalents`` (the search's count); runs written before records
+    carried it are costed here with the same :meth:`forward_equivalents`."""
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines() if line.strip()]
     cost = (LatentSearch(grad_mode=method.grad_mode, **settings) if method.grad_mode else
             RandomLatentSearch(**settings)).forward_equivalents
@@ -160,7 +163,7 @@ def outcomes(method: Method, run: Path, settings: dict, judge: bool) -> dict[int
         r["target"]: {
             "class": r["class"], "already": r["found"] and r["iterations"] == 0, "found": r["found"],
             "confirmed": bool(confirmed.get(r["target"])) if judge else None,
-            "cost": cost(r["iterations"]), "outlier": r["ngr"]["outlier"],
+            "cost": r.get("forward_equivalents", cost(r["iterations"])), "outlier": r["ngr"]["outlier"],
         }
         for r in rows
     }
