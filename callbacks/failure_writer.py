@@ -76,19 +76,22 @@ class FailureWriter(L.Callback):
             "loss": float(out.output.per_sample_loss[k]),
             "probs": {n: float(out.output.probs[m, k]) for m, n in enumerate(names)},
             "top1": {n: class_names[int(out.output.topk[m, k, 0])] for m, n in enumerate(names)},
-            "ngr": gaussianity(z), **paths, **self.judge_clean(pl_module, paths["clean_image"]),
+            "ngr": gaussianity(z), **paths, **self.judge_saved(pl_module, paths),
         }
 
-    def judge_clean(self, pl_module, clean_image: str) -> dict[str, str | None]:
-        """``{"clean_judge": shape}``: the judge's verdict on the saved clean image (read back, so a resumed run
-        judges the same pixels); empty when the run has no judge."""
+    def judge_saved(self, pl_module, paths: dict[str, str]) -> dict[str, str | None]:
+        """``{"clean_judge": shape, "final_judge": shape}``: the judge's verdicts on the saved clean and final
+        images (read back, so a resumed run judges the same pixels); empty when the run has no judge."""
         judge = self.judge_of(pl_module)
         if judge is None:
             return {}
         from PIL import Image
         from torchvision.transforms.functional import pil_to_tensor
 
-        return {"clean_judge": judge(pil_to_tensor(Image.open(self.run.root / clean_image).convert("RGB"))[None])[0]}
+        images = torch.stack([pil_to_tensor(Image.open(self.run.root / paths[key]).convert("RGB"))
+                              for key in ("clean_image", "image")])
+        clean, final = judge(images)
+        return {"clean_judge": clean, "final_judge": final}
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -129,6 +132,11 @@ class FailureWriter(L.Callback):
         }
         judged = [r for r in results if "clean_judge" in r]  # D's clean decision: failing at iteration 0
         if judged:
+            # SSR(J): failures found by D that the judge confirms (it does not see the class in the final image)
+            confirmed = sum(r["final_judge"] != r["class"] for r in found)
+            summary["failures_confirmed_by_judge"] = confirmed
+            summary["ssr_judge"] = confirmed / summary["searched"] if summary["searched"] else None
+            summary["clean_judged_as_class"] = sum(r["clean_judge"] == r["class"] for r in judged)
             summary["clean_agreement"] = judge_agreement(
                 [r["already_failing"] for r in judged], [r["clean_judge"] for r in judged], [r["class"] for r in judged]
             )
@@ -173,7 +181,9 @@ def agreement_note(summary: dict) -> str:
     agreement = summary.get("clean_agreement")
     if not agreement or not agreement["images"]:
         return ""
-    return f", D and judge agree on {agreement['agree']} of {agreement['images']} clean images"
+    ssr_judge = summary.get("ssr_judge")
+    confirmed = "" if ssr_judge is None else f", SSR(J) {ssr_judge:.2f}"
+    return f"{confirmed}, D and judge agree on {agreement['agree']} of {agreement['images']} clean images"
 
 
 def _median(values: list[float]) -> float | None:

@@ -55,6 +55,13 @@ def test_latent_search_reports_agreement_on_the_clean_images(tmp_path):
         [r["already_failing"] for r in results], [r["clean_judge"] for r in results], [r["class"] for r in results]
     )
     assert summary["clean_agreement"] == expected and expected["images"] == 2
+    # SSR(J): D's failures that the judge confirms on the final image, over the searched targets
+    assert all("final_judge" in r for r in results)
+    searched = [r for r in results if not r["already_failing"]]
+    confirmed = sum(r["found"] and r["final_judge"] != r["class"] for r in searched)
+    assert summary["failures_confirmed_by_judge"] == confirmed
+    assert summary["ssr_judge"] == (confirmed / len(searched) if searched else None)
+    assert summary["clean_judged_as_class"] == sum(r["clean_judge"] == r["class"] for r in results)
 
 
 def test_prompt_search_reports_agreement_on_every_template_image(tmp_path):
