@@ -134,9 +134,10 @@ def test_run_finishes_every_target_and_spends_exactly_the_budget(reference_run):
     rows = _assert_every_target_finished_within_budget(reference_run, DRAWS)
     for r in rows:
         z = _latents(reference_run)[Path(r["latent"]).name]
-        if r["iterations"]:  # a draw: moved off z0, then put on the Gaussian shell by LatentProjection
+        if r["iterations"]:  # a draw: moved off z0, put on the Gaussian shell inside the box (LatentProjection)
             assert not torch.equal(z["z"], z["z0"])
             assert abs(z["z"].norm().item() / z["z"].numel() ** 0.5 - 1) < 1e-4
+            assert (z["z"] - z["z0"]).abs().max() <= 1.0 + 1e-5
         else:
             assert torch.equal(z["z"], z["z0"])
     assert (reference_run / "summary.json").is_file() and (reference_run / "checkpoints" / "last.ckpt").is_file()

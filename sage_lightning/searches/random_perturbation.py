@@ -45,9 +45,9 @@ class RandomPerturbationSearch(RandomLatentSearch):
             many SAGE iterations with this config's ``grad_mode`` (see :class:`RandomLatentSearch`).
         **kwargs: :class:`LatentSearch` (diffusion, ensemble, num_steps, guidance_scale, grad_mode, ...).
 
-    The box is the run's ``callbacks.ClampPerturbation`` range, so the baseline cannot drift from the
-    SAGE config it is compared with. Example (the same as
-    ``sage fit --config configs/latent_search.yaml --config configs/random_perturbation.yaml``)::
+    The box is the run's ``callbacks.ClampPerturbation`` range (their intersection if several, as
+    ``LatentProjection`` takes it), so the baseline cannot drift from the SAGE config it is compared with.
+    Example (the same as ``sage fit --config configs/latent_search.yaml --config configs/random_perturbation.yaml``)::
 
         search = RandomPerturbationSearch(diffusion="shapesworld", mode="corners", match_sage_iterations=20)
         trainer = L.Trainer(callbacks=[ClampPerturbation(-1, 1), LatentProjection()], ...)
@@ -65,17 +65,16 @@ class RandomPerturbationSearch(RandomLatentSearch):
         LatentSearch.init_parameters(self)  # delta = 0: the first evaluation is z0 itself, as SAGE's
 
     def setup(self, stage: str) -> None:
-        from callbacks.clamp import ClampPerturbation
+        from callbacks.projection import run_box  # the box LatentProjection keeps delta in, too
 
         LatentSearch.setup(self, stage)  # DDP is fine here (module docstring), unlike fresh seeds
-        clamps = [c for c in self.trainer.callbacks if isinstance(c, ClampPerturbation)]
-        if not clamps:
+        self.box = run_box(self.trainer)
+        if self.box is None:
             raise SageError(
                 "RandomPerturbationSearch draws delta in the box of the run's ClampPerturbation: add it to "
                 "trainer.callbacks (sage fit --config configs/latent_search.yaml --config "
                 "configs/random_perturbation.yaml keeps latent_search's)"
             )
-        self.box = (clamps[0].low, clamps[0].high)
 
     # ------------------------------------------------------------------------------------ draws
     def draw_seed(self, target: int, draw: int) -> int:
