@@ -15,6 +15,8 @@ from sage_lightning.searches import (
     LatentSearch,
     PromptSearch,
     RandomLatentSearch,
+    RandomPerturbationSearch,
+    RandomTokenSearch,
     RandomWordSearch,
     UniversalTokenSearch,
 )
@@ -49,8 +51,11 @@ WORDS = WordListCandidates(["red"])
         (PromptSearch(candidates=WORDS, diffusion="tiny"), [PromptResultWriter, TokenSnapping]),
         (RandomWordSearch(candidates=WORDS, diffusion="tiny"), [PromptResultWriter]),
         (UniversalTokenSearch(diffusion="tiny"), [TokenWriter]),
+        (RandomPerturbationSearch(diffusion="tiny"), [FailureWriter]),
+        (RandomTokenSearch(diffusion="tiny", norm=1.0), [TokenWriter]),
     ],
-    ids=["latent", "random_latent", "prompt", "random_word", "universal_token"],
+    ids=["latent", "random_latent", "prompt", "random_word", "universal_token", "random_perturbation",
+         "random_token"],
 )
 def test_each_search_names_its_writer_and_the_cli_adds_none(search, expected, tmp_path):
     assert [type(c) for c in search.configure_callbacks()] == expected
