@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -83,8 +84,25 @@ class DiffusionModel:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusionModel:
         kwargs = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
         for module in self.modules():
-            module.to(**kwargs)  # diffusers warns about fp32-kept modules whenever a dtype is passed
+            if dtype is not None and not getattr(module, "_keep_in_fp32_modules", None):
+                with _diffusers_errors_only():  # diffusers 0.42 warns on every cast, even with no module to keep
+                    module.to(**kwargs)
+            else:
+                module.to(**kwargs)
         return self
+
+
+@contextmanager
+def _diffusers_errors_only():
+    """Silence diffusers' warnings for the block (its other log levels are restored after)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 # ---------------------------------------------------------------------------------------- tokenizer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import open_clip
 import pytest
 import torch
@@ -63,3 +65,11 @@ def test_bad_scheduler_and_dtype(tiny_dir):
         load_diffusion(tiny_dir, scheduler="heun")
     with pytest.raises(SageError, match="unknown dtype 'float8'"):
         load_diffusion(tiny_dir, dtype="float8")
+
+
+def test_half_precision_load_is_quiet(tiny_dir, caplog):
+    """diffusers warns 'modules ... should be kept in float32: []' on every cast; with none to keep it is noise."""
+    with caplog.at_level(logging.WARNING):
+        model = load_diffusion(tiny_dir, dtype="bfloat16")
+    assert model.unet.dtype == model.vae.dtype == model.text_encoder.dtype == torch.bfloat16
+    assert not [r for r in caplog.records if "kept in float32" in r.getMessage()]
