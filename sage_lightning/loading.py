@@ -416,10 +416,7 @@ def default_ensemble(source: str):
         shipped = [name for name in NAMES if (folder / name / "config.json").exists()]
         if not shipped:
             raise SageError(f"ShapesWorld classifiers are missing in {folder}: rebuild them (`sage-shapesworld build`)")
-        members = [ensemble_member(name, folder) for name in shipped]
-        for member in members:  # trained on 64-px images resized to 64, no crop (config.json "images")
-            getattr(member, "classifier", member).use_data_config(crop_pct=1.0, interpolation="bilinear")
-        return ClassifierEnsemble(members)
+        return ClassifierEnsemble([ensemble_member(name, folder) for name in shipped])
     raise SageError(
         f"model {source!r} has no default ensemble: list the members under model.ensemble in the config "
         "(see configs/models/sd15.yaml)"

@@ -149,7 +149,9 @@ class TimmMember(EnsembleMember):
         checkpoint_path: local state dict for the model (strict load).
         model_kwargs: extra ``timm.create_model`` keyword arguments.
         data_config: entries that replace timm's resolved data config (e.g. ``{"crop_pct": 1.0}`` for a
-            model trained without a crop).
+            model trained without a crop). A ``pretrained_cfg_overlay`` in ``model_kwargs`` that sets the
+            input size but no ``crop_pct`` describes a model trained at that size without a crop (ShapesWorld's
+            members): ``crop_pct`` 1.0 then, not the architecture's ImageNet default.
 
     Shape:
         - images01: :math:`(B, 3, H, W)` in [0, 1]. Output: :math:`(B, C)` logits.
@@ -182,7 +184,9 @@ class TimmMember(EnsembleMember):
                 f"timm model {model_name!r} has {self.model.num_classes} classes but class_names has "
                 f"{self.num_classes}; make class_names match the model's head"
             )
-        self.use_data_config(**(data_config or {}))
+        overlay = kwargs.get("pretrained_cfg_overlay") or {}
+        trained = {"crop_pct": 1.0} if "input_size" in overlay and "crop_pct" not in overlay else {}
+        self.use_data_config(**{**trained, **(data_config or {})})
         self.freeze()
 
     def use_data_config(self, **overrides) -> None:
