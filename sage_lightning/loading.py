@@ -324,11 +324,7 @@ def load_diffusion(
                 requires_safety_checker=False,
             )
         except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SageError(
-                f"cannot load model {source!r} ({first[:200]}): check the hub id or folder, or your network"
-                " / `local_files_only`"
-            ) from err
+            raise _load_error("model", source, err) from err
         model = DiffusionModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, name=source)
     if scheduler is not None:
         model.scheduler = make_scheduler(scheduler, model.scheduler.config)
@@ -364,12 +360,17 @@ def load_causal_lm(source: str, local_files_only: bool = False, device: str = "c
             where, local_files_only=offline, trust_remote_code=False, dtype=torch.float32
         )
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SageError(
-            f"cannot load the candidate language model {source!r} ({first[:200]}): check the hub id or "
-            "folder, or your network / local_files_only"
-        ) from err
+        raise _load_error("the candidate language model", source, err) from err
     return tokenizer, model.requires_grad_(False).eval().to(device)
+
+
+def _load_error(what: str, source: str, err: Exception) -> SageError:
+    """One line for a hub id or folder that does not load: the first line of the library's reason."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return SageError(
+        f"cannot load {what} {source!r} ({first[:200]}): check the hub id or folder, or your network / "
+        "`local_files_only`"
+    )
 
 
 def known_sources() -> list[str]:
