@@ -213,15 +213,17 @@ def test_the_loader_refuses_a_scheduler_it_does_not_support(tiny, tmp_path):
     assert type(chosen).__name__ == "EulerAncestralDiscreteScheduler"
 
 
-def test_search_noise_is_a_function_of_the_target_not_of_the_global_state_or_the_gradient_mode():
+@pytest.mark.parametrize("scheduler, eta", [("euler-a", 0.0), ("ddim", 0.5)])
+def test_search_noise_is_a_function_of_the_target_not_of_the_global_state_or_the_gradient_mode(scheduler, eta):
     from datamodules import ClassPromptDataModule
     from sage_lightning.searches import LatentSearch
 
     images = []
     for mode in (FullGradient(), ResidualGradient(step=0.5)):
-        search = LatentSearch(diffusion="tiny", num_steps=3, scheduler="euler-a", grad_mode=mode)
+        search = LatentSearch(diffusion="tiny", num_steps=3, scheduler=scheduler, grad_mode=mode, eta=eta)
         search.prepare(ClassPromptDataModule(classes=["star", "ring"]).targets)
         search.trainer = None
+        assert search.sampler.draws_noise  # DDIM's eta reaches the sampler
         ids = torch.tensor([0, 1])
         cond = search.prompt_embeddings([t.prompt for t in search.targets])
         seeds = [t.seed for t in search.targets]
@@ -230,6 +232,8 @@ def test_search_noise_is_a_function_of_the_target_not_of_the_global_state_or_the
             with torch.no_grad():
                 images.append(search.generate(search.initial_latents(ids), cond, seeds))
     assert all(torch.equal(images[0], other) for other in images[1:])
+    with pytest.raises(SageError, match="eta=-0.1"):
+        LatentSearch(diffusion="tiny", eta=-0.1)
 
 
 # ----------------------------------------------- PNDM: counts from the scheduler's own timesteps (item 7)

@@ -99,6 +99,8 @@ class TargetSearch(L.LightningModule):
             ``tiny``, a folder or a hub id).
         ensemble: the discriminator D; None takes the source's default ensemble.
         num_steps, guidance_scale, scheduler: sampling of the text-to-image model.
+        eta: DDIM's eta (0: deterministic; > 0 adds noise at every step, drawn from each target's own
+            generator, :func:`~sage_lightning.targets.noise_generator`).
         grad_mode: how gradients cross the denoising loop (default: SAGE's residual connection).
         max_iterations: attack iterations per target before it counts as exhausted; None: the model's
             default (:func:`default_max_iterations`: the paper's 100, or 20 on the CPU worlds).
@@ -117,8 +119,12 @@ class TargetSearch(L.LightningModule):
         lr: float = 0.05,
         dtype: str = "float32",
         local_files_only: bool = False,
+        eta: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= eta <= 1.0:
+            raise SageError(f"eta={eta} must be in [0, 1] (DDIM: 0 is deterministic, 1 is DDPM-like)")
+        self.eta = eta
         max_iterations = default_max_iterations(diffusion) if max_iterations is None else max_iterations
         if max_iterations < 0:
             raise SageError(f"max_iterations={max_iterations} must be >= 0")
@@ -167,7 +173,7 @@ class TargetSearch(L.LightningModule):
 
     @property
     def sampler(self) -> DiffusionSampler:
-        return DiffusionSampler(self.frozen.model, self.num_steps, self.guidance_scale, self.grad_mode)
+        return DiffusionSampler(self.frozen.model, self.num_steps, self.guidance_scale, self.grad_mode, self.eta)
 
     @property
     def loop_length(self) -> int:
