@@ -131,9 +131,7 @@ def world_gates(model, defaults: dict, out: Path, per_class_n: int, seed: int, b
     """The gates of issue "ShapesWorld that follows its prompts": class-prompt draws, text tower, CLIP."""
 
     def draw(prompts: list[str], seeds: list[int]) -> np.ndarray:
-        return np.concatenate([generate(model, [("", p, s) for p, s in zip(prompts[i:i + batch], seeds[i:i + batch],
-                                                                             strict=True)], defaults, batch)
-                               for i in range(0, len(prompts), batch)])
+        return generate(model, [("", p, s) for p, s in zip(prompts, seeds, strict=True)], defaults, batch)
 
     figures, images, names = class_prompt_gate(draw, per_class_n, seed=CLASS_PROMPT_SEED + seed)
     reference, _, _ = class_prompt_gate(generator_draw, per_class_n, seed=CLASS_PROMPT_SEED + seed)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sage_lightning.shapesworld import world as W
 from sage_lightning.shapesworld.caption_labels import HEADS, caption_batch
-from sage_lightning.shapesworld.gates import clip_features, clip_zero_shot, text_gates, tokenize
+from sage_lightning.shapesworld.gates import class_prompts, clip_features, clip_zero_shot, text_gates, tokenize
 from sage_lightning.shapesworld.generator import SHAPES, make_batch
 from sage_lightning.shapesworld.pools import ImagePool, LatentPool
 
@@ -55,7 +55,7 @@ def _images(n: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
 
 
 def CLASS_PROMPTS() -> torch.Tensor:  # noqa: N802
-    return tokenize([f"a photo of a {s}" for s in SHAPES], pad_to_77=False)
+    return tokenize(class_prompts(), pad_to_77=False)
 
 
 class WorldModule(L.LightningModule):
@@ -80,6 +80,15 @@ class WorldModule(L.LightningModule):
 
     def batch_seed(self) -> int:
         return STAGE_SEEDS[self.stage] * 10**8 + self.total_steps * 7919 % 10**8
+
+    def refreshed_pool(self, load_or_build):
+        """The training pool of this step: ``load_or_build(folder, index)`` for refresh ``index`` (a new seed
+        every ``pool_refresh`` steps); the old pool is dropped before the new one is built."""
+        index = self.total_steps // self.hparams.pool_refresh
+        if self.pool is None or self.pool.index != index:
+            self.pool = None
+            self.pool = load_or_build(W.WORK / self.stage, index)
+        return self.pool
 
     def log_step(self, loss: torch.Tensor, **extra: float) -> None:
         self.log("loss", loss, prog_bar=True)
@@ -129,12 +138,9 @@ class ClipModule(WorldModule):
     def batch_images(self) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         if not self.hparams.pool_size:
             return self.images(self.hparams.batch_size, self.batch_seed())
-        index = self.total_steps // self.hparams.pool_refresh
-        if self.pool is None or self.pool.index != index:
-            self.pool = None
-            self.pool = ImagePool.load_or_build(W.WORK / self.stage, index, self.hparams.pool_size)
-        x, captions, ids = self.pool.batch(self.pool.draw(np.random.default_rng(self.batch_seed()),
-                                                          self.hparams.batch_size))
+        pool = self.refreshed_pool(lambda folder, index: ImagePool.load_or_build(folder, index,
+                                                                                 self.hparams.pool_size))
+        x, captions, ids = pool.batch(pool.draw(np.random.default_rng(self.batch_seed()), self.hparams.batch_size))
         return x.to(self.device), captions, ids.to(self.device)
 
     def training_step(self, batch, batch_idx):
@@ -354,11 +360,8 @@ class UnetModule(WorldModule):
 
     def current_pool(self) -> LatentPool:
         """The latent pool of this step (encoded once, rebuilt from a new seed every ``pool_refresh`` steps)."""
-        index = self.total_steps // self.hparams.pool_refresh
-        if self.pool is None or self.pool.index != index:
-            self.pool = None  # free the old one first
-            self.pool = LatentPool.load_or_build(W.WORK / "unet", index, self.hparams.pool_size, self.frozen["vae"])
-        return self.pool
+        return self.refreshed_pool(lambda folder, index: LatentPool.load_or_build(
+            folder, index, self.hparams.pool_size, self.frozen["vae"]))
 
     def training_step(self, batch, batch_idx):
         bs = self.hparams.batch_size
@@ -433,9 +436,9 @@ class UnetModule(WorldModule):
                    "text_tower_sha256": W.state_sha256(self.frozen["text"]),
                    "params": sum(p.numel() for p in self.unet.parameters())}
         figures.update(self.sample_check(self.hparams.check_draws))
-        curve = W.read_world().get("stages", {}).get("unet", {}).get("curve", [])
-        if figures["text_tower_sha256"] != W.read_world().get("stages", {}).get("unet", {}).get("text_tower_sha256"):
-            curve = []  # a curve belongs to one text tower
+        shipped = W.read_world().get("stages", {}).get("unet", {})
+        # a curve belongs to one text tower
+        curve = shipped.get("curve", []) if shipped.get("text_tower_sha256") == figures["text_tower_sha256"] else []
         figures["curve"] = [c for c in curve if c[0] < self.total_steps] + [
             [self.total_steps, figures["judge_shape_accuracy"]]]
         log.info(f"unet export at step {self.total_steps}: {figures}")
