@@ -98,3 +98,17 @@ class RunFolder:
 
     def load_tensors(self, relpath: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.root / relpath))
+
+    def save_json(self, relpath: str, data: dict) -> str:
+        """Save ``data`` as strict JSON (no NaN: SageError); returns the path relative to the run folder."""
+        try:
+            text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+        except ValueError as err:
+            raise SageError(f"{relpath} would hold a non-finite value ({err}): nothing non-finite is written") from err
+        _replace_atomically(self.root / relpath, lambda p: p.write_text(text))
+        return relpath
+
+    def save_bytes(self, relpath: str, data: bytes) -> str:
+        """Save an already encoded file (a PNG or SVG plot); returns the path relative to the run folder."""
+        _replace_atomically(self.root / relpath, lambda p: p.write_bytes(data))
+        return relpath
