@@ -389,6 +389,25 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------ default ensembles
+# ShapesWorld's shipped classifiers, in the default ensemble's order (shapesworld/classifiers.py trains them;
+# it imports this module, never the other way round).
+SHAPESWORLD_MEMBERS = ("resnet", "densenet", "edge")
+
+
+def shapesworld_member(folder: Path):
+    """A shipped ShapesWorld classifier folder (``config.json`` + ``model.safetensors``) as a surrogate member:
+    ``TimmMember``, wrapped in ``CannyEdgeMember`` for the edge classifier."""
+    from sage_lightning.surrogate.members import CannyEdgeMember, TimmMember
+
+    cfg = json.loads((folder / "config.json").read_text())
+    member = TimmMember(cfg["model_name"], list(cfg["class_names"]),
+                        checkpoint_path=str(folder / "model.safetensors"), model_kwargs=cfg["model_kwargs"])
+    if cfg["input"] == "canny":
+        c = cfg["canny"]
+        return CannyEdgeMember(member, c["low_threshold"], c["high_threshold"], c["l2_gradient"], c["black_on_white"])
+    return member
+
+
 def _tiny_shape_names() -> list[str]:
     from sage_lightning.shapesworld.generator import SHAPES
 
@@ -411,13 +430,11 @@ def default_ensemble(source: str):
         members.append(CannyEdgeMember(TimmMember("test_resnet", names)))
         return ClassifierEnsemble(members)
     if source == "shapesworld":
-        from sage_lightning.shapesworld.classifiers import NAMES, ensemble_member
-
         folder = SHAPESWORLD_DIR / "classifiers"
-        shipped = [name for name in NAMES if (folder / name / "config.json").exists()]
+        shipped = [name for name in SHAPESWORLD_MEMBERS if (folder / name / "config.json").exists()]
         if not shipped:
             raise SageError(f"ShapesWorld classifiers are missing in {folder}: rebuild them (`sage-shapesworld build`)")
-        return ClassifierEnsemble([ensemble_member(name, folder) for name in shipped])
+        return ClassifierEnsemble([shapesworld_member(folder / name) for name in shipped])
     raise SageError(
         f"model {source!r} has no default ensemble: list the members under model.ensemble in the config "
         "(see configs/models/sd15.yaml)"

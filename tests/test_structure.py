@@ -4,10 +4,12 @@ callbacks layer; the CLI adds no writer of its own."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import ENV, REPO
 
 from callbacks import FailureWriter, PromptResultWriter, TokenSnapping, TokenWriter, missing_run_callbacks
 from sage_lightning.candidates import CausalLMCandidates, WordListCandidates
@@ -75,3 +77,71 @@ def test_loading_is_the_one_door_to_weights():
     source = CausalLMCandidates("shapesworld")
     source.load()
     assert type(source._model) is type(model)
+
+
+PACKAGES = ("sage_lightning", "callbacks", "datamodules")
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports, at the top or inside a function (a lazy import still ties two
+    modules together)."""
+    paths = {}
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in paths.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = {dep for dep in deps if dep in paths and dep != name}
+    return graph
+
+
+def _cycle_through(graph: dict[str, set[str]], start: str) -> list[str] | None:
+    """A path start -> ... -> start through the import graph, or None."""
+    stack, seen = [(start, [start])], set()
+    while stack:
+        node, path = stack.pop()
+        for dep in sorted(graph[node]):
+            if dep == start:
+                return [*path, start]
+            if dep not in seen:
+                seen.add(dep)
+                stack.append((dep, [*path, dep]))
+    return None
+
+
+def test_no_import_cycles():
+    """Lower layers never import upper ones: loading.py is below shapesworld/ (which trains and reads the weights
+    loading.py hands out), searches below callbacks, and so on. Any cycle is named."""
+    graph = _module_graph()
+    cycles = {name: cycle for name in graph if (cycle := _cycle_through(graph, name))}
+    assert cycles == {}, " ; ".join(" -> ".join(c) for c in cycles.values())
+
+
+def test_default_ensemble_order_is_the_trained_members():
+    from sage_lightning.loading import SHAPESWORLD_MEMBERS
+    from sage_lightning.shapesworld.classifiers import NAMES
+
+    assert NAMES == SHAPESWORLD_MEMBERS
+
+
+@pytest.mark.parametrize("first", ["sage_lightning.loading", "sage_lightning.shapesworld.classifiers",
+                                   "sage_lightning.shapesworld.world"])
+def test_each_module_imports_first_in_a_fresh_interpreter(first):
+    """Whichever of loading.py and the ShapesWorld modules is imported first, the others import after it and the
+    shipped default ensemble builds."""
+    code = (
+        f"import {first}\n"
+        "import sage_lightning.shapesworld.classifiers, sage_lightning.shapesworld.world\n"
+        "from sage_lightning.loading import default_ensemble\n"
+        "print(len(default_ensemble('shapesworld').members))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["3"]

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sage_lightning.loading import SHAPESWORLD_DIR
+from sage_lightning.loading import SHAPESWORLD_DIR, shapesworld_member
 from sage_lightning.shapesworld.generator import IMAGE_SIZE, SHAPES, make_batch
 
 CLASSIFIERS_DIR = SHAPESWORLD_DIR / "classifiers"
@@ -64,7 +64,7 @@ SPECS: dict[str, dict] = {
         "input": "canny",
     },
 }
-NAMES = tuple(SPECS)
+NAMES = tuple(SPECS)  # the same order as loading.SHAPESWORLD_MEMBERS (tests/test_structure.py)
 
 
 def full_config(name: str) -> dict:
@@ -172,17 +172,9 @@ def load_classifier(name: str, root: str | Path | None = None) -> ShapesClassifi
 
 
 def ensemble_member(name: str, root: str | Path | None = None):
-    """Shipped member ``name`` as a surrogate :class:`EnsembleMember` (``TimmMember`` / ``CannyEdgeMember``)."""
-    from sage_lightning.surrogate.members import CannyEdgeMember, TimmMember
-
-    folder = _weights_dir(name, Path(root) if root else None)
-    cfg = json.loads((folder / "config.json").read_text())
-    member = TimmMember(cfg["model_name"], list(cfg["class_names"]),
-                        checkpoint_path=str(folder / "model.safetensors"), model_kwargs=cfg["model_kwargs"])
-    if cfg["input"] == "canny":
-        c = cfg["canny"]
-        return CannyEdgeMember(member, c["low_threshold"], c["high_threshold"], c["l2_gradient"], c["black_on_white"])
-    return member
+    """Shipped member ``name`` as a surrogate :class:`EnsembleMember` (``TimmMember`` / ``CannyEdgeMember``),
+    built by ``loading.shapesworld_member`` as the default ensemble builds it."""
+    return shapesworld_member(_weights_dir(name, Path(root) if root else None))
 
 
 # ------------------------------------------------------------------------------------ augmentation
