@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
 from callbacks.defaults import missing_run_callbacks
+from sage_lightning.analysis.cli import command as analysis_command
 from sage_lightning.errors import SageError, one_line, shorten
 from sage_lightning.searches import TargetSearch
 
@@ -239,6 +240,9 @@ def _launched_rank() -> bool:
 
 def main(args: list[str] | None = None) -> None:
     global _trace
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "analyze":  # the paper's analyses of a run folder (sage_lightning/analysis/cli.py)
+        return analysis_command(list(argv[1:]))
     _trace = _Trace()
     try:
         SageCLI(args=args)
