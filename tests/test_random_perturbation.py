@@ -71,6 +71,44 @@ def test_random_baselines_fill_the_sage_budget_in_forward_equivalents(baseline, 
     assert search.max_iterations >= iterations  # a draw is cheaper than a SAGE iteration
 
 
+def _cli_model(*files: str, extra: tuple[str, ...] = ()):
+    """The search ``sage fit --config F1 --config F2 ...`` would run (parsed and built, nothing run or loaded)."""
+    from sage_lightning.cli import SageCLI
+
+    args = [a for f in files for a in ("--config", str(REPO / "configs" / f))]
+    return SageCLI(args=[*args, *extra, "--trainer.logger", "false"], run=False).model
+
+
+@pytest.mark.parametrize("model", [[], ["models/sd15.yaml"]], ids=["shapesworld", "sd15"])
+@pytest.mark.parametrize("baseline", ["random_latent.yaml", "random_perturbation.yaml"])
+def test_baseline_configs_spend_the_budget_of_the_sage_config_they_follow(baseline, model, monkeypatch):
+    """configs/random_*.yaml name no iteration count of their own: after latent_search.yaml they match its 20
+    iterations on ShapesWorld, after models/sd15.yaml the paper's 100 (issue: they pinned 20 for both)."""
+    from sage_lightning.loading import _tiny_scheduler
+    from sage_lightning.searches import base
+
+    monkeypatch.setattr(base, "load_scheduler", lambda *a, **k: _tiny_scheduler())  # SD's config is on the hub
+    no_ensemble = ("--model.init_args.ensemble", "null") if model else ()  # SD's members download weights
+    sage = _cli_model("latent_search.yaml", *model, extra=no_ensemble)
+    random = _cli_model("latent_search.yaml", *model, baseline, extra=no_ensemble)
+    assert type(random).__name__ != type(sage).__name__
+    assert random.match_sage_iterations == sage.max_iterations == (100 if model else 20)
+    budget = sage.forward_equivalents(sage.max_iterations)
+    assert random.forward_equivalents(random.max_iterations) <= budget
+    assert budget < random.forward_equivalents(random.max_iterations + 1)
+    again = _cli_model("latent_search.yaml", *model, baseline, extra=(*no_ensemble, "--model.init_args.max_iterations",
+                                                                     "7"))
+    assert again.match_sage_iterations == 7  # a SAGE budget given on the command line is followed too
+
+
+def test_random_word_config_matches_the_prompt_search_k_it_follows():
+    search = _cli_model("prompt_search.yaml", "prompt_random.yaml", extra=("--model.init_args.steps_per_word", "3"))
+    k3 = search.word_rounds
+    assert k3 == _cli_model("prompt_search.yaml", "prompt_random.yaml",
+                            extra=("--model.init_args.match_sage_steps_per_word", "3")).word_rounds
+    assert _cli_model("prompt_search.yaml", "prompt_random.yaml").word_rounds > k3  # K = 10 by default
+
+
 def test_budget_is_known_before_set_up_so_the_cli_runs_every_draw():
     search = RandomPerturbationSearch(diffusion="tiny", num_steps=4, match_sage_iterations=SAGE_ITERATIONS)
     assert search.max_iterations == DRAWS and search._frozen is None  # nothing loaded yet

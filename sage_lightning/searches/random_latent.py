@@ -8,6 +8,8 @@ spend the same compute in forward-equivalents (:meth:`TargetSearch.forward_equiv
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -24,11 +26,18 @@ class RandomLatentSearch(LatentSearch):
     Args:
         match_sage_iterations: if given, ``max_iterations`` is set so that the draws cost at most as many
             forward-equivalents as that many latent-search iterations with ``grad_mode`` would.
+            ``"max_iterations"``: the SAGE budget of this same config, i.e. its ``max_iterations`` (or the
+            model's default when it names none: 20 on ShapesWorld, the paper's 100 on Stable Diffusion), so a
+            baseline given after a SAGE config (``configs/random_latent.yaml``) spends what that SAGE run spends.
     """
 
-    def __init__(self, *args, match_sage_iterations: int | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, match_sage_iterations: int | Literal["max_iterations"] | None = None, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
+        if match_sage_iterations == "max_iterations":
+            match_sage_iterations = self.max_iterations  # the SAGE config's own budget, its model's default included
         self.match_sage_iterations = match_sage_iterations
         if match_sage_iterations is not None:  # here, not at set-up: the CLI sizes max_epochs from it
             if match_sage_iterations < 0:

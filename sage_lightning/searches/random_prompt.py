@@ -9,6 +9,8 @@ evaluations of a full SAGE run (L words of K sign steps each, plus its prompt ev
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -27,11 +29,20 @@ class RandomWordSearch(PromptSearch):
         match_sage_steps_per_word: if given, ``rounds`` = the most rounds that cost no more forward-equivalents
             than SAGE with this K (and the same L, S, sampler and grad_mode) spends on one target: a round is
             forwards only, a SAGE sign step also a backward (:meth:`PromptSearch.step_forward_equivalents`).
+            ``"steps_per_word"``: this config's own K (``configs/prompt_random.yaml``, given after the SAGE config).
     """
 
-    def __init__(self, *args, rounds: int | None = None, match_sage_steps_per_word: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        rounds: int | None = None,
+        match_sage_steps_per_word: int | Literal["steps_per_word"] | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
+        if match_sage_steps_per_word == "steps_per_word":
+            match_sage_steps_per_word = self.steps_per_word  # the SAGE config's K
         if match_sage_steps_per_word is not None:
             if match_sage_steps_per_word < 1:
                 raise SageError(f"match_sage_steps_per_word={match_sage_steps_per_word} must be at least 1")
