@@ -150,6 +150,38 @@ def test_draws_depend_on_seed_and_draw_index_only_and_start_from_z0():
     assert torch.equal(z, LatentSearch.initial_latents(a, ids))  # iteration 0 is SAGE's own z0
 
 
+def test_noisy_scheduler_noise_is_each_targets_own_reproducible_and_apart_from_the_draws():
+    """euler-a: every draw's scheduler noise is SAGE's for that target (its seed's generator), whatever the
+    global random state and however many deltas were drawn meanwhile; no two targets share a delta stream
+    (not even two classes on one seed, which share z0 and, as in SAGE, the scheduler noise)."""
+    def prepared(cls=RandomPerturbationSearch):
+        search = cls(diffusion="tiny", num_steps=3, scheduler="euler-a", max_iterations=4)
+        search.prepare(ClassPromptDataModule(classes=["star", "ring"], seeds_per_class=2).targets)
+        search.box, search.trainer = (-1.0, 1.0), None
+        return search
+
+    a, b, sage_search = prepared(), prepared(), prepared(LatentSearch)
+    assert a.sampler.draws_noise
+    ids = torch.arange(4)  # star/seed 0, star/seed 1, ring/seed 0, ring/seed 1
+    seeds = [t.seed for t in a.targets]
+    assert [a.noise_seed(int(i), 3) for i in ids] == seeds  # SAGE's noise at every draw, not a fresh seed's
+    z = LatentSearch.initial_latents(a, ids) + torch.stack([a.perturbation(int(i), 3) for i in ids])
+    cond = a.prompt_embeddings([t.prompt for t in a.targets])
+    images = []
+    for search, noise, global_seed in ((a, a.noise_seed, 0), (b, b.noise_seed, 1), (sage_search, None, 2)):
+        torch.manual_seed(global_seed)
+        b.perturbation(0, 1)  # a draw between generations takes nothing from the noise
+        with torch.no_grad():  # SAGE seeds each row's noise with its target's seed
+            images.append(search.generate(z, cond, [noise(int(i), 3) for i in ids] if noise else seeds))
+    assert torch.equal(images[0], images[1]) and torch.equal(images[0], images[2])
+    with torch.no_grad():  # the noise is the target's: another target's seed gives another image
+        other = a.generate(z[:1], cond[:1], [a.noise_seed(1, 3)])
+    assert not torch.equal(other, images[0][:1])
+    draw_seeds = {a.draw_seed(int(i), d) for i in ids for d in range(1, 5)}
+    assert len(draw_seeds) == 16 and not draw_seeds & {a.noise_seed(int(i), 0) for i in ids}
+    assert not torch.equal(a.perturbation(0, 2), a.perturbation(2, 2))  # star and ring on seed 0: own deltas
+
+
 # -------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:

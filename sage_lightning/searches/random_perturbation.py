@@ -15,13 +15,17 @@ judged by D; the target is *found* at the first draw that fails D, *exhausted* a
 draws. ``match_sage_iterations`` sizes the draws to SAGE's forward-equivalent budget per target
 (:meth:`RandomLatentSearch.draws_within`), shared with the fresh-seed baseline.
 
-Each draw is a function of (target seed, draw index) only, from its own generator: every rank computes
-the draws of every stepped target, so ``delta`` stays replicated under DDP, a resumed run draws what an
-uninterrupted one would, and a DDP run equals a one-device run.
+Each draw is a function of (target, draw index) only, from its own generator seeded by the target's class,
+prompt and seed (two targets never share a stream, not even two classes on the same seed): every rank
+computes the draws of every stepped target, so ``delta`` stays replicated under DDP, a resumed run draws what
+an uninterrupted one would, and a DDP run equals a one-device run. A scheduler that draws noise (euler-a,
+DDIM with eta > 0) draws it, at every draw, from the target's own generator exactly as SAGE does
+(:meth:`noise_seed`): z0 + delta is the only thing that differs from SAGE's evaluation at the same iteration.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 import torch
@@ -29,10 +33,9 @@ from torch import Tensor
 
 from sage_lightning.errors import SageError
 from sage_lightning.searches.latent import LatentSearch
-from sage_lightning.searches.random_latent import DRAW_SEED_STRIDE, RandomLatentSearch
+from sage_lightning.searches.random_latent import RandomLatentSearch
 
 MODES = ("uniform", "corners")
-PERTURBATION_SALT = 0x9E3779B97F4A7C15  # keeps delta's generator streams apart from the fresh-seed draws'
 
 
 class RandomPerturbationSearch(RandomLatentSearch):
@@ -78,8 +81,17 @@ class RandomPerturbationSearch(RandomLatentSearch):
 
     # ------------------------------------------------------------------------------------ draws
     def draw_seed(self, target: int, draw: int) -> int:
-        """The generator seed of ``target``'s draw number ``draw``: a function of its seed and ``draw`` only."""
-        return (self.targets[target].seed * DRAW_SEED_STRIDE + draw + PERTURBATION_SALT) % 2**63
+        """The generator seed of ``target``'s draw number ``draw``: a function of the target (class, prompt, seed)
+        and ``draw`` only, apart from every other target's and from the scheduler-noise seeds."""
+        t = self.targets[target]
+        key = f"sage-lightning perturbation\0{t.class_name}\0{t.prompt}\0{t.seed}\0{draw}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") % 2**63
+
+    def noise_seed(self, target: int, iteration: int) -> int:
+        """Every draw's scheduler noise is SAGE's for this target (its own seed's generator,
+        :func:`~sage_lightning.targets.noise_generator`), not a fresh seed's as for :class:`RandomLatentSearch`:
+        with a noisy scheduler only delta would otherwise be held to SAGE's setting."""
+        return self.targets[target].seed
 
     def perturbation(self, target: int, draw: int) -> Tensor:
         """Draw number ``draw`` (>= 1) of ``target``: delta ``[C, h, w]`` in the box, before the constraints."""
