@@ -163,6 +163,27 @@ def test_grid_tiles_cut_a_prompt_grid_back_into_its_seed_images():
     assert all(torch.equal(a, b) for a, b in zip(images, tiles, strict=True))
 
 
+def test_prompt_run_failures_are_the_failing_seeds_of_the_final_grid(tmp_path):
+    from sage_lightning.analysis import failure_types
+
+    shutil.copy(REPO / "configs" / "prompt_search_tiny.yaml", tmp_path / "config.yaml")
+    folder = RunFolder(tmp_path)
+    seeds = [torch.rand(3, 64, 64) for _ in range(4)]
+    folder.save_image("images/00000_w1.png", make_grid(seeds, nrow=4, padding=2))
+    folder.append_results([{
+        "target": 0, "class": "star", "prompt": "a photo of a star red", "words": ["red"], "found": True,
+        "already_failing": False, "image": "images/00000_w1.png", "decisions": [True, False, True, True],
+        "judge": {"shapes": [None, "star", "ring", "star"]},
+    }])
+    run = AnalysisRun(tmp_path, device="cpu")
+    summary = failure_kind.analyze(run)  # seed 1 passed D: three failure images, judged per seed
+    assert (summary["images"], summary["distorted"], summary["unrelated"], summary["class drawn"]) == (3, 1, 1, 1)
+    types = failure_types.analyze(run)
+    assert types["images"] == 3 and types["prompts_with_colour_words"] == 1 and types["prompts_with_size_words"] == 0
+    rows = json.loads((tmp_path / "analysis" / "failure_types.json").read_text())["rows"]
+    assert {r["group"] for r in rows if r["grouping"] == "added-word role"} == {"colour"}
+
+
 # ------------------------------------------------------------------------------------------ failure types
 def test_k_by_silhouette_recovers_three_well_separated_blobs():
     rng = np.random.default_rng(0)

@@ -13,6 +13,7 @@ import io
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,27 @@ def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float 
 
 
 # ------------------------------------------------------------------------------------------- progress
+@contextmanager
+def quiet_loading():
+    """No diffusers / transformers loading bars when stderr is not a terminal (a log file stays readable)."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as hf_logging
+
+    bars = diffusers_logging.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars[0]:
+            diffusers_logging.enable_progress_bar()
+        if bars[1]:
+            hf_logging.enable_progress_bar()
+
+
 def progress(items: Iterable, total: int | None = None, desc: str = "") -> Iterator:
     """A tqdm bar on stderr, quiet when stderr is not a terminal."""
     from tqdm.auto import tqdm
@@ -215,7 +237,8 @@ class AnalysisRun:
         """The run's search module, prepared (frozen models loaded, targets built) on ``device``."""
         self._instantiate()
         if not self._prepared:
-            self._search.prepare(self._data.targets)
+            with quiet_loading():
+                self._search.prepare(self._data.targets)
             self._search.to(self.device)
             self._search.frozen.to(torch.device(self.device))
             self._prepared = True
@@ -295,9 +318,10 @@ class AnalysisRun:
         return fails
 
     def judge(self):
-        """ShapesWorld's geometric judge (a function of float images ``[N, 3, H, W]`` in [0, 1] -> verdicts),
-        or None when the run's model has no judge."""
-        if self.diffusion_source != "shapesworld":
+        """ShapesWorld's geometric judge (a function of float images ``[N, 3, H, W]`` in [0, 1] -> verdicts) when
+        the run's model is ShapesWorld or its search recorded that judge's verdicts; None otherwise."""
+        judged = any("final_judge" in r or r.get("judge") for r in self.records)
+        if self.diffusion_source != "shapesworld" and not judged:
             return None
         from sage_lightning.results import to_uint8
         from sage_lightning.shapesworld.judge import judge_shapes

@@ -21,11 +21,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sage_lightning.analysis.common import AnalysisRun, exemplar_figure, limited, save_figure, write_analysis
+from sage_lightning.analysis.common import (
+    AnalysisRun,
+    exemplar_figure,
+    limited,
+    quiet_loading,
+    save_figure,
+    write_analysis,
+)
 from sage_lightning.analysis.failure_kind import failure_images
 from sage_lightning.errors import SageError
 
 NAME = "failure_types"
+OWN_CLASS = "the prompt's class (judge sees it)"
 ROLES = ("colour", "size", "background", "style", "other")
 # A small documented word list (ShapesWorld's caption vocabulary and common English); anything else is "other".
 WORD_ROLES: dict[str, frozenset[str]] = {
@@ -89,17 +97,10 @@ def clip_embeddings(
 ) -> np.ndarray:
     """L2-normalised CLIP image embeddings ``[N, D]`` of images ``[3, H, W]`` in [0, 1] (loaded as the CLIP score
     loads its model, :func:`callbacks.clip_score.load_clip_for_score`)."""
-    from transformers.utils import logging as hf_logging
-
     from callbacks.clip_score import load_clip_for_score
 
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no loading bar on stderr
-    try:
+    with quiet_loading():
         model, processor = load_clip_for_score(clip, local_files_only)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
     out = []
     for start in range(0, len(images), batch_size):
         batch = [(im.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -143,6 +144,7 @@ def analyze(
     judge = run.judge()
     if judge is not None:
         drawn = [v or "no shape" for v in judge(torch.stack(images))] if images else []
+        drawn = [OWN_CLASS if d == c else d for d, c in zip(drawn, classes, strict=True)]
         drawn_by = "ShapesWorld's geometric judge"
     else:
         names = run.class_names
