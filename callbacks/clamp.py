@@ -7,12 +7,13 @@ import math
 import lightning as L
 import torch
 
+from sage_lightning.constraints import BoxConstraint
 from sage_lightning.errors import SageError
 
 MAX_BOUND = 100.0  # latents are N(0, 1) and token embeddings have norms near 1
 
 
-class ClampPerturbation(L.Callback):
+class ClampPerturbation(BoxConstraint, L.Callback):
     """After each optimizer step: ``param[rows] = clamp(param[rows], low, high)`` for stepped targets.
 
     SAGE_METHOD.md: delta in [-1, 1] for the latent search; [-2.5, 2.5] for prompt-slot embeddings.

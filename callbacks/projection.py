@@ -9,17 +9,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.clamp import ClampPerturbation
+from sage_lightning.constraints import run_box
 
 BISECTION_STEPS = 60  # halves the bracket of the scale s down to float precision
-
-
-def run_box(trainer) -> tuple[float, float] | None:
-    """The box ``[low, high]`` every ``ClampPerturbation`` of the run keeps delta in (their intersection)."""
-    clamps = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, ClampPerturbation)]
-    if not clamps:
-        return None
-    return max(c.low for c in clamps), min(c.high for c in clamps)
 
 
 def shell_in_box(z0: Tensor, delta: Tensor, low: float, high: float) -> Tensor:

@@ -42,6 +42,27 @@ def test_no_search_module_imports_a_writer_or_the_snapping_callback():
     assert offenders == {}
 
 
+def test_no_search_module_imports_the_callbacks_layer():
+    """Searches hold the algorithm; callbacks do I/O and constraints. A search reads a constraint it needs
+    through sage_lightning.constraints (e.g. run_box), which the callbacks import too."""
+    offenders = {
+        str(path.relative_to(REPO)): sorted(name for name in _imports(path) if name.split(".")[0] == "callbacks")
+        for path in (REPO / "sage_lightning" / "searches").rglob("*.py")
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_the_run_box_is_the_clamps_intersection_and_projection_uses_the_same_one():
+    from callbacks import ClampPerturbation, projection
+    from sage_lightning.constraints import run_box
+
+    class Run:
+        callbacks = [ClampPerturbation(-1.0, 2.0), ClampPerturbation(-3.0, 1.5), object()]
+
+    assert run_box(Run()) == (-1.0, 1.5) and run_box(object()) is None
+    assert projection.run_box is run_box
+
+
 WORDS = WordListCandidates(["red"])
 
 

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from sage_lightning.constraints import run_box  # the box LatentProjection keeps delta in, too
 from sage_lightning.errors import SageError
 from sage_lightning.searches.latent import LatentSearch
 from sage_lightning.searches.random_latent import RandomLatentSearch
@@ -68,8 +69,6 @@ class RandomPerturbationSearch(RandomLatentSearch):
         LatentSearch.init_parameters(self)  # delta = 0: the first evaluation is z0 itself, as SAGE's
 
     def setup(self, stage: str) -> None:
-        from callbacks.projection import run_box  # the box LatentProjection keeps delta in, too
-
         LatentSearch.setup(self, stage)  # DDP is fine here (module docstring), unlike fresh seeds
         self.box = run_box(self.trainer)
         if self.box is None:
