@@ -23,10 +23,11 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sage_lightning.errors import SageError, closest_names
 
@@ -36,6 +37,7 @@ TOKENIZER_CACHE = Path(os.environ.get("SAGE_CACHE", Path.home() / ".cache" / "sa
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
     "euler": EulerDiscreteScheduler,
+    "euler-trailing": EulerDiscreteScheduler,
     "euler-a": EulerAncestralDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
     "dpm++-sde": DPMSolverMultistepScheduler,
@@ -43,6 +45,7 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 }
 # Config a scheduler name sets on top of the model's scheduler config.
 SCHEDULER_OVERRIDES: dict[str, dict] = {
+    "euler-trailing": {"timestep_spacing": "trailing"},  # "euler" keeps the model's spacing (SDXL: leading)
     "dpm++": {"algorithm_type": "dpmsolver++"},
     "dpm++-sde": {"algorithm_type": "sde-dpmsolver++"},
 }
@@ -59,6 +62,7 @@ class DiffusionModel:
     tokenizer: CLIPTokenizer
     scheduler: SchedulerMixin
     name: str = "model"
+    sets_begin_index = False  # class attribute: the pipeline's loop calls ``scheduler.set_begin_index(0)``
 
     def pipeline(self) -> StableDiffusionPipeline:
         """The equivalent diffusers pipeline (shares the modules; no safety checker)."""
@@ -76,21 +80,93 @@ class DiffusionModel:
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.vae, self.text_encoder]
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel (as diffusers' pipelines compute it)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images the pipeline makes by default (UNet sample size x VAE scale factor)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
     def freeze(self) -> DiffusionModel:
         for module in self.modules():
             module.requires_grad_(False).eval()
         return self
 
+    def keeps_float32(self, module: torch.nn.Module, dtype: torch.dtype | None) -> bool:
+        """Whether ``module`` stays float32 when the model is cast to ``dtype`` (SD 1.x: never)."""
+        return False
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusionModel:
-        kwargs = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
         for module in self.modules():
-            if dtype is not None and not getattr(module, "_keep_in_fp32_modules", None):
+            module_dtype = torch.float32 if self.keeps_float32(module, dtype) else dtype
+            kwargs = {"device": device} if module_dtype is None else {"device": device, "dtype": module_dtype}
+            if module_dtype is not None and not getattr(module, "_keep_in_fp32_modules", None):
                 with _diffusers_errors_only():  # diffusers 0.42 warns on every cast, even with no module to keep
                     module.to(**kwargs)
             else:
                 module.to(**kwargs)
         return self
 
+
+
+@dataclass
+class DiffusionXLModel(DiffusionModel):
+    """Stable Diffusion XL: a second text encoder (with projection: the pooled text embedding) and the
+    UNet's micro-conditioning ``add_time_ids`` = original size, crop top-left, target size (None: the
+    image size, as the pipeline's defaults). ``force_zeros_for_empty_prompt``: the unconditional branch
+    is all zeros (the pipeline's default when no negative prompt is given)."""
+
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    force_zeros_for_empty_prompt: bool = True
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    sets_begin_index = True
+
+    def pipeline(self) -> StableDiffusionXLPipeline:
+        """The equivalent diffusers pipeline (shares the modules; no watermark)."""
+        return StableDiffusionXLPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
+
+    def pipeline_kwargs(self) -> dict:
+        """The micro-conditioning as ``StableDiffusionXLPipeline.__call__`` arguments."""
+        size = (self.image_size, self.image_size)
+        return {
+            "original_size": self.original_size or size,
+            "crops_coords_top_left": self.crops_coords_top_left,
+            "target_size": self.target_size or size,
+        }
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, self.text_encoder, self.text_encoder_2]
+
+    def keeps_float32(self, module: torch.nn.Module, dtype: torch.dtype | None) -> bool:
+        """The VAE stays float32 in a float16 model when its config says ``force_upcast`` (SDXL's VAE overflows
+        in float16): what the pipeline does by upcasting it for every decode."""
+        return module is self.vae and dtype == torch.float16 and bool(self.vae.config.get("force_upcast", False))
+
+    def add_time_ids(self) -> torch.Tensor:
+        """``[1, 6]`` float32: original size, crop top-left, target size (the pipeline's ``_get_add_time_ids``)."""
+        kw = self.pipeline_kwargs()
+        ids = list(kw["original_size"]) + list(kw["crops_coords_top_left"]) + list(kw["target_size"])
+        expected = self.unet.config.projection_class_embeddings_input_dim
+        got = self.unet.config.addition_time_embed_dim * len(ids) + self.text_encoder_2.config.projection_dim
+        if expected != got:
+            raise SageError(f"SDXL UNet expects {expected} added embedding features, the text encoder gives {got}")
+        return torch.tensor([ids], dtype=torch.float32)
 
 @contextmanager
 def _diffusers_errors_only():
@@ -143,14 +219,14 @@ def write_clip_bpe_files(folder: Path) -> Path:
 
 
 @lru_cache(maxsize=4)
-def clip_tokenizer(folder: str | None = None) -> CLIPTokenizer:
-    """The Stable Diffusion 1.x CLIP tokenizer (pads with ``<|endoftext|>``), built offline."""
+def clip_tokenizer(folder: str | None = None, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The Stable Diffusion 1.x CLIP tokenizer (pads with ``<|endoftext|>``), built offline.
+
+    ``pad_token="!"``: SDXL's second tokenizer (OpenCLIP's padding, id 0), same vocabulary."""
     path = Path(folder) if folder else TOKENIZER_CACHE
     if not (path / "vocab.json").exists() or not (path / "merges.txt").exists():
         write_clip_bpe_files(path)
-    return CLIPTokenizer.from_pretrained(
-        str(path), local_files_only=True, model_max_length=77, pad_token="<|endoftext|>"
-    )
+    return CLIPTokenizer.from_pretrained(str(path), local_files_only=True, model_max_length=77, pad_token=pad_token)
 
 
 # ------------------------------------------------------------------------------------- tiny stack
@@ -203,6 +279,75 @@ def build_tiny(seed: int = 0, prediction_type: str = "epsilon", hidden: int = 32
     return DiffusionModel(unet, vae, text_encoder, clip_tokenizer(), scheduler, name="tiny").freeze()
 
 
+def build_tiny_xl(seed: int = 0) -> DiffusionXLModel:
+    """A Stable-Diffusion-XL-shaped stack with random weights, as diffusers' SDXL ``get_dummy_components``.
+
+    UNet (2, 4) with ``text_time`` added conditioning on 32x32x4 latents, a VAE with scale factor 2 (64 px),
+    two 5-layer CLIP text encoders (the second with a projection: the pooled embedding) on the real
+    49408-token vocabulary, EulerDiscrete with "leading" spacing. Seeded: the same seed, the same weights.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(2, 4),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 * 8 + 32
+        cross_attention_dim=64,  # 32 + 32: both encoders' hidden states side by side
+        norm_num_groups=1,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=128,
+    )
+    config = CLIPTextConfig(
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(config)
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    return DiffusionXLModel(
+        unet, vae, text_encoder, clip_tokenizer(), _tiny_xl_scheduler(), name="tiny-xl",
+        text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(pad_token="!"),
+    ).freeze()
+
+
+def _tiny_xl_scheduler() -> EulerDiscreteScheduler:
+    """SDXL's default scheduler family: Euler discrete, "leading" spacing (as diffusers' SDXL tests)."""
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
+    )
+
+
+# Built-in sources with random weights (debugging and tests): name -> builder(seed=...).
+TINY_SOURCES: dict = {"tiny": build_tiny, "tiny-xl": build_tiny_xl}
+
+
 def _tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     return DDIMScheduler(
         beta_start=0.00085,
@@ -250,8 +395,8 @@ def load_scheduler(source: str, scheduler: str | None = "ddim", local_files_only
     budgets and step counts come from its own timesteps before the model loads."""
     import diffusers
 
-    if source == "tiny":
-        own: SchedulerMixin = _tiny_scheduler()
+    if source in TINY_SOURCES:
+        own: SchedulerMixin = _tiny_scheduler() if source == "tiny" else _tiny_xl_scheduler()
     else:
         path, is_local = check_source(source)
         try:
@@ -278,7 +423,7 @@ def _looks_like_path(source: str) -> bool:
 
 def check_source(source: str) -> tuple[Path, bool]:
     """Where ``source`` points and whether it is local; SageError at once for a missing folder."""
-    if source == "tiny":
+    if source in TINY_SOURCES:
         return Path(), True
     path = SHAPESWORLD_DIR / "pipeline" if source == "shapesworld" else Path(source).expanduser()
     if source == "shapesworld" and not (path / "model_index.json").exists():
@@ -291,7 +436,7 @@ def check_source(source: str) -> tuple[Path, bool]:
         why = "does not exist" if not path.exists() else "has no model_index.json"
         raise SageError(
             f"model folder {str(path)!r} {why}: pass a folder written by save_pretrained, a hub id, "
-            "'shapesworld' or 'tiny'"
+            "'shapesworld', 'tiny' or 'tiny-xl'"
         )
     return path, is_local
 
@@ -307,29 +452,41 @@ def load_diffusion(
 ) -> DiffusionModel:
     """Load a text-to-image latent diffusion model, frozen.
 
-    ``source``: ``"shapesworld"`` (the embedded default), ``"tiny"`` (random weights, ``seed``), a local
-    folder saved by ``save_pretrained``, or a hub id such as ``"runwayml/stable-diffusion-v1-5"``.
+    ``source``: ``"shapesworld"`` (the embedded default), ``"tiny"`` / ``"tiny-xl"`` (random weights, ``seed``),
+    a local folder saved by ``save_pretrained`` of a ``StableDiffusionPipeline`` or a ``StableDiffusionXLPipeline``,
+    or a hub id such as ``"runwayml/stable-diffusion-v1-5"`` or ``"stabilityai/stable-diffusion-xl-base-1.0"``.
     ``scheduler`` replaces the pipeline's scheduler by that family (None keeps it).
     """
     torch_dtype = _resolve_dtype(dtype)
-    if source == "tiny":
-        model = build_tiny(seed=seed)
+    if source in TINY_SOURCES:
+        model = TINY_SOURCES[source](seed=seed)
     else:
-        path, is_local = check_source(source)
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(path) if is_local else source,
-                local_files_only=local_files_only or is_local,
-                safety_checker=None,
-                requires_safety_checker=False,
-            )
-        except (OSError, ValueError) as err:
-            raise _load_error("model", source, err) from err
-        model = DiffusionModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, name=source)
+        model = _load_pipeline(source, local_files_only)
     if scheduler is not None:
         model.scheduler = make_scheduler(scheduler, model.scheduler.config)
     check_scheduler(model.scheduler, source)
     return model.freeze().to(device, None if torch_dtype == torch.float32 else torch_dtype)
+
+
+def _load_pipeline(source: str, local_files_only: bool) -> DiffusionModel:
+    """A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` folder / hub id (by its model_index.json)."""
+    path, is_local = check_source(source)
+    where, offline = (str(path) if is_local else source), local_files_only or is_local
+    try:
+        index = StableDiffusionPipeline.load_config(where, local_files_only=offline)
+        if index.get("_class_name") == StableDiffusionXLPipeline.__name__:
+            xl = StableDiffusionXLPipeline.from_pretrained(where, local_files_only=offline, add_watermarker=False)
+            return DiffusionXLModel(
+                xl.unet, xl.vae, xl.text_encoder, xl.tokenizer, xl.scheduler, name=source,
+                text_encoder_2=xl.text_encoder_2, tokenizer_2=xl.tokenizer_2,
+                force_zeros_for_empty_prompt=bool(xl.config.force_zeros_for_empty_prompt),
+            )
+        pipe = StableDiffusionPipeline.from_pretrained(
+            where, local_files_only=offline, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error("model", source, err) from err
+    return DiffusionModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, name=source)
 
 
 def check_lm_source(source: str) -> tuple[Path, bool]:
@@ -374,12 +531,14 @@ def _load_error(what: str, source: str, err: Exception) -> SageError:
 
 
 def known_sources() -> list[str]:
-    return ["shapesworld", "tiny"]
+    return ["shapesworld", *TINY_SOURCES]
 
 
 __all__ = [
     "DiffusionModel",
+    "DiffusionXLModel",
     "build_tiny",
+    "build_tiny_xl",
     "clip_tokenizer",
     "load_diffusion",
     "make_scheduler",
@@ -418,12 +577,12 @@ def default_ensemble(source: str):
     """The discriminator D that goes with a model source when the config names none.
 
     ``shapesworld``: the world's own classifiers (two timm architectures and the Canny-edge member).
-    ``tiny``: random timm test models on the ShapesWorld class names (debugging only: meaningless).
+    ``tiny``, ``tiny-xl``: random timm test models on the ShapesWorld class names (debugging only: meaningless).
     Other sources have no default: a config must list the members (see configs/models/).
     """
     from sage_lightning.surrogate import CannyEdgeMember, ClassifierEnsemble, TimmMember
 
-    if source == "tiny":
+    if source in TINY_SOURCES:
         names = _tiny_shape_names()
         torch.manual_seed(0)
         members = [TimmMember("test_resnet", names), TimmMember("test_vit", names)]

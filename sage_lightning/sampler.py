@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from contextlib import contextmanager
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -28,16 +29,19 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from sage_lightning.errors import SageError
 from sage_lightning.loading import DiffusionModel
+from sage_lightning.text import XLConditioning, split_conditioning
 
 
 class GradientMode:
     """Which denoising steps keep a graph. ``checkpoint``: recompute UNet activations in backward.
+    ``decoder_checkpoint``: recompute the VAE decoder's activations block by block in backward (what a
+    1024 px SDXL image needs; same values and gradients).
 
     Plain classes (not dataclasses) so that configs pick one by ``class_path``.
     """
 
-    def __init__(self, checkpoint: bool = False) -> None:
-        self.checkpoint = checkpoint
+    def __init__(self, checkpoint: bool = False, decoder_checkpoint: bool = False) -> None:
+        self.checkpoint, self.decoder_checkpoint = checkpoint, decoder_checkpoint
 
     def graph_start(self, num_steps: int) -> int:
         """Index of the first step that runs with an autograd graph (``num_steps``: the scheduler's own
@@ -67,8 +71,8 @@ class FullGradient(GradientMode):
 class LastKGradient(GradientMode):
     """Graph through the last ``k`` steps; identity skip from the initial latent to step ``N - k``."""
 
-    def __init__(self, k: int = 5, checkpoint: bool = False) -> None:
-        super().__init__(checkpoint)
+    def __init__(self, k: int = 5, checkpoint: bool = False, decoder_checkpoint: bool = False) -> None:
+        super().__init__(checkpoint, decoder_checkpoint)
         if k < 1:
             raise SageError(f"LastKGradient k={k} must be at least 1")
         self.k = k
@@ -88,8 +92,10 @@ class ResidualGradient(GradientMode):
     13, 27 graph 14), so at least the share ``1 - w`` of the steps keeps a graph.
     """
 
-    def __init__(self, step: int | float = 0.5, weight: float = 1.0, checkpoint: bool = False) -> None:
-        super().__init__(checkpoint)
+    def __init__(
+        self, step: int | float = 0.5, weight: float = 1.0, checkpoint: bool = False, decoder_checkpoint: bool = False
+    ) -> None:
+        super().__init__(checkpoint, decoder_checkpoint)
         if step < 0 or (isinstance(step, float) and step >= 1):
             raise SageError(f"ResidualGradient step={step} must be an index >= 0 or a fraction in [0, 1)")
         self.step, self.weight = step, weight
@@ -171,6 +177,8 @@ class DiffusionSampler:
     def fresh_scheduler(self, device: torch.device):
         scheduler = type(self.model.scheduler).from_config(self.model.scheduler.config)
         scheduler.set_timesteps(self.num_steps, device=device)
+        if self.model.sets_begin_index and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)  # as StableDiffusionXLPipeline does (SD 1.x's pipeline does not)
         return scheduler
 
     @property
@@ -185,34 +193,57 @@ class DiffusionSampler:
             kwargs["generator"] = generator
         return kwargs
 
-    def _noise_prediction(self, x: Tensor, t: Tensor, embeddings: Tensor) -> Tensor:
+    def _added_conditions(self, pooled: Tensor | None, rows: int) -> dict | None:
+        """SDXL's ``added_cond_kwargs``: the pooled text embeddings and the micro-conditioning ``time_ids``."""
+        if pooled is None:
+            return None
+        dtype = self.model.unet.dtype
+        time_ids = self.model.add_time_ids().to(pooled.device, dtype).repeat(rows, 1)
+        return {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
+
+    def _noise_prediction(self, x: Tensor, t: Tensor, embeddings: Tensor, pooled: Tensor | None = None) -> Tensor:
         """The UNet's (guided) prediction in ``x``'s dtype; its inputs are cast to the UNet's own dtype."""
         dtype = self.model.unet.dtype
-        out = self.model.unet(x.to(dtype), t, encoder_hidden_states=embeddings.to(dtype), return_dict=False)[0]
+        added = self._added_conditions(pooled, x.shape[0])
+        out = self.model.unet(
+            x.to(dtype), t, encoder_hidden_states=embeddings.to(dtype), added_cond_kwargs=added, return_dict=False
+        )[0]
         out = out.to(x.dtype)  # the loop (and the search variables) keep their own precision
         if self.guided:
             uncond, cond = out.chunk(2)
             out = uncond + self.guidance_scale * (cond - uncond)
         return out
 
-    def _guided_eps(self, scheduler, x: Tensor, t: Tensor, embeddings: Tensor, use_checkpoint: bool) -> Tensor:
+    def _guided_eps(
+        self, scheduler, x: Tensor, t: Tensor, embeddings: tuple[Tensor, Tensor | None], use_checkpoint: bool
+    ) -> Tensor:
         model_input = torch.cat([x, x]) if self.guided else x
         model_input = scheduler.scale_model_input(model_input, t)
-        needs_graph = torch.is_grad_enabled() and (model_input.requires_grad or embeddings.requires_grad)
+        inputs = [e for e in (model_input, *embeddings) if e is not None]
+        needs_graph = torch.is_grad_enabled() and any(e.requires_grad for e in inputs)
         if use_checkpoint and needs_graph:
-            return activation_checkpoint(self._noise_prediction, model_input, t, embeddings, use_reentrant=True)
-        return self._noise_prediction(model_input, t, embeddings)
+            return activation_checkpoint(self._noise_prediction, model_input, t, *embeddings, use_reentrant=True)
+        return self._noise_prediction(model_input, t, *embeddings)
 
-    def _embeddings(self, cond: Tensor, uncond: Tensor | None, batch: int) -> Tensor:
-        cond = cond.expand(batch, -1, -1) if cond.shape[0] == 1 else cond
-        if cond.shape[0] != batch:
-            raise SageError(f"{cond.shape[0]} prompt embeddings for {batch} latents: give 1 or {batch}")
+    def _embeddings(
+        self, cond: Tensor | XLConditioning, uncond: Tensor | XLConditioning | None, batch: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(encoder hidden states, pooled embeddings or None)`` for the UNet: ``[uncond; cond]`` when guided."""
+        xl = getattr(self.model, "text_encoder_2", None) is not None
+        if xl != isinstance(cond, XLConditioning):
+            want = "XLConditioning (text.XLPromptEncoder)" if xl else "a tensor (text.PromptEncoder)"
+            raise SageError(f"{type(self.model).__name__} takes {want} as prompt embeddings, got {type(cond).__name__}")
+        parts = [_rows(p, batch) if p is not None else None for p in split_conditioning(cond)]
         if not self.guided:
-            return cond
+            return parts[0], parts[1]
         if uncond is None:
             raise SageError("guidance_scale > 1 needs unconditional embeddings: pass uncond")
-        uncond = uncond.to(cond.dtype)
-        return torch.cat([uncond.expand(batch, -1, -1) if uncond.shape[0] == 1 else uncond, cond])
+        negative = split_conditioning(uncond)
+        hidden, pooled = (
+            None if p is None else torch.cat([_rows(n.to(p.dtype), batch), p])
+            for p, n in zip(parts, negative, strict=True)
+        )
+        return hidden, pooled
 
     def denoise(
         self, latents: Tensor, cond: Tensor, uncond: Tensor | None = None, generator: NoiseGenerator = None
@@ -244,12 +275,54 @@ class DiffusionSampler:
         return x
 
     def decode(self, latents: Tensor) -> Tensor:
-        """VAE decode to images in [0, 1] (as the pipeline's ``output_type="pt"``), in ``latents``' dtype."""
+        """VAE decode to images in [0, 1] (as the pipeline's ``output_type="pt"``), in ``latents``' dtype.
+
+        Latents are unscaled as the pipelines do (SDXL-style VAEs with ``latents_mean``/``latents_std`` too);
+        the decoder runs in the VAE's own dtype (float32 for a ``force_upcast`` VAE in a float16 SDXL model,
+        see ``DiffusionXLModel.keeps_float32``); ``decoder_checkpoint`` recomputes its blocks in backward."""
         vae = self.model.vae
-        image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+        if mean is not None and std is not None:
+            view = (1, -1, 1, 1)
+            mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(view)
+            std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(view)
+            scaled = latents * std / vae.config.scaling_factor + mean
+        else:
+            scaled = latents / vae.config.scaling_factor
+        checkpointed = getattr(self.grad_mode, "decoder_checkpoint", False) and torch.is_grad_enabled()
+        with _decoder_checkpointing(vae, checkpointed and scaled.requires_grad):
+            image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
         return (image.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
 
     def __call__(
         self, latents: Tensor, cond: Tensor, uncond: Tensor | None = None, generator: NoiseGenerator = None
     ) -> Tensor:
         return self.decode(self.denoise(latents, cond, uncond, generator))
+
+
+def _rows(tensor: Tensor, batch: int) -> Tensor:
+    """``tensor`` with ``batch`` rows: one row is broadcast, ``batch`` rows are kept, anything else refused."""
+    if tensor.shape[0] == 1:
+        return tensor.expand(batch, *tensor.shape[1:])
+    if tensor.shape[0] != batch:
+        raise SageError(f"{tensor.shape[0]} prompt embeddings for {batch} latents: give 1 or {batch}")
+    return tensor
+
+
+def _reentrant_checkpoint(module, *args):
+    """diffusers' per-block checkpoint function, reentrant: memory stays flat (STACK_NOTES.md)."""
+    return activation_checkpoint(module.__call__, *args, use_reentrant=True)
+
+
+@contextmanager
+def _decoder_checkpointing(vae, enabled: bool):
+    """Checkpoint the VAE decoder's mid and up blocks for one decode (diffusers' own gradient checkpointing,
+    switched off again after, so the shared frozen VAE is left as it was)."""
+    if not enabled:
+        yield
+        return
+    vae.enable_gradient_checkpointing(_reentrant_checkpoint)
+    try:
+        yield
+    finally:
+        vae.disable_gradient_checkpointing()

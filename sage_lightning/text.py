@@ -99,6 +99,10 @@ class PromptEncoder(nn.Module):
 
     def forward(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None = None) -> Tensor:
         """Last hidden states ``[B, L, D]``. ``slots[name]`` is ``[D]`` (all prompts) or ``[B, D]``."""
+        return self.encode(prompts, slots)[0]
+
+    def encode(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None = None, **kwargs):
+        """The text encoder's own output for ``prompts`` (``kwargs`` go to its forward), slots filled in."""
         slots = dict(slots or {})
         tokenized = [self.tokenize(p) for p in prompts]
         device = self.token_embedding.weight.device
@@ -113,7 +117,7 @@ class PromptEncoder(nn.Module):
                 cols.append(pos)
                 vectors.append(vec if vec.dim() == 1 else vec[b])
         if not vectors:
-            return self.text_encoder(ids)[0]
+            return self.text_encoder(ids, **kwargs)
 
         def replace(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
             output = output.clone()
@@ -122,9 +126,18 @@ class PromptEncoder(nn.Module):
 
         handle = self.token_embedding.register_forward_hook(replace)
         try:
-            return self.text_encoder(ids)[0]
+            return self.text_encoder(ids, **kwargs)
         finally:
             handle.remove()
+
+    def embedding_rows(self, ids: Sequence[int]) -> Tensor:
+        """Input embeddings of token ``ids``, ``[n, embed_dim]`` (the vectors a slot takes the place of)."""
+        table = self.token_embedding.weight
+        return table[torch.as_tensor(list(ids), dtype=torch.long, device=table.device)]
+
+    def unconditional(self) -> Tensor:
+        """The unconditional branch of classifier-free guidance: the empty prompt, ``[1, L, D]``."""
+        return self([""])
 
     def pooled(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None = None) -> Tensor:
         """The pooled (EOS-position) text feature ``[B, D]``, e.g. for text-similarity terms."""
@@ -133,3 +146,113 @@ class PromptEncoder(nn.Module):
             [self.tokenize(p).ids.index(self.tokenizer.eos_token_id) for p in prompts], device=hidden.device
         )
         return hidden[torch.arange(len(prompts), device=hidden.device), eos]
+
+
+# ------------------------------------------------------------------------------------- Stable Diffusion XL
+@dataclass(frozen=True)
+class XLConditioning:
+    """SDXL's text conditioning of ``B`` prompts: ``hidden`` ``[B, L, D1 + D2]`` (both encoders' penultimate
+    hidden states side by side, the UNet's ``encoder_hidden_states``) and ``pooled`` ``[B, P]`` (the second
+    encoder's projected EOS feature, the UNet's ``text_embeds``)."""
+
+    hidden: Tensor
+    pooled: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.hidden.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    def to(self, *args, **kwargs) -> XLConditioning:
+        return XLConditioning(self.hidden.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+
+
+def split_conditioning(cond: Tensor | XLConditioning) -> tuple[Tensor, Tensor | None]:
+    """``(hidden states, pooled embedding or None)`` of a prompt encoder's output."""
+    if isinstance(cond, XLConditioning):
+        return cond.hidden, cond.pooled
+    return cond, None
+
+
+class XLPromptEncoder(nn.Module):
+    """Both SDXL text encoders behind :class:`PromptEncoder`'s interface; returns :class:`XLConditioning`.
+
+    As ``StableDiffusionXLPipeline.encode_prompt``: each encoder reads the prompt through its own tokenizer
+    (same vocabulary; the second pads with ``!``), ``hidden`` concatenates their penultimate hidden states,
+    ``pooled`` is the second encoder's ``text_embeds``. A slot is one vector of ``D1 + D2`` entries: its
+    first ``D1`` fill the first encoder's embedding table, the rest the second's (one vector per encoder).
+    """
+
+    def __init__(
+        self, tokenizers: Sequence, text_encoders: Sequence[nn.Module], force_zeros_for_empty_prompt: bool = True
+    ) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList([PromptEncoder(t, e) for t, e in zip(tokenizers, text_encoders, strict=True)])
+        self.tokenizer = tokenizers[0]
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+
+    @property
+    def widths(self) -> list[int]:
+        """Each encoder's share of a slot vector."""
+        return [part.embed_dim for part in self.parts]
+
+    @property
+    def embed_dim(self) -> int:
+        return sum(self.widths)
+
+    def word_ids(self, text: str) -> list[int]:
+        return self.parts[0].word_ids(text)
+
+    def tokenize(self, prompt: str) -> TokenizedPrompt:
+        return self.parts[0].tokenize(prompt)
+
+    def embedding_rows(self, ids: Sequence[int]) -> Tensor:
+        """Both encoders' input embeddings of ``ids`` side by side, ``[n, D1 + D2]``."""
+        rows = [part.embedding_rows(ids) for part in self.parts]
+        return torch.cat([r.to(rows[0].device, torch.promote_types(rows[0].dtype, r.dtype)) for r in rows], -1)
+
+    def _outputs(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None) -> list:
+        pieces = {name: vec.split(self.widths, dim=-1) for name, vec in (slots or {}).items()}
+        return [
+            part.encode(prompts, {name: split[i] for name, split in pieces.items()}, output_hidden_states=True)
+            for i, part in enumerate(self.parts)
+        ]
+
+    def forward(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None = None) -> XLConditioning:
+        outputs = self._outputs(prompts, slots)
+        pooled = [out[0] for out in outputs if out[0].ndim == 2]  # the encoder with a projection
+        if not pooled:
+            raise SageError("SDXL needs a second text encoder with a projection (CLIPTextModelWithProjection)")
+        hidden = [out.hidden_states[-2] for out in outputs]
+        device = hidden[0].device
+        return XLConditioning(torch.cat([h.to(device) for h in hidden], -1), pooled[-1].to(device))
+
+    def unconditional(self) -> XLConditioning:
+        """The unconditional branch: all zeros when the model sets ``force_zeros_for_empty_prompt`` (the
+        pipeline's rule without a negative prompt), else the empty prompt."""
+        empty = self([""])
+        if not self.force_zeros_for_empty_prompt:
+            return empty
+        return XLConditioning(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled))
+
+    def pooled(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Each encoder's pooled feature (the first's EOS state, the second's ``text_embeds``), L2-normalised and
+        side by side ``[B, D1' + P]``: a cosine between two of them is the mean of the two encoders' cosines."""
+        outputs = self._outputs(prompts, slots)
+        features = [out[0] if out[0].ndim == 2 else out.pooler_output for out in outputs]
+        device = features[0].device
+        unit = [nn.functional.normalize(f.to(device).float(), dim=-1) for f in features]
+        return torch.cat(unit, -1) / len(unit) ** 0.5
+
+
+def prompt_encoder(model) -> PromptEncoder | XLPromptEncoder:
+    """The prompt encoder of a :class:`~sage_lightning.loading.DiffusionModel` (two encoders for SDXL)."""
+    second = getattr(model, "text_encoder_2", None)
+    if second is None:
+        return PromptEncoder(model.tokenizer, model.text_encoder)
+    return XLPromptEncoder(
+        [model.tokenizer, model.tokenizer_2], [model.text_encoder, second], model.force_zeros_for_empty_prompt
+    )
