@@ -1,11 +1,13 @@
 """Lightning overhead of LatentSearch versus a plain PyTorch loop doing the same math, and batch throughput.
 
-    python benchmarks/latent_search.py --stack tiny --iterations 12 --repeats 3
+    python benchmarks/latent_search.py --stack tiny --iterations 12 --repeats 3 [--scheduler euler-a]
 
 Both sides: the same frozen models, targets, sampler, discriminator and sign-gradient step with clamping.
 The Lightning side is the real `trainer.fit` (run-folder writer, per-pass checkpoint, progress bar off),
 timed from the first to the last training batch; no target may finish early (tau is set to ~0), so both
-do exactly ``iterations x targets`` attack iterations. Prints a Markdown table of medians.
+do exactly ``iterations x targets`` attack iterations. A scheduler that draws noise (euler-a, DDIM with
+``--eta`` > 0) draws it on both sides from each target's own generator, as the searches do, so both sides
+compute the same images. Prints a Markdown table of medians.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from callbacks import ClampPerturbation, FailureWriter, IterationCheckpoint
 from datamodules import ClassPromptDataModule
 from sage_lightning.loading import default_ensemble
 from sage_lightning.searches import LatentSearch
+from sage_lightning.targets import noise_generator
 
 
 class BatchClock(L.Callback):
@@ -43,7 +46,7 @@ def never_failing_ensemble(stack: str):
 def make_search(args, iterations: int) -> tuple[LatentSearch, ClassPromptDataModule]:
     search = LatentSearch(
         diffusion=args.stack, ensemble=never_failing_ensemble(args.stack), num_steps=args.steps,
-        guidance_scale=3.0, max_iterations=iterations,
+        guidance_scale=3.0, max_iterations=iterations, scheduler=args.scheduler, eta=args.eta,
     )
     classes = ["star", "ring", "heart", "cross", "arrow", "square", "circle", "hexagon"]
     data = ClassPromptDataModule(classes=classes[: args.targets], batch_size=args.batch)
@@ -64,6 +67,13 @@ def lightning_seconds_per_iteration(args) -> float:
     return (clock.end - clock.start) / (args.iterations * len(search.targets))
 
 
+def plain_images(sampler, targets, latents, cond, uncond, ids):
+    """The images of the targets ``ids``, without Lightning: each row's scheduler noise (if any) from a fresh
+    generator of its target's seed (``targets.noise_generator``), as ``TargetSearch.generate`` draws it."""
+    generators = [noise_generator(targets[int(i)].seed, tuple(latents.shape[1:])) for i in ids]
+    return sampler(latents, cond, uncond, generators)
+
+
 def plain_seconds_per_iteration(args) -> float:
     search, data = make_search(args, args.iterations)
     search.prepare(data.targets)  # loads the same models; no trainer involved below
@@ -79,7 +89,7 @@ def plain_seconds_per_iteration(args) -> float:
     for _ in range(args.iterations):
         for lo in range(0, len(prompts), args.batch):
             ids = model_ids[lo : lo + args.batch]
-            images = sampler(z0_all[ids] + delta[ids], cond_all[ids], uncond)
+            images = plain_images(sampler, search.targets, z0_all[ids] + delta[ids], cond_all[ids], uncond, ids)
             out = ensemble(images, classes[ids])
             out.per_sample_loss.sum().backward()
             with torch.no_grad():
@@ -93,6 +103,8 @@ def main() -> None:
     parser.add_argument("--stack", default="tiny", choices=["tiny", "shapesworld"])
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--steps", type=int, default=10, help="denoising steps")
+    parser.add_argument("--scheduler", default="ddim", help="ddim, euler, euler-a, dpm++, dpm++-sde, pndm")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (> 0 draws noise at every step)")
     parser.add_argument("--targets", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -106,7 +118,8 @@ def main() -> None:
             plain.append(plain_seconds_per_iteration(args))
             light.append(lightning_seconds_per_iteration(args))
         rows.append((batch, statistics.median(plain), statistics.median(light)))
-    print(f"\nstack={args.stack} steps={args.steps} targets={args.targets} iterations={args.iterations} "
+    print(f"\nstack={args.stack} steps={args.steps} scheduler={args.scheduler} eta={args.eta} targets={args.targets} "
+          f"iterations={args.iterations} "
           f"repeats={args.repeats} threads={args.threads}\n")
     print("| targets per step | plain loop s / target-iteration | LatentSearch (Lightning) s / target-iteration "
           "| Lightning overhead | throughput vs batch 1 (Lightning) |")
