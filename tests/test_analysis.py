@@ -15,7 +15,7 @@ from helpers import REPO, error_of
 from torchvision.utils import make_grid
 
 from sage_lightning.analysis import failure_kind, prompt_independence, region
-from sage_lightning.analysis.common import AnalysisRun, grid_tiles, wilson_interval
+from sage_lightning.analysis.common import AnalysisRun, grid_tiles, load_image, wilson_interval
 from sage_lightning.analysis.failure_types import choose_k, prompt_roles, word_role
 from sage_lightning.results import RunFolder
 
@@ -205,13 +205,14 @@ def test_added_words_get_their_roles():
 # ---------------------------------------------------------------------------------- end to end, tiny stack
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A real tiny-stack latent search (one seed per class, one iteration), run through `sage fit`."""
+    """A real tiny-stack latent search (one seed per class, one iteration), run through `sage fit`, with DDIM
+    eta = 1, so every step draws noise from the target's generator and a re-render must seed it the same way."""
     from sage_lightning.cli import main
 
     run = tmp_path_factory.mktemp("analysis") / "run"
     main(["fit", "--config", TINY, "--trainer.default_root_dir", str(run), "--model.init_args.max_iterations", "1",
           "--data.init_args.seeds_per_class", "1", "--data.init_args.batch_size", "3",
-          "--trainer.enable_progress_bar", "false"])
+          "--model.init_args.eta", "1.0", "--trainer.enable_progress_bar", "false"])
     return run
 
 
@@ -223,6 +224,10 @@ def test_a_found_latent_re_rendered_under_its_own_prompt_reproduces_d_verdict(ti
     decided = run.decide(images, [r["class"] for r in records])
     assert decided.tolist() == [r["found"] for r in records]
     assert {r["found"] for r in records} == {True, False}  # the check sees both verdicts
+    saved = torch.stack([load_image(run.run, r["image"]) for r in records])
+    assert (images - saved).abs().max() <= 0.5 / 255 + 1e-6  # the very image the search judged, rounded as saved
+    other_noise = run.render(z[:1], [records[0]["prompt"]], [run.noise_seed(records[0]) + 1])
+    assert (other_noise - saved[:1]).abs().max() > 0.05  # the noise seed matters: the match above is no accident
 
 
 def test_sage_analyze_writes_every_analysis(tiny_run, tmp_path, capsys):
