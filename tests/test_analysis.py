@@ -31,12 +31,16 @@ def test_wilson_interval_matches_known_values():
 
 
 # ------------------------------------------------------------------------------------------------ region
-def test_sphere_points_lie_on_the_sphere_in_all_directions():
+@pytest.mark.parametrize("shell", [True, False])
+def test_sphere_points_lie_on_the_sphere_in_all_directions(shell):
     center = torch.randn(4, 8, 8)
-    points = region.sphere_points(center, 3.0, 64, torch.Generator().manual_seed(0))
+    points = region.sphere_points(center, 3.0, 64, torch.Generator().manual_seed(0), shell=shell)
     offsets = (points - center).flatten(1)
     assert torch.allclose(offsets.norm(dim=1), torch.full((64,), 3.0), atol=1e-4)
     assert offsets.mean(0).norm() < 1.0  # directions spread (a fixed direction would give a mean of norm 3)
+    norms = points.flatten(1).norm(dim=1)
+    on_shell = torch.allclose(norms, torch.full((64,), float(center.norm())), atol=1e-4)
+    assert on_shell == shell
 
 
 def test_region_estimator_recovers_the_radius_of_a_planted_failure_ball():

@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.8, help="prompt-independence: share of prompts that fail")
     p.add_argument("--radii", default=None, help="region: radii as fractions of sqrt(d), e.g. 0.02,0.04,0.08")
     p.add_argument("--samples-per-radius", type=int, default=16, help="region: points per sphere")
+    p.add_argument("--off-shell", action="store_true",
+                   help="region: sample the whole sphere around z (default: only on the Gaussian shell |z'| = |z|)")
     p.add_argument("--prior-draws", type=int, default=32, help="region: fresh N(0, I) latents per class (0: none)")
     p.add_argument("--confidence", type=float, default=0.5, help="failure-kind proxy: members' mean probability")
     p.add_argument("--max-k", type=int, default=8, help="failure-types: largest k tried for the CLIP clusters")
@@ -99,7 +101,8 @@ def run_analyses(args: argparse.Namespace) -> dict[str, dict]:
         elif name == "region":
             kwargs = {} if radii is None else {"rhos": radii}
             summaries[name] = region.analyze(run, args.max_latents, samples=args.samples_per_radius,
-                                             prior_draws=args.prior_draws, seed=args.seed, **kwargs)
+                                             prior_draws=args.prior_draws, seed=args.seed, shell=not args.off_shell,
+                                             **kwargs)
         else:
             summaries[name] = failure_types.analyze(run, args.max_latents, args.max_k, args.clip, args.seed,
                                                     args.local_files_only)

@@ -1,13 +1,16 @@
 """Failure-region size and probability: the numbers behind SAGE's "failures are not outliers, and not isolated
 points".
 
-For each found z, points are drawn uniformly on spheres of radius r around it (``z + r u``, u uniform on the
-unit sphere of the latent space, not re-projected), on a geometric ladder of radii; D decides on each point's
-image (the run's sampler, prompt and noise seed) and P(failure) per radius is estimated with a Wilson 95%
-interval. Radii are given relative to sqrt(d) (d: the latent's dimension, so sqrt(d) is the typical norm of a
-N(0, I) latent): rho = r / sqrt(d). The *half radius* rho50 is where P(failure) falls below 0.5 (log-linear
-interpolation between the last rung at or above 0.5 and the first below it). Beside it: the class's failure
-probability under the N(0, I) prior, from fresh random latents under the class prompt.
+For each found z, points are drawn uniformly on spheres of radius r around it, on a geometric ladder of radii;
+by default only on the Gaussian shell |z'| = |z| (the (d-2)-sphere where the sphere around z meets the shell: a
+great-circle step of chord length r in a uniform direction orthogonal to z), so every point is as typical of
+N(0, I) as z itself and a large radius does not fail merely by being an outlier; ``shell=False`` takes the whole
+sphere (``z + r u``, u uniform). D decides on each point's image (the run's sampler, prompt and noise seed)
+and P(failure) per radius is estimated with a Wilson 95% interval. Radii are given relative to sqrt(d) (d: the
+latent's dimension, so sqrt(d) is the typical norm of a N(0, I) latent): rho = r / sqrt(d). The *half radius*
+rho50 is where P(failure) falls below 0.5 (log-linear interpolation between the last rung at or above 0.5 and the
+first below it). Beside it: the class's failure probability under the N(0, I) prior, from fresh random latents
+under the class prompt.
 
 The estimator (:func:`failure_by_radius`) takes any ``fails(z_batch) -> BoolTensor``, so it is tested on a
 synthetic failure set with a known radius.
@@ -58,11 +61,23 @@ class RadiusEstimate:
         return wilson_interval(self.failures, self.samples)
 
 
-def sphere_points(center: Tensor, radius: float, n: int, generator: torch.Generator) -> Tensor:
-    """``n`` points uniform on the sphere of ``radius`` around ``center`` (``[n, *center.shape]``)."""
-    g = torch.randn((n, *center.shape), generator=generator, dtype=torch.float64)
-    u = g / g.flatten(1).norm(dim=1).view(n, *([1] * center.dim()))
-    return (center.double().unsqueeze(0) + radius * u).to(center.dtype)
+def sphere_points(center: Tensor, radius: float, n: int, generator: torch.Generator, shell: bool = True) -> Tensor:
+    """``n`` points uniform on the sphere of ``radius`` around ``center`` (``[n, *center.shape]``); with ``shell``
+    only where it meets the sphere ``|z| = |center|`` (needs ``radius <= 2 |center|``)."""
+    c = center.double().flatten()
+    g = torch.randn((n, c.numel()), generator=generator, dtype=torch.float64)
+    if not shell:
+        u = g / g.norm(dim=1, keepdim=True)
+        return (c + radius * u).view(n, *center.shape).to(center.dtype)
+    norm = c.norm()
+    if radius > 2 * norm:
+        raise SageError(f"radius {radius:g} exceeds the shell's diameter {2 * float(norm):g}: use smaller --radii")
+    e = c / norm
+    t = g - (g @ e).unsqueeze(1) * e  # tangent directions, uniform on the unit sphere orthogonal to z
+    t = t / t.norm(dim=1, keepdim=True)
+    theta = 2 * math.asin(radius / (2 * float(norm)))  # chord |z' - z| = 2 |z| sin(theta / 2) = radius
+    points = math.cos(theta) * c + math.sin(theta) * float(norm) * t
+    return points.view(n, *center.shape).to(center.dtype)
 
 
 def failure_by_radius(
@@ -72,14 +87,15 @@ def failure_by_radius(
     samples: int,
     generator: torch.Generator,
     batch_size: int = 16,
+    shell: bool = True,
 ) -> list[RadiusEstimate]:
-    """P(failure) on spheres of each radius around ``center``: ``samples`` points per radius, judged in batches
-    of ``batch_size`` by ``fails(z_batch) -> [B] bool``."""
+    """P(failure) on spheres of each radius around ``center``: ``samples`` points per radius (on the shell
+    ``|z| = |center|`` with ``shell``), judged in batches of ``batch_size`` by ``fails(z_batch) -> [B] bool``."""
     if samples < 1:
         raise SageError(f"samples per radius={samples} must be at least 1")
     estimates = []
     for radius in radii:
-        points = sphere_points(center, float(radius), samples, generator)
+        points = sphere_points(center, float(radius), samples, generator, shell)
         failed = sum(int(fails(points[part]).sum()) for part in chunks(samples, batch_size))
         estimates.append(RadiusEstimate(float(radius), failed, samples))
     return estimates
@@ -125,6 +141,7 @@ def analyze(
     samples: int = 16,
     prior_draws: int = 32,
     seed: int = 0,
+    shell: bool = True,
 ) -> dict:
     """Write ``analysis/region.json`` and ``analysis/region/p_fail.png`` (see the module docstring)."""
     run.require_latents("region")
@@ -138,7 +155,8 @@ def analyze(
         root_d = math.sqrt(z.numel())
         generator = torch.Generator().manual_seed((seed * PRIOR_SEED_STRIDE + int(record["target"])) ^ SALT)
         fails = run.fails_for(record["class"], record["prompt"], run.noise_seed(record))
-        estimates = failure_by_radius(fails, z, [rho * root_d for rho in rhos], samples, generator, run.batch_size)
+        estimates = failure_by_radius(fails, z, [rho * root_d for rho in rhos], samples, generator, run.batch_size,
+                                      shell)
         r50, how = half_radius(estimates)
         z0 = run.run.load_tensors(record["latent"]).get("z0")
         row = {
@@ -162,7 +180,7 @@ def analyze(
         row["prior_p_fail"] = k / n if n else None
     summary: dict = {
         "search": run.search_name, "latents": len(rows), "samples_per_radius": samples, "prior_draws": prior_draws,
-        "seed": seed, "radii": ",".join(f"{r:g}" for r in rhos),
+        "seed": seed, "radii": ",".join(f"{r:g}" for r in rhos), "on_shell": shell,
     }
     half = sorted(r["half_radius"] for r in rows if r["half_radius"] is not None)
     summary["median_half_radius"] = half[len(half) // 2] if half else None
@@ -180,13 +198,16 @@ def analyze(
     summary["prior_ci95"] = f"[{low:.2f}, {high:.2f}]" if total else None
     images = [save_figure(run.run, f"analysis/{NAME}/p_fail.png", _figure(rhos, curves, summary["prior_p_fail"]))] \
         if curves else []
+    shell_note = ("only where that sphere meets the Gaussian shell |z'| = |z|, so every point is as typical of "
+                  "N(0, I) as z" if shell else "the whole sphere, not re-projected: |z'|/sqrt(d) is about "
+                  "sqrt(1 + rho^2), and large rho are outliers that may fail for that reason alone")
     write_analysis(
         run.run, NAME, title="Failure-region size and probability", summary=summary, rows=rows, images=images,
         notes=f"""Around each found z, {samples} points per radius are drawn uniformly on the sphere of radius
         r = rho * sqrt(d) (d = latent dimension; sqrt(d) is the norm of a typical N(0, I) latent, so rho = 0.1
-        is a step a tenth as long as the latent itself; the points are not re-projected, |z'|/sqrt(d) is about
-        sqrt(1 + rho^2)). p_fail@rho is the share whose image D declares a failure (run's sampler, prompt and
-        noise seed); pooled values carry Wilson 95% intervals. half_radius: the rho where P(failure) falls
+        is a step a tenth as long as the latent itself); {shell_note}. p_fail@rho is the share whose image D
+        declares a failure (run's sampler, prompt and noise seed); pooled values carry Wilson 95% intervals.
+        half_radius: the rho where P(failure) falls
         below 0.5 (log-linear interpolation), 'below ladder' if it is already below at the smallest rho.
         distance_from_z0: how far the search moved from its seed, in the same unit. prior_p_fail: D's failure
         rate on {prior_draws} fresh N(0, I) latents under the class prompt (the chance of meeting a failure by
