@@ -16,6 +16,7 @@ import argparse
 import copy
 import inspect
 import logging
+import math
 import sys
 import time
 
@@ -103,10 +104,21 @@ class WorldModule(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.trainable().parameters(), lr=self.hparams.lr, weight_decay=self.wd)
         warm = 100 if self.hparams.base_steps == 0 else 50
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        anneal = self.anneal
+
+        def factor(s: int) -> float:
+            f = min(1.0, (s + 1) / warm)
+            if anneal is not None:  # cosine from 1 to `final` over this run's steps (start, steps, final)
+                start, steps, final = anneal
+                progress = min(max((s - start) / max(steps, 1), 0.0), 1.0)
+                f *= final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+            return f
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     wd = 0.0
+    anneal: tuple[int, int, float] | None = None  # set by train() for one run; never saved in checkpoints
 
     def trainable(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -491,8 +503,14 @@ def setup_logging(stage: str) -> None:
 def train(stage: str, max_steps: int, threads: int = 1, export_minutes: float = 12.0,
           batch_size: int | None = None, lr: float | None = None, fresh: bool = False,
           freeze_text: bool = False, check_draws: int | None = None,
-          overrides: list[str] | None = None, accelerator: str = "cpu") -> dict:
-    """Train ``stage`` for ``max_steps`` more steps (resume > warm start > seed); returns world.json."""
+          overrides: list[str] | None = None, accelerator: str = "cpu", anneal: float | None = None) -> dict:
+    """Train ``stage`` for ``max_steps`` more steps (resume > warm start > seed); returns world.json.
+
+    ``anneal``: cosine-anneal the learning rate from ``lr`` to ``anneal * lr`` over this run's steps (the
+    schedule belongs to this run only: a later resume without it trains at ``lr`` again).
+    """
+    if anneal is not None and not 0 < anneal <= 1:
+        raise SystemExit(f"--anneal {anneal}: give the final learning rate as a fraction of lr in (0, 1], e.g. 0.1")
     if stage not in MODULES:
         raise SystemExit(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
     torch.set_num_threads(threads)
@@ -526,6 +544,9 @@ def train(stage: str, max_steps: int, threads: int = 1, export_minutes: float = 
         module = cls(base_steps=base, warm=warm, **kwargs)
         done = 0
         how = f"warm start from shipped weights (total steps {base})" if warm else "fresh start from seed 0"
+    if anneal is not None:
+        module.anneal = (done, max_steps, anneal)
+        how += f"; lr cosine-annealed to {anneal} x lr over these steps"
     log.info(f"{stage}: {how}; training {max_steps} more steps with {threads} thread(s)")
     L.seed_everything(STAGE_SEEDS[stage] * 1000 + done, workers=True, verbose=False)
     trainer = L.Trainer(
@@ -558,6 +579,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-minutes", type=float, default=12.0, help="export interval (minutes)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--anneal", type=float, default=None, metavar="FRACTION",
+                   help="cosine-anneal the lr to FRACTION x lr over this run's steps (e.g. 0.1)")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints and shipped weights")
     p.add_argument("--freeze-text", action="store_true",
                    help="clip: train the vision side only (the UNet depends on the text tower)")
@@ -572,7 +595,7 @@ def run_from_args(a: argparse.Namespace) -> dict:
     world = train(a.stage, a.max_steps, threads=a.threads, export_minutes=a.export_minutes,
                   batch_size=a.batch_size, lr=a.lr, fresh=a.fresh,
                   freeze_text=getattr(a, "freeze_text", False), check_draws=getattr(a, "check_draws", None),
-                  overrides=a.set, accelerator=a.accelerator)
+                  overrides=a.set, accelerator=a.accelerator, anneal=getattr(a, "anneal", None))
     log.info(f"{a.stage} done: {world['stages'].get(a.stage)}")
     return world
 
