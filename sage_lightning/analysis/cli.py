@@ -14,6 +14,7 @@ import sys
 from sage_lightning.errors import SageError, closest_names
 
 ANALYSES = ("prompt-independence", "failure-kind", "region", "failure-types")
+TOKEN_SEARCHES = ("UniversalTokenSearch", "RandomTokenSearch")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +91,11 @@ def run_analyses(args: argparse.Namespace) -> dict[str, dict]:
     chosen = _check(args)
     radii = _radii(args.radii)
     run = AnalysisRun(args.run_dir, device=args.device, batch_size=args.batch_size)
+    if run.search_name in TOKEN_SEARCHES:
+        raise SageError(
+            f"{args.run_dir!r} is a {run.search_name} run: the analyses study the failures of latent and prompt "
+            "searches; a token run's figures are in its summary.json"
+        )
     if not run.records:
         raise SageError(f"{args.run_dir!r} holds no results.jsonl lines yet: nothing to analyse")
     summaries = {}
