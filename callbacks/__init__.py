@@ -5,6 +5,7 @@ from callbacks.clamp import ClampPerturbation
 from callbacks.clip_score import ClipScoreLogger
 from callbacks.defaults import missing_run_callbacks
 from callbacks.failure_writer import FailureWriter
+from callbacks.progress import SearchProgressBar
 from callbacks.projection import LatentProjection
 from callbacks.prompt_writer import PromptResultWriter
 from callbacks.token_snapping import TokenSnapping
@@ -17,6 +18,7 @@ __all__ = [
     "IterationCheckpoint",
     "LatentProjection",
     "PromptResultWriter",
+    "SearchProgressBar",
     "TokenSnapping",
     "TokenWriter",
     "missing_run_callbacks",

@@ -1,4 +1,5 @@
-"""The callback every search run needs, whatever the config lists: the per-pass checkpoint.
+"""The callbacks every search run gets unless the config lists its own: the per-pass checkpoint and the
+search's progress bar (:class:`~callbacks.progress.SearchProgressBar`).
 
 The result writer is the search's own (``TargetSearch.result_writer``, added by its ``configure_callbacks``),
 so the CLI never decides which writer a search gets.
@@ -9,13 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 
 from callbacks.checkpoint import IterationCheckpoint
+from callbacks.progress import SearchProgressBar
 
 
-def missing_run_callbacks(root: str | Path, given: list[L.Callback]) -> list[L.Callback]:
-    """``IterationCheckpoint(root/checkpoints)`` unless ``given`` has a checkpoint callback."""
-    if any(isinstance(c, ModelCheckpoint) for c in given):
-        return []
-    return [IterationCheckpoint(dirpath=str(Path(root) / "checkpoints"))]
+def missing_run_callbacks(root: str | Path, given: list[L.Callback], progress_bar: bool = True) -> list[L.Callback]:
+    """``IterationCheckpoint(root/checkpoints)`` unless ``given`` has a checkpoint callback, and
+    ``SearchProgressBar()`` unless ``given`` has a progress bar or ``progress_bar`` is False (the trainer's
+    ``enable_progress_bar: false``)."""
+    missing: list[L.Callback] = []
+    if not any(isinstance(c, ModelCheckpoint) for c in given):
+        missing.append(IterationCheckpoint(dirpath=str(Path(root) / "checkpoints")))
+    if progress_bar and not any(isinstance(c, ProgressBar) for c in given):
+        missing.append(SearchProgressBar())
+    return missing

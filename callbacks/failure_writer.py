@@ -2,7 +2,8 @@
 
 Per target: ``images/NNNNN_clean.png`` (first evaluation), ``images/NNNNN_final.png`` (the failure, or
 the last attempt), ``latents/NNNNN.safetensors`` (z, z0) and a line in ``results.jsonl``. At the end:
-``summary.json`` (SSR(A), NGR, cost per failure) and ``gallery.png`` (clean | failure pairs).
+``summary.json`` (SSR(A), NGR, cost per failure) and ``gallery.png`` (every failure as a clean | failure pair,
+labelled with its class, seed and iteration).
 A target whose clean image (z0, iteration 0) already fails D is recorded with ``already_failing``: SAGE
 searches from samples the model gets right, so it is left out of SSR (:func:`target_summary`).
 Where the model has a judge (ShapesWorld), each line holds the judge's verdict on the clean image
@@ -17,7 +18,6 @@ import json
 
 import lightning as L
 import torch
-from torchvision.utils import make_grid
 
 from sage_lightning.errors import SageError
 from sage_lightning.metrics import gaussianity, judge_agreement, non_gaussian_rate, target_summary
@@ -42,11 +42,11 @@ class FailureWriter(L.Callback):
     """Writes each finished target of a search (see module docstring).
 
     Args:
-        gallery_size: pairs shown in ``gallery.png``.
+        gallery_size: pairs shown in ``gallery.png`` (None: every failure).
         judge: ``"auto"`` (ShapesWorld's judge when the model is ShapesWorld), ``"shapesworld"``, or None.
     """
 
-    def __init__(self, gallery_size: int = 16, judge: str | None = "auto") -> None:
+    def __init__(self, gallery_size: int | None = None, judge: str | None = "auto") -> None:
         if judge is not None and judge not in JUDGES:
             raise SageError(f"judge={judge!r} is unknown: use 'auto', 'shapesworld' or null")
         self.gallery_size, self.judge = gallery_size, judge
@@ -148,14 +148,15 @@ class FailureWriter(L.Callback):
         print("\n" + summary_line(summary, "failures", measures, where))
 
     def write_gallery(self, found: list[dict]) -> None:
+        """``gallery.png``: every failure of ``found`` as a labelled clean | failure pair (class, seed, iteration;
+        :func:`~sage_lightning.report.gallery.labelled_pairs`)."""
         from PIL import Image
-        from torchvision.transforms.functional import pil_to_tensor
 
-        tiles = []
-        for r in found:
-            for key in ("clean_image", "image"):
-                tiles.append(pil_to_tensor(Image.open(self.run.root / r[key]).convert("RGB")).float() / 255)
-        self.run.save_image("gallery.png", make_grid(tiles, nrow=8, padding=2, pad_value=1.0))
+        from sage_lightning.report.gallery import gallery_label, labelled_pairs
+
+        root = self.run.root
+        pairs = [(Image.open(root / r["clean_image"]), Image.open(root / r["image"]), gallery_label(r)) for r in found]
+        self.run.save_image("gallery.png", labelled_pairs(pairs))
 
 
 def summary_line(summary: dict, noun: str, measures: str, where: str) -> str:

@@ -11,6 +11,7 @@ nothing in its folder. Under DDP the command returns after every rank has exited
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -37,6 +38,43 @@ SUBCOMMANDS = ("validate", "test", "predict")
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's own calls; not the user's business
 
 
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+
+
+class _HeldLogs(logging.Handler):
+    """Lightning's info lines (seed set, GPU available, tips, DDP start) held back until the run starts, then
+    printed as they came: a run that fails to start on a user mistake prints only its one ``sage: error:`` line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.saved: dict[str, tuple[list[logging.Handler], bool]] = {}
+
+    def hold(self) -> _HeldLogs:
+        if not self.saved:
+            for name in LIGHTNING_LOGGERS:
+                logger = logging.getLogger(name)
+                self.saved[name] = (logger.handlers[:], logger.propagate)
+                logger.handlers, logger.propagate = [self], False
+        return self
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def let_go(self, replay: bool = True) -> None:
+        """Give the loggers back their handlers; ``replay``: print what was held (else drop it)."""
+        for name, (handlers, propagate) in self.saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers, logger.propagate = handlers, propagate
+        self.saved = {}
+        records, self.records = self.records, []
+        for record in records if replay else []:
+            logging.getLogger(record.name).handle(record)
+
+
+_held_logs = _HeldLogs()
+
+
 class RunConfigSaver(SaveConfigCallback):
     """Saves ``config.yaml`` at the top of the run folder once the run starts (after the checks at set-up and
     the checkpoint's), so a failed start leaves no config behind; a resumed run keeps the original."""
@@ -45,6 +83,7 @@ class RunConfigSaver(SaveConfigCallback):
         """Nothing is written before the run starts."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        _held_logs.let_go()  # the run starts: Lightning's lines held so far are printed now
         if self.already_saved:
             return
         path = Path(trainer.default_root_dir) / self.config_filename
@@ -244,6 +283,7 @@ def main(args: list[str] | None = None) -> None:
     if argv and argv[0] == "analyze":  # the paper's analyses of a run folder (sage_lightning/analysis/cli.py)
         return analysis_command(list(argv[1:]))
     _trace = _Trace()
+    _held_logs.hold()  # until the run starts (RunConfigSaver.on_fit_start)
     try:
         SageCLI(args=args)
     except Exception as err:
@@ -251,14 +291,18 @@ def main(args: list[str] | None = None) -> None:
         if user_error is None and isinstance(err, ArgumentError):
             user_error = SageError(f"{one_line(str(err))} (sage fit --help lists the options)")
         if user_error is None:
+            _held_logs.let_go()  # a crash keeps its context
             _trace.await_ranks()
             raise
+        _held_logs.let_go(replay=False)  # a user mistake: its one line alone
         if _launched_rank():  # rank 0 reports and cleans up for all
             sys.exit(2)
         print(f"sage: error: {shorten(' '.join(str(user_error).split()))}", file=sys.stderr)
         _trace.await_ranks()
         _trace.remove_new_empty_folders()
         sys.exit(2)
+    finally:
+        _held_logs.let_go()
 
 
 if __name__ == "__main__":

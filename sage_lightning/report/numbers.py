@@ -1,0 +1,127 @@
+"""The report's numbers: the run summary (SSR(A), SSR(J), NGR, cost per failure) and the per-class table.
+
+``summary.json`` is the writer's own account and is shown as written; a run killed before writing it gets
+the same measures recomputed here from its finished targets (:func:`run_summary`), marked unfinished.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+from sage_lightning.metrics import non_gaussian_rate, target_summary
+from sage_lightning.report.load import LATENT, PROMPT, TOKEN, RunData
+
+
+def searched_failures(results: list[dict]) -> list[dict]:
+    """Targets where D declared a failure that the search found (already-failing targets left out of SSR)."""
+    return [r for r in results if r.get("found") and not r.get("already_failing")]
+
+
+def judge_confirms(record: dict) -> bool | None:
+    """The judge's verdict on a found failure: True when it confirms it (it does not see the class in the final
+    image, or, for a prompt, on most seeds); None when the run has no judge."""
+    if "final_judge" in record:
+        return record["final_judge"] != record["class"]
+    judge = record.get("judge")
+    if isinstance(judge, dict):
+        return bool(judge.get("confirmed"))
+    return None
+
+
+def _median(values: list[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def run_summary(run: RunData) -> dict:
+    """The summary shown at the top: ``summary.json`` where the run wrote one, else recomputed from the finished
+    targets (``targets`` from the config; unknown targets count as unfinished)."""
+    if run.summary is not None:
+        return dict(run.summary)
+    results = run.results
+    if run.kind == TOKEN:
+        return {"search": run.search, "held_out_prompts": len(results)}
+    targets = max(run.targets or 0, len(results))
+    summary = {"search": run.search, **target_summary([bool(r.get("found")) for r in results],
+                                                      [bool(r.get("already_failing")) for r in results], targets)}
+    found = searched_failures(results)
+    verdicts = [judge_confirms(r) for r in found]
+    judged = any("final_judge" in r or r.get("judge") is not None for r in results)
+    if judged:
+        confirmed = sum(bool(v) for v in verdicts)
+        summary["ssr_judge"] = confirmed / summary["searched"] if summary["searched"] else None
+    if run.kind == LATENT:
+        summary["ngr"] = non_gaussian_rate([r["ngr"]["outlier"] for r in found if "ngr" in r])
+        summary["median_iterations_per_failure"] = _median([r["iterations"] for r in found])
+    else:
+        summary["median_words_per_failure"] = _median([len(r.get("words") or []) for r in found])
+    summary["median_forward_equivalents_per_failure"] = _median(
+        [r["forward_equivalents"] for r in found if "forward_equivalents" in r])
+    return summary
+
+
+SUMMARY_LABELS = {
+    "search": "search",
+    "targets": "targets",
+    "finished": "finished targets",
+    "unfinished": "unfinished targets (counted as not found)",
+    "already_failing": "already failing before any search (left out of SSR)",
+    "searched": "searched targets",
+    "failures": "failures found by D",
+    "ssr_discriminator": "SSR(A): failures / searched targets",
+    "ssr_judge": "SSR(J): failures the judge confirms / searched targets",
+    "ngr": "NGR: share of found latents failing the KS normality test",
+    "median_iterations_per_failure": "median iterations per failure",
+    "median_words_per_failure": "median added words per failure",
+    "median_unet_evaluations_per_failure": "median UNet evaluations per failure",
+    "median_forward_equivalents_per_failure": "median forward-equivalents per failure",
+}
+
+
+def summary_items(run: RunData, summary: dict) -> list[tuple[str, object]]:
+    """``(label, value)`` pairs of the summary list: the model first, then the paper's measures in order."""
+    items: list[tuple[str, object]] = [("search", run.search), ("model (diffusion)", run.model)]
+    if run.kind == TOKEN:
+        shown_apart = ("search", "clean_agreement", "hit_rate_ensemble", "hit_rate_judge", "clip_score")  # table
+        keys = [k for k in summary if k not in shown_apart]
+        return items + [(k.replace("_", " "), summary[k]) for k in keys]
+    for key, label in SUMMARY_LABELS.items():
+        if key in summary and key != "search":
+            items.append((label, summary[key]))
+    agreement = summary.get("clean_agreement")
+    if isinstance(agreement, dict) and agreement.get("images"):
+        items.append(("D and judge agree on clean images", f"{agreement['agree']} of {agreement['images']}"))
+    return items
+
+
+def class_rows(run: RunData) -> list[dict]:
+    """One row per class: targets, already failing, searched, failures, SSR(A), SSR(J) (with a judge), median
+    iterations (latent) or words (prompt) per failure. Token runs: held-out hit rates per class."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in run.results:
+        groups[str(r.get("class"))].append(r)
+    rows = []
+    for name in sorted(groups):
+        records = groups[name]
+        if run.kind == TOKEN:
+            rows.append({"class": name, "held-out prompts": len(records),
+                         **{f"hit rate {side.split('_')[0]} token": _share([r[side]["hit"] for r in records])
+                            for side in ("with_token", "without_token")}})
+            continue
+        already = sum(bool(r.get("already_failing")) for r in records)
+        found = searched_failures(records)
+        searched = len(records) - already
+        row = {"class": name, "targets": len(records), "already failing": already, "searched": searched,
+               "failures": len(found), "SSR(A)": len(found) / searched if searched else None}
+        verdicts = [judge_confirms(r) for r in found]
+        if any("final_judge" in r or r.get("judge") is not None for r in records):
+            row["SSR(J)"] = sum(bool(v) for v in verdicts) / searched if searched else None
+        key = "iterations" if run.kind != PROMPT else "words"
+        row[f"median {key} per failure"] = _median(
+            [r["iterations"] if key == "iterations" else len(r.get("words") or []) for r in found])
+        rows.append(row)
+    return rows
+
+
+def _share(flags: list[bool]) -> float | None:
+    return sum(bool(f) for f in flags) / len(flags) if flags else None
