@@ -2,7 +2,8 @@
 
 The run folder is ``--trainer.default_root_dir`` (default ``runs/latent_search``). It holds
 ``config.yaml``, ``checkpoints/last.ckpt`` (one per finished iteration pass), ``logs/`` (CSV metrics),
-``results.jsonl``, ``images/``, ``latents/``, ``summary.json`` and ``gallery.png``.
+``results.jsonl``, ``images/``, ``latents/``, ``summary.json``, ``gallery.png`` and ``report.html``
+(``sage report RUN_DIR`` writes it again, for a killed run too).
 Resume a killed run with ``sage fit --config RUN/config.yaml --ckpt_path last`` (killed at any moment: before
 its first checkpoint the run starts again; a copied run folder resumes itself). User mistakes, parse errors
 included, end with one line ``sage: error: ...`` and exit status 2, and a run that fails to start leaves
@@ -205,6 +206,7 @@ class SageCLI(LightningCLI):
                 "limit_val_batches": 0,
                 "accelerator": "cpu",
                 "devices": 1,
+                "log_every_n_steps": 1,  # every step's loss in logs/ (the report plots loss per iteration)
             },
         )
         super().__init__(TargetSearch, None, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
@@ -224,7 +226,8 @@ class SageCLI(LightningCLI):
         config["default_root_dir"] = str(root)
         if config.get("logger") in (None, True):
             config["logger"] = CSVLogger(str(root), name="logs")
-        callbacks.extend(missing_run_callbacks(root, list(config.get("callbacks") or []) + list(callbacks)))
+        callbacks.extend(missing_run_callbacks(root, list(config.get("callbacks") or []) + list(callbacks),
+                                               progress_bar=config.get("enable_progress_bar") is not False))
         _trace.trainer = super()._instantiate_trainer(config, callbacks)
         return _trace.trainer
 
@@ -261,6 +264,24 @@ class SageCLI(LightningCLI):
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # avoids a rare abort at interpreter exit (STACK_NOTES)
         _trace.await_ranks()  # the command returns only after every rank has exited
+        if self.trainer.is_global_zero:
+            write_run_report(Path(self.trainer.default_root_dir))
+
+
+def write_run_report(root: Path) -> None:
+    """``root/report.html`` at the end of ``sage fit`` (rank 0). A report that cannot be written never fails the
+    run: one line says why and how to write it later."""
+    if not (root / "results.jsonl").is_file():
+        return
+    from sage_lightning.report import write_report
+
+    try:
+        path = write_report(root)
+    except Exception as err:  # the search's results are safe on disk; the page is a view of them
+        print(f"sage: report not written ({type(err).__name__}: {' '.join(str(err).split())[:200]}); write it "
+              f"with: sage report {root}", file=sys.stderr)
+        return
+    print(f"Report: {path.resolve()}")
 
 
 def _user_error(err: BaseException) -> SageError | None:
@@ -282,6 +303,10 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "analyze":  # the paper's analyses of a run folder (sage_lightning/analysis/cli.py)
         return analysis_command(list(argv[1:]))
+    if argv and argv[0] == "report":  # the run's HTML report (sage_lightning/report/)
+        from sage_lightning.report import main as report_command
+
+        return report_command(list(argv[1:]))
     _trace = _Trace()
     _held_logs.hold()  # until the run starts (RunConfigSaver.on_fit_start)
     try:

@@ -100,6 +100,11 @@ def member_table(probs: dict, top1: dict | None, class_name: str) -> str:
     return table(rows, cap=50)
 
 
+def card(target: int, caption: str, *blocks: str, cls: str = "card failure") -> str:
+    """One target's figure: its image blocks, then its caption."""
+    return f"<figure class='{cls}' id='target-{target}'>{''.join(blocks)}<figcaption>{caption}</figcaption></figure>"
+
+
 def latent_cards(page: Page) -> str:
     """Every failure as a clean/final pair, labelled with class, seed, iteration, D's members and the judge."""
     cards = []
@@ -110,49 +115,50 @@ def latent_cards(page: Page) -> str:
             judge = (f"<div>judge: clean sees {esc(fmt(r.get('clean_judge')))}, final sees "
                      f"{esc(fmt(r.get('final_judge')))} — <b>{verdict}</b></div>")
         label = f"target {r['target']}: {r.get('class')}, seed {r.get('seed')}, iteration {r.get('iterations')}"
-        cards.append(
-            f"<figure class='card failure' id='target-{r['target']}'>"
-            f"{page.img(r.get('clean_image'), f'{label}: clean')}{page.img(r.get('image'), f'{label}: failure')}"
-            f"<figcaption><b>{esc(r.get('class'))}</b> · seed {esc(r.get('seed'))} · iteration "
-            f"{esc(r.get('iterations'))} · {esc(fmt(r.get('forward_equivalents')))} forward-equivalents"
-            f"<div class='note'>left: clean (z0) · right: failure (z); D's members on the failure:</div>"
-            f"{member_table(r.get('probs') or {}, r.get('top1'), str(r.get('class')))}{judge}</figcaption></figure>"
-        )
+        caption = (f"<b>{esc(r.get('class'))}</b> · seed {esc(r.get('seed'))} · iteration {esc(r.get('iterations'))}"
+                   f" · {esc(fmt(r.get('forward_equivalents')))} forward-equivalents<div class='note'>left: clean "
+                   f"(z0) · right: failure (z); D's members on the failure:</div>"
+                   f"{member_table(r.get('probs') or {}, r.get('top1'), str(r.get('class')))}{judge}")
+        cards.append(card(r["target"], caption, page.img(r.get("clean_image"), f"{label}: clean"),
+                          page.img(r.get("image"), f"{label}: failure")))
     return _cards(cards, "failures found by the search")
+
+
+def seed_figures(page: Page, r: dict) -> str:
+    """The S evaluation seeds of a prompt: each seed's image (cut from the grid), D's decision, the judge's shape
+    and each member's probability of the class."""
+    from sage_lightning.report.plots import seed_tiles
+
+    seeds = r.get("eval_seeds") or []
+    decisions = r.get("decisions") or []
+    shapes = (r.get("judge") or {}).get("shapes") or [None] * len(seeds)
+    tiles = seed_tiles(page.run, str(r.get("image") or ""), len(seeds), f"{r['target']:05d}_final")
+    figures = []
+    for k, seed in enumerate(seeds):
+        failed = k < len(decisions) and decisions[k]
+        decision = "<span class='fail'>D fails</span>" if failed else "<span class='pass'>D passes</span>"
+        judged = f"<br>judge: {esc(fmt(shapes[k]))}" if r.get("judge") else ""
+        p = "<br>".join(f"{esc(m)}: {fmt(v[k])}" for m, v in (r.get("probs") or {}).items() if k < len(v))
+        figures.append(f"<figure class='seed'>{page.img(tiles[k], f'seed {seed}')}seed {esc(seed)}<br>"
+                       f"{decision}{judged}<br><span class='note'>{p}</span></figure>")
+    return f"<div class='seeds'>{''.join(figures)}</div>"
 
 
 def prompt_cards(page: Page) -> str:
     """Every failing prompt: its added words marked, and the S-seed grid with each seed's decision."""
-    from sage_lightning.report.plots import seed_tiles
-
     cards = []
     for r in searched_failures(page.run.results):
-        seeds = r.get("eval_seeds") or []
-        decisions = r.get("decisions") or []
-        shapes = (r.get("judge") or {}).get("shapes") or [None] * len(seeds)
-        tiles = seed_tiles(page.run, str(r.get("image") or ""), len(seeds), f"{r['target']:05d}_final")
-        probs = r.get("probs") or {}
-        figures = []
-        for k, seed in enumerate(seeds):
-            failed = k < len(decisions) and decisions[k]
-            decision = "<span class='fail'>D fails</span>" if failed else "<span class='pass'>D passes</span>"
-            judged = f"<br>judge: {esc(fmt(shapes[k]))}" if r.get("judge") else ""
-            p = "<br>".join(f"{esc(m)}: {fmt(v[k])}" for m, v in probs.items() if k < len(v))
-            figures.append(f"<figure class='seed'>{page.img(tiles[k], f'seed {seed}')}seed {esc(seed)}<br>"
-                           f"{decision}{judged}<br><span class='note'>{p}</span></figure>")
+        seeds = len(r.get("eval_seeds") or [])
         judge = ""
         if r.get("judge"):
-            judge = f"<div>judge confirms: <b>{fmt(judge_confirms(r))}</b> ({r['judge'].get('failed_seeds')} of " \
-                    f"{len(seeds)} seeds without the class)</div>"
-        target = r["target"]
-        cards.append(
-            f"<figure class='card failure' id='target-{target}'><figcaption><b>{esc(r.get('class'))}</b> · "
-            f"target {r['target']} · “{marked_prompt(r).html}” · {len(r.get('words') or [])} added words · "
-            f"{r.get('failed_seeds')} of {len(seeds)} seeds fail D{judge}</figcaption>"
-            f"<div class='note'>bare template “{esc(r.get('template'))}” on the same seeds:</div>"
-            f"{page.img(r.get('clean_image'), f'target {target}: template grid', 'plot')}"
-            f"<div class='seeds'>{''.join(figures)}</div></figure>"
-        )
+            judge = (f"<div>judge confirms: <b>{fmt(judge_confirms(r))}</b> ({r['judge'].get('failed_seeds')} of "
+                     f"{seeds} seeds without the class)</div>")
+        caption = (f"<b>{esc(r.get('class'))}</b> · target {r['target']} · “{marked_prompt(r).html}” · "
+                   f"{len(r.get('words') or [])} added words · {r.get('failed_seeds')} of {seeds} seeds fail D{judge}")
+        grid = page.img(r.get("clean_image"), f"target {r['target']}: template grid", "plot")
+        template = f"<div class='note'>bare template “{esc(r.get('template'))}” on the same seeds:</div>{grid}"
+        cards.append(card(r["target"], caption, template, "<div class='note'>with the added words:</div>",
+                          seed_figures(page, r)))
     return _cards(cards, "failing prompts")
 
 
@@ -160,16 +166,12 @@ def token_cards(page: Page) -> str:
     """Each held-out prompt without and with the universal token."""
     cards = []
     for r in page.run.results:
-        target = r["target"]
-        sides = [page.img(r[key].get("image"), f"target {target}: {key.replace('_', ' ')}")
-                 for key in ("without_token", "with_token")]
         w, wo = r["with_token"], r["without_token"]
-        cards.append(
-            f"<figure class='card' id='target-{r['target']}'>{''.join(sides)}<figcaption>“{esc(r.get('prompt'))}” · "
-            f"seed {esc(r.get('seed'))}<div class='note'>left: without the token · right: with it</div>"
-            f"hit: {fmt(wo['hit'])} → <b>{fmt(w['hit'])}</b>{_token_judge(wo, w)}"
-            f"{member_table(w.get('p_target') or {}, w.get('top1'), 'target')}</figcaption></figure>"
-        )
+        caption = (f"“{esc(r.get('prompt'))}” · seed {esc(r.get('seed'))}<div class='note'>left: without the token · "
+                   f"right: with it</div>hit: {fmt(wo['hit'])} → <b>{fmt(w['hit'])}</b>{_token_judge(wo, w)}"
+                   f"{member_table(w.get('p_target') or {}, w.get('top1'), 'target')}")
+        cards.append(card(r["target"], caption, *(page.img(r[key].get("image"), f"target {r['target']}: {key}")
+                                                  for key in ("without_token", "with_token")), cls="card"))
     return _cards(cards, "held-out prompts")
 
 
