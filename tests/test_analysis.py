@@ -17,6 +17,7 @@ from torchvision.utils import make_grid
 from sage_lightning.analysis import failure_kind, prompt_independence, region
 from sage_lightning.analysis.common import AnalysisRun, grid_tiles, load_image, wilson_interval
 from sage_lightning.analysis.failure_types import choose_k, prompt_roles, word_role
+from sage_lightning.errors import SageError
 from sage_lightning.results import RunFolder
 
 TINY = str(REPO / "configs" / "latent_search_tiny.yaml")
@@ -263,7 +264,22 @@ def test_sage_analyze_writes_every_analysis(tiny_run, tmp_path, capsys):
     assert sum(r["failures"] for r in kind["rows"]) == found
 
 
+def test_random_baseline_latents_re_render_with_their_own_draw_noise_seed(tmp_path):
+    from sage_lightning.searches.random_latent import DRAW_SEED_STRIDE
+
+    (tmp_path / "config.yaml").write_text(
+        "model:\n  class_path: sage_lightning.searches.RandomLatentSearch\n  init_args: {diffusion: tiny}\n"
+        "data:\n  class_path: datamodules.ClassPromptDataModule\n  init_args: {classes: [star]}\n")
+    run = AnalysisRun(tmp_path, device="cpu")
+    assert run.noise_seed({"target": 0, "seed": 0, "iterations": 3}) == 3 * DRAW_SEED_STRIDE  # draw 3's own
+    assert run.noise_seed({"target": 0, "seed": 0, "iterations": 0}) == 0  # draw 0 is the target's z0
+    with pytest.raises(SageError, match="config.yaml builds other targets"):
+        run.noise_seed({"target": 0, "seed": 5, "iterations": 0})
+
+
 def test_analyze_mistakes_are_one_line(tmp_path, capsys):
+    err = error_of(["analyze"], capsys)
+    assert err.startswith("sage: error:") and "run_dir" in err and len(err.splitlines()) == 1
     err = error_of(["analyze", str(tmp_path / "nope")], capsys)
     assert err.startswith("sage: error:") and "does not exist" in err and len(err.splitlines()) == 1
     _fake_latent_run(tmp_path, [PLANTED])

@@ -277,6 +277,12 @@ class AnalysisRun:
         """The seed of the scheduler noise the search used for the record's latent (its target's seed, or the
         draw's own seed for the random baselines, ``noise_seed(target, iteration)``)."""
         search = self.search
+        target = int(record["target"])
+        if target >= len(search.targets) or search.targets[target].seed != int(record["seed"]):
+            raise SageError(
+                f"target {target} of {str(self.root)!r} has seed {record['seed']} in results.jsonl but config.yaml "
+                "builds other targets: the run folder's config.yaml was edited or belongs to another run"
+            )
         own = getattr(search, "noise_seed", None)
         if own is not None:
             return int(own(int(record["target"]), int(record["iterations"])))
