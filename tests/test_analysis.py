@@ -137,6 +137,8 @@ def test_a_planted_latent_that_fails_under_every_prompt_is_prompt_independent(tm
     assert not rows[1]["prompt_independent"]
     assert rows[2]["share"] == 0.0 and not rows[2]["reproduced"]
     assert summary["prompt_independent"] == 1 and summary["share_prompt_independent"] == pytest.approx(1 / 3)
+    assert written["images"] == ["analysis/prompt_independence/exemplars.png"]
+    assert (tmp_path / written["images"][0]).is_file()
 
 
 # ------------------------------------------------------------------------------------------- failure kind

@@ -16,10 +16,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sage_lightning.analysis.common import AnalysisRun, article, limited, progress, wilson_interval, write_analysis
+from sage_lightning.analysis.common import (
+    AnalysisRun,
+    article,
+    exemplar_figure,
+    limited,
+    progress,
+    save_figure,
+    wilson_interval,
+    write_analysis,
+)
 
 NAME = "prompt_independence"
 THRESHOLD = 0.8
+EXEMPLARS = 8  # latents shown, and prompts per latent: its own, then the other classes' in class order
 # Three style variants of a class prompt: in ShapesWorld's caption vocabulary (generator.STYLE_PHRASES) and
 # plain English for Stable Diffusion alike.
 STYLE_TEMPLATES = ("a drawing of {a} {c}", "a painting of {a} {c}", "a sketch of {a} {c}")
@@ -68,12 +78,15 @@ def analyze(run: AnalysisRun, max_latents: int | None = None, threshold: float =
     run.require_latents("prompt-independence")
     found = limited(run.failures(), max_latents)
     classes = run.class_names
-    rows = []
+    rows, shown = [], []
     for record in progress(found, total=len(found), desc="prompt-independence"):
         noise = run.noise_seed(record)
 
         def render_fails(z: Tensor, texts: list[str], cls: list[str], noise: int = noise) -> Tensor:
-            return run.decide(run.render(z, texts, [noise] * len(texts)), cls)
+            images = run.render(z, texts, [noise] * len(texts))
+            if len(shown) < EXEMPLARS:
+                shown.append(images[:EXEMPLARS])
+            return run.decide(images, cls)
 
         verdict = judge_latent(run.latent(record), prompt_set(record["class"], run.template_of(record), classes),
                                render_fails)
@@ -99,15 +112,22 @@ def analyze(run: AnalysisRun, max_latents: int | None = None, threshold: float =
         "reproduced_under_own_prompt": sum(r["reproduced"] for r in rows),
         "mean_failing_share": float(torch.tensor([r["share"] for r in rows]).mean()) if rows else None,
     }
+    images = []
+    if shown:
+        groups = [(f"{r['target']} {r['class']}: {r['share']:.2f}", list(ims))
+                  for r, ims in zip(rows, shown, strict=False)]
+        images.append(save_figure(run.run, f"analysis/{NAME}/exemplars.png", exemplar_figure(groups, EXEMPLARS)))
     write_analysis(
         run.run, NAME, title="Prompt-independence of the failure latents (finding 2)", summary=summary, rows=rows,
-        images=[],
+        images=images,
         notes=f"""Each found z is re-rendered with the run's own sampler and noise seed under the prompt of every
         other class (the run's template) and under three style variants of its own prompt
         ({'; '.join(STYLE_TEMPLATES)}). 'share' is the fraction of those prompts under which D still fails (for
         another class's prompt: D does not see that class). A latent with share >= {threshold:g} is
         'distorted whatever the prompt' (the paper's finding 2). 'reproduced' checks that the latent still
         fails under its own prompt; 'still_drawn_under' lists the prompts the model drew correctly from it.
+        The exemplar grid shows the first latents (label: target, class, share) under their own prompt, then
+        the other classes' prompts in class order.
         D is the run's surrogate ensemble, not an independent judge.""",
     )
     return summary
