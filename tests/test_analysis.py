@@ -289,6 +289,8 @@ def test_analyze_mistakes_are_one_line(tmp_path, capsys):
     assert "'regoin'" in err and "did you mean 'region'" in err
     err = error_of(["analyze", str(tmp_path), "--samples-per-radius", "0"], capsys)
     assert "--samples-per-radius 0" in err
+    err = error_of(["analyze", str(tmp_path), "--device", "gpu"], capsys)
+    assert "--device 'gpu'" in err and "cuda" in err
     prompt_run = tmp_path / "prompt"
     prompt_run.mkdir()
     (prompt_run / "config.yaml").write_text("model:\n  class_path: sage_lightning.searches.PromptSearch\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from sage_lightning.errors import SageError, closest_names
@@ -56,14 +57,16 @@ def _check(args: argparse.Namespace) -> list[str]:
         raise SageError(f"--what names no analysis: choose from {', '.join(ANALYSES)}")
     for flag, value, least in (("--max-latents", args.max_latents, 1), ("--batch-size", args.batch_size, 1),
                                ("--samples-per-radius", args.samples_per_radius, 1),
-                               ("--prior-draws", args.prior_draws, 0)):
+                               ("--prior-draws", args.prior_draws, 0), ("--max-k", args.max_k, 2)):
         if value is not None and value < least:
             raise SageError(f"{flag} {value} must be at least {least}")
     if not 0 < args.threshold <= 1:
         raise SageError(f"--threshold {args.threshold} must be a share in (0, 1]")
     if not 0 < args.confidence <= 1:
         raise SageError(f"--confidence {args.confidence} must be a probability in (0, 1]")
-    if args.device != "auto" and args.device.startswith("cuda"):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
+        raise SageError(f"--device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
