@@ -107,6 +107,59 @@ def _check_checkpoint(path: Path) -> None:
 
 
 RUN_MARKERS = ("checkpoints", "results.jsonl", "logs")
+# What decides a run's results: a restart that keeps a run's result lines must have the same values here.
+RESULT_KEYS = ("seed_everything", "model", "data", "optimizer", "lr_scheduler", "trainer.callbacks")
+
+
+def _flat(value, key: str) -> dict[str, object]:
+    """``{dotted key: leaf value}`` of a config part (lists are leaves)."""
+    if isinstance(value, dict) and value:
+        return {k: v for name, item in value.items() for k, v in _flat(item, f"{key}.{name}").items()}
+    return {key: value}
+
+
+def _part(config: dict, key: str):
+    for name in key.split("."):
+        config = config.get(name) if isinstance(config, dict) else None
+    return config
+
+
+def config_difference(saved: dict, new: dict) -> tuple[str, object, object] | None:
+    """The first key of :data:`RESULT_KEYS` (dotted, to the leaf) whose value differs, with both values."""
+    for key in RESULT_KEYS:
+        before, after = _flat(_part(saved, key), key), _flat(_part(new, key), key)
+        for leaf in [*after, *(k for k in before if k not in after)]:
+            if before.get(leaf) != after.get(leaf):
+                return leaf, before.get(leaf), after.get(leaf)
+    return None
+
+
+def _brief(value, longest: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= longest else f"{text[: longest - 3]}..."
+
+
+def _check_same_config(root: Path, parser, cfg) -> None:
+    """A restart that keeps ``root``'s result lines must run the config that wrote them (its config.yaml)."""
+    saved_path = root / "config.yaml"
+    if not saved_path.is_file():
+        raise SageError(
+            f"run folder {str(root)!r} holds results.jsonl but no config.yaml, so the config that wrote them is "
+            "unknown: choose a new folder with --trainer.default_root_dir"
+        )
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SageError(f"{str(saved_path)!r} is unreadable ({type(err).__name__}): choose a new folder") from err
+    differ = config_difference(saved, yaml.safe_load(parser.dump(cfg, skip_none=False)) or {})
+    if differ is not None:
+        key, before, after = differ
+        raise SageError(
+            f"run folder {str(root)!r} holds results of another config ({key}: {_brief(before)} there, "
+            f"{_brief(after)} now): "
+            f"finish that run with its own config, sage fit --config {saved_path} --ckpt_path last, or start this "
+            "one in a new folder (--trainer.default_root_dir)"
+        )
 
 
 @dataclass
@@ -252,7 +305,9 @@ class SageCLI(LightningCLI):
             if ckpt == "last":
                 ckpt = str(root / "checkpoints" / "last.ckpt")
                 if not Path(ckpt).is_file():  # killed before its first checkpoint: the run starts again and
-                    ckpt = None  # redoes exactly what it did; result lines already written are not repeated
+                    if (root / "results.jsonl").exists():  # redoes exactly what it did (the same config: checked);
+                        _check_same_config(root, self._parser(sub), cfg)
+                    ckpt = None  # result lines already written are not repeated
                     print(f"sage: {str(root)!r} holds no checkpoint yet: the run starts from the beginning",
                           file=sys.stderr)
             if ckpt is not None:

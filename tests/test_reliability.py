@@ -75,6 +75,28 @@ def test_sigkill_before_first_checkpoint_and_before_summary_resumes_to_the_unint
     assert outputs(run) == outputs(reference)
 
 
+def test_a_restart_that_keeps_result_lines_runs_the_config_that_wrote_them(capsys, tmp_path):
+    """``--ckpt_path last`` on a run killed before its first checkpoint starts again and keeps the result lines
+    already written: only with the config.yaml that wrote them; another config is refused in one line naming the
+    first differing key and the fix, and the folder is left as it was."""
+    run = tmp_path / "run"
+    base = ["--config", TINY["latent_search"], "--data.init_args.classes", "[star]", "--data.init_args.seeds_per_class",
+            "1", "--model.init_args.max_iterations", "1", "--trainer.default_root_dir", str(run)]
+    sage("fit", *base)
+    shutil.rmtree(run / "checkpoints")  # as a run killed after its result lines, before its first checkpoint
+    (run / "summary.json").unlink()
+    lines = (run / "results.jsonl").read_text()
+    for extra, key in [(["--model.init_args.max_iterations", "2"], "model.init_args.max_iterations"),
+                       (["--data.init_args.base_seed", "5"], "data.init_args.base_seed"),
+                       (["--trainer.callbacks", "[]"], "trainer.callbacks")]:
+        err = error_of(["fit", *base, *extra, "--ckpt_path", "last"], capsys)
+        assert err.startswith(f"sage: error: run folder '{run}' holds results of another config ({key}: "), err
+        assert f"sage fit --config {run / 'config.yaml'} --ckpt_path last" in err and len(err.splitlines()) == 1
+    assert (run / "results.jsonl").read_text() == lines and not (run / "checkpoints").exists()
+    sage("fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last")  # its own config: runs again, finishes
+    assert (run / "summary.json").is_file() and (run / "results.jsonl").read_text() == lines
+
+
 def test_mid_pass_kill_point_lands_inside_a_pass(tmp_path):
     """The driver's ``mid_pass`` point: one step after the first checkpoint, which is still in the folder."""
     run = tmp_path / "run"
