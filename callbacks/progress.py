@@ -14,6 +14,7 @@ import sys
 import time
 
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 RUNNING, FOUND = 0, 1  # sage_lightning.searches.base's target states
 
@@ -46,6 +47,16 @@ def eta_seconds(elapsed: float, done_iterations: int, remaining_iterations: int)
     return elapsed / done_iterations * remaining_iterations
 
 
+class _StatsTqdm(Tqdm):
+    """A tqdm bar with a free ``{stats}`` field (tqdm's ``{postfix}`` prefixes a comma)."""
+
+    stats = ""
+
+    @property
+    def format_dict(self) -> dict:
+        return {**super().format_dict, "stats": self.stats}
+
+
 class SearchProgressBar(TQDMProgressBar):
     """Lightning's TQDM bar, counting SAGE's targets (see module docstring).
 
@@ -74,10 +85,16 @@ class SearchProgressBar(TQDMProgressBar):
             return int(module.iterations.min()) if len(module.iterations) else 0, int(module.max_iterations)
         return int((module.status != RUNNING).sum()), len(module.targets)
 
-    def init_train_tqdm(self):
-        bar = super().init_train_tqdm()
-        bar.bar_format = "{desc}{n_fmt}/{total_fmt} |{bar:20}|{postfix}"  # tqdm adds ": " and ", "
-        return bar
+    def init_train_tqdm(self) -> Tqdm:
+        return _StatsTqdm(desc="targets", position=2 * self.process_position, disable=self.is_disabled, leave=True,
+                          dynamic_ncols=True, file=sys.stdout, smoothing=0,
+                          bar_format="{desc}{n_fmt}/{total_fmt} |{bar:20}| {stats}")
+
+    def show(self, module) -> None:
+        bar = self.train_progress_bar
+        bar.n = self.progress(module)[0]
+        bar.stats = self.stats(module)
+        bar.refresh()
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
@@ -85,16 +102,14 @@ class SearchProgressBar(TQDMProgressBar):
         self._start_iterations = int(pl_module.iterations.sum())
         self._start_spent = spent_forward_equivalents(pl_module)
         self._announced = set((pl_module.status == FOUND).nonzero().flatten().tolist())  # found before a resume
-        done, total = self.progress(pl_module)
-        self.train_progress_bar.reset(total=total)
-        self.train_progress_bar.set_description("passes" if self.counts_passes(pl_module) else "targets")
-        self.train_progress_bar.n = done
-        self.train_progress_bar.refresh()
+        self.train_progress_bar.reset(total=self.progress(pl_module)[1])
+        self.train_progress_bar.set_description("passes" if self.counts_passes(pl_module) else "targets", False)
+        self.show(pl_module)
 
     def on_train_epoch_start(self, trainer, *_) -> None:
         """One bar for the run: nothing to reset per epoch."""
 
-    def postfix(self, module) -> str:
+    def stats(self, module) -> str:
         elapsed = time.monotonic() - self._start
         spent = spent_forward_equivalents(module) - self._start_spent
         parts = [] if self.counts_passes(module) else [f"failures {int((module.status == FOUND).sum())}"]
@@ -120,14 +135,12 @@ class SearchProgressBar(TQDMProgressBar):
                     when = f"at iteration {iterations}" if iterations else "already failing before any search"
                     bar.write(f"failure: target {target} ({t.class_name}, seed {t.seed}) {when}")
         if self._should_update(batch_idx + 1, batch_idx + 1):
-            bar.n = self.progress(pl_module)[0]
-            bar.set_postfix_str(self.postfix(pl_module), refresh=True)
+            self.show(pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         bar = self.train_progress_bar
         if bar is not None and not bar.disable:
-            bar.n = self.progress(pl_module)[0]
-            bar.set_postfix_str(self.postfix(pl_module), refresh=True)
+            self.show(pl_module)
 
     def on_train_end(self, *_) -> None:
         self.train_progress_bar.close()

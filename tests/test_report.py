@@ -262,7 +262,7 @@ def test_progress_bar_counts_targets_failures_and_cost(monkeypatch):
     bar.on_train_batch_end(trainer, start, None, None, 1)  # the same failure is announced once
     text = out.getvalue()
     assert text.count("failure: target 0 (a, seed 0) at iteration 2") == 1
-    assert "targets: 1/4 |" in text and "failures 1" in text and "FE/s" in text and "ETA" in text
+    assert "targets: 1/4 |" in text and "| failures 1 · " in text and "FE/s" in text and "ETA ≤" in text
 
 
 def test_gallery_labels_every_failure():
