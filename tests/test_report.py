@@ -328,3 +328,14 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path, capsys):
     _chromium(f"--screenshot={shot}", "--window-size=1200,2000", page.as_uri(), tmp=tmp_path)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (2000, 1200) and pixels.std() > 20  # not a blank page
+
+
+def test_out_elsewhere_keeps_every_image_reachable(tmp_path, capsys):
+    run = make_run(tmp_path / "run", [latent_record(0, "star", True), latent_record(1, "ring", False)])
+    (tmp_path / "pages").mkdir()
+    page = write_report(run, out=tmp_path / "pages" / "star.html")
+    sources = re.findall(r"<img src='([^']+)'", page.read_text())
+    assert sources and all((page.parent / src).is_file() for src in sources)
+    assert not (run / "report.html").exists()
+    err = error_of(["report", str(run), "--out", str(tmp_path / "nowhere" / "x.html")], capsys)
+    assert "nowhere" in err and len(err.splitlines()) == 1
