@@ -337,6 +337,39 @@ def test_ddp_user_error_is_one_line_from_rank_zero_and_leaves_nothing(tmp_path):
     assert "Traceback" not in proc.stderr and not run.exists() and _ranks_alive(str(run)) == []
 
 
+RANK_CASES = [["", "the probability of held-out prompt 3 is nan"], ["the loss of target 0 is inf", "other"], ["", ""]]
+
+
+def _rank_stops(rank: int, folder: str) -> None:
+    """One rank of a 2-process gloo group: each case of RANK_CASES through raise_on_every_rank."""
+    import datetime
+
+    from sage_lightning.searches.base import raise_on_every_rank
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=60))
+    messages = []
+    for problems in RANK_CASES:
+        try:
+            raise_on_every_rank(problems[rank])
+            messages.append("went on")
+        except SageError as err:
+            messages.append(str(err))
+    torch.distributed.destroy_process_group()
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(messages))
+
+
+def test_a_non_finite_value_on_one_rank_stops_every_rank_with_the_same_line(tmp_path):
+    """The flag reduction behind stop_if_not_finite and the universal token's held-out check, on a real 2-process
+    gloo group: a problem on any rank (here rank 1 alone) makes every rank raise the same line, none go on."""
+    from sage_lightning.searches.base import DIVERGED
+
+    torch.multiprocessing.spawn(_rank_stops, args=(str(tmp_path),), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    expected = [f"{next(p for p in case if p)}{DIVERGED}" if any(case) else "went on" for case in RANK_CASES]
+    assert ranks[0] == ranks[1] == expected
+
+
 @pytest.mark.parametrize("targets", [3, 5])
 def test_ddp_with_uneven_targets_equals_one_device_and_returns_after_every_rank(targets, tmp_path):
     args = ["--config", TINY["latent_search"], "--data.init_args.classes", "[star]", "--data.init_args.seeds_per_class",

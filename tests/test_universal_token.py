@@ -98,6 +98,32 @@ def test_training_changes_only_the_placeholder_embedding(tmp_path):
     assert (tmp_path / "token.safetensors").is_file() and (tmp_path / "summary.json").is_file()
 
 
+def test_a_non_finite_held_out_value_stops_the_run_naming_it():
+    """The held-out rendering (CLIP score, writer) stops on a NaN probability or token, naming it, before anything
+    uses it; under DDP every rank raises the same line (tests/test_reliability.py, the flag reduction)."""
+    search, _ = _prepared()
+    search.trainer = None
+    ensemble = search.frozen.ensemble
+    clean = ensemble.member_probs
+
+    def poisoned(images):
+        probs = clean(images).clone()
+        probs[1, 0, :] = float("nan")
+        return probs
+
+    ensemble.member_probs = poisoned
+    first = search.held_out[0]
+    with pytest.raises(SageError, match=f"probability of held-out prompt {first.index} .'{first.prompt}', seed "
+                                        f"{first.seed}. with the token is nan: the search diverged"):
+        search.held_out_evaluation(True)
+    del ensemble.member_probs
+    with torch.no_grad():
+        search.token[3] = float("inf")
+    with pytest.raises(SageError, match="the token holds inf after 0 passes"):
+        search.held_out_evaluation(True)
+    assert search.held_out_evaluation(False).probs.isfinite().all()  # without the token: nothing to stop
+
+
 def test_clamp_acts_on_the_token():
     from callbacks import ClampPerturbation
 

@@ -78,6 +78,18 @@ def import_class(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+DIVERGED = ": the search diverged (lower lr or guidance_scale); the run stops before anything non-finite is written"
+
+
+def raise_on_every_rank(problem: str, why: str = DIVERGED) -> None:
+    """Collective: every rank calls it with its own ``problem`` ("" for none). If any rank has one, every rank
+    raises the same SageError (the first problem in rank order, then ``why``), so no rank goes on alone, waits
+    on the others or ends with another message."""
+    first = next((p for p in all_gather_objects([problem]) if p), "")
+    if first:
+        raise SageError(f"{first}{why}")
+
+
 def all_gather_objects(items: list) -> list:
     """Every rank's ``items`` concatenated, in rank order (``items`` itself without DDP)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -291,16 +303,8 @@ class TargetSearch(L.LightningModule):
                 number = value.detach()[k].reshape(-1)[~torch.isfinite(value.detach()[k].reshape(-1))][0].item()
                 problem = f"the {name} of target {target} is {number} at iteration {int(self.iterations[target])}"
                 break
-        if not int(self._all_ranks_sum(torch.tensor([int(bool(problem))]))[0]):
-            return
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            everyone: list[str | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, problem)
-            problem = next(p for p in everyone if p)
-        raise SageError(
-            f"{problem}: the search diverged (lower lr or guidance_scale); the run stops before anything "
-            "non-finite is written"
-        )
+        if int(self._all_ranks_sum(torch.tensor([int(bool(problem))]))[0]):  # a tensor sum every step; the
+            raise_on_every_rank(problem)  # messages are gathered only when some rank has one
 
     def advance(self, ids: Tensor, images: Tensor, latents: Tensor, output: EnsembleOutput) -> Tensor:
         """SAGE's per-target stopping rule; returns the mask of rows that keep being optimised.

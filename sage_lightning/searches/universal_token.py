@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sage_lightning.errors import SageError
-from sage_lightning.searches.base import EXHAUSTED, TargetSearch
+from sage_lightning.searches.base import EXHAUSTED, TargetSearch, raise_on_every_rank
 from sage_lightning.searches.latent import LatentSearch
 from sage_lightning.targets import Target, seeded_latent
 from sage_lightning.text import slot
@@ -247,8 +247,27 @@ class UniversalTokenSearch(TargetSearch):
             hit=(top1 == int(self.target_index)).all(0),
             failed=torch.cat(failed) if failed else torch.zeros(0, dtype=torch.bool),
         )
+        self.stop_if_held_out_not_finite(evaluation, with_token)
         self._evaluations[with_token] = (key, evaluation)
         return evaluation
+
+    def stop_if_held_out_not_finite(self, evaluation: HeldOutEvaluation, with_token: bool) -> None:
+        """Stop the run, on every rank with the same line (collective: every rank renders its share of the held-out
+        prompts at the same moments), when the token or a held-out probability is NaN or infinite, before the
+        CLIP score or the writer uses it."""
+        problem = ""
+        token = self.token.detach().reshape(-1)
+        if with_token and not bool(torch.isfinite(token).all()):
+            value = token[~torch.isfinite(token)][0].item()
+            problem = f"the token holds {value} after {int(self.iterations.max())} passes"
+        bad = ~torch.isfinite(evaluation.probs).all(0)
+        if not problem and bool(bad.any()):
+            k = int(torch.nonzero(bad)[0])
+            value = evaluation.probs[:, k][~torch.isfinite(evaluation.probs[:, k])][0].item()
+            t = evaluation.targets[k]
+            problem = (f"the probability of held-out prompt {t.index} ({t.prompt!r}, seed {t.seed}) "
+                       f"{'with' if with_token else 'without'} the token is {value}")
+        raise_on_every_rank(problem)
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
