@@ -112,8 +112,8 @@ def latent_cards(page: Page) -> str:
         judge = ""
         if "final_judge" in r:
             verdict = "confirms" if judge_confirms(r) else "does not confirm"
-            judge = (f"<div>judge: clean sees {esc(fmt(r.get('clean_judge')))}, final sees "
-                     f"{esc(fmt(r.get('final_judge')))} — <b>{verdict}</b></div>")
+            judge = (f"<div>judge: clean sees {esc(r.get('clean_judge') or 'no shape')}, final sees "
+                     f"{esc(r.get('final_judge') or 'no shape')} — <b>{verdict}</b></div>")
         label = f"target {r['target']}: {r.get('class')}, seed {r.get('seed')}, iteration {r.get('iterations')}"
         caption = (f"<b>{esc(r.get('class'))}</b> · seed {esc(r.get('seed'))} · iteration {esc(r.get('iterations'))}"
                    f" · {esc(fmt(r.get('forward_equivalents')))} forward-equivalents<div class='note'>left: clean "
@@ -137,7 +137,7 @@ def seed_figures(page: Page, r: dict) -> str:
     for k, seed in enumerate(seeds):
         failed = k < len(decisions) and decisions[k]
         decision = "<span class='fail'>D fails</span>" if failed else "<span class='pass'>D passes</span>"
-        judged = f"<br>judge: {esc(fmt(shapes[k]))}" if r.get("judge") else ""
+        judged = f"<br>judge: {esc(shapes[k] or 'no shape')}" if r.get("judge") else ""
         p = "<br>".join(f"{esc(m)}: {fmt(v[k])}" for m, v in (r.get("probs") or {}).items() if k < len(v))
         figures.append(f"<figure class='seed'>{page.img(tiles[k], f'seed {seed}')}seed {esc(seed)}<br>"
                        f"{decision}{judged}<br><span class='note'>{p}</span></figure>")
