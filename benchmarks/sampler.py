@@ -17,6 +17,12 @@ Stacks (random weights; only the shapes matter for cost):
   small UNet (64, 128, 256), 32x32x4 latents, VAE x8 -> 256 px images (slow on a CPU: minutes)
   sd15  Stable Diffusion 1.5 shapes: UNet 860M, VAE (128, 256, 512, 512), CLIP-L text encoder, 512 px
         (GPU work; ``--construct-only`` checks that it builds, e.g. on a CPU)
+  sdxl  Stable Diffusion XL base 1.0 shapes: UNet 2.6B (text_time conditioning), VAE (128, 256, 512, 512)
+        decoded in float32 (force_upcast), CLIP-L + OpenCLIP bigG text encoders, EulerDiscrete, 1024 px;
+        VAE-decoder checkpointing follows ``--checkpoint`` (the SDXL default, configs/models/sdxl.yaml)
+
+``--plain`` also times one plain ``pipeline(...)`` call per step count (no graph, as a user generates an image)
+and adds the ratio of each differentiable call to it.
 
 Examples::
 
@@ -24,6 +30,8 @@ Examples::
     python benchmarks/sampler.py --stack small --steps 10 --repeats 1
     python benchmarks/sampler.py --stack sd15 --device cuda --steps 10,25,50
     python benchmarks/sampler.py --stack sd15 --construct-only     # builds on CPU, runs nothing
+    python benchmarks/sampler.py --stack sdxl --construct-only     # shapes only (meta device): no memory
+    python benchmarks/sampler.py --stack sdxl --device cuda --dtype float16 --steps 25,50 --repeats 1 --plain
 """
 
 from __future__ import annotations
@@ -39,12 +47,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sage_lightning.loading import DiffusionModel, build_tiny, clip_tokenizer
+from sage_lightning.loading import DiffusionModel, DiffusionXLModel, build_tiny, clip_tokenizer
 from sage_lightning.sampler import DiffusionSampler, FullGradient, GradientMode, LastKGradient, ResidualGradient
-from sage_lightning.text import PromptEncoder, slot
+from sage_lightning.text import prompt_encoder, slot
 
 PROMPT = f"a photo of a {slot('x')}"
 GUIDANCE = 7.5
@@ -53,20 +62,42 @@ MIB = 2**20
 
 # ------------------------------------------------------------------------------------------ stacks
 def _ddim() -> DDIMScheduler:
-    """Stable Diffusion 1.x's scheduler settings (as ``build_tiny``)."""
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )
+    """Stable Diffusion 1.x's scheduler settings (as ``build_tiny``); its tables on the CPU, also when the
+    stack is built on the meta device (``--construct-only``)."""
+    with torch.device("cpu"):
+        return DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            set_alpha_to_one=False, steps_offset=1,
+        )
 
 
-def _clip_text(hidden: int, layers: int, heads: int, intermediate: int) -> CLIPTextModel:
-    return CLIPTextModel(
+def _euler() -> EulerDiscreteScheduler:
+    """Stable Diffusion XL base's scheduler (EulerDiscrete, "leading" spacing), its tables on the CPU."""
+    with torch.device("cpu"):
+        return EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            timestep_spacing="leading",
+        )
+
+
+def _clip_text(
+    hidden: int, layers: int, heads: int, intermediate: int, act: str = "quick_gelu", cls: type = CLIPTextModel
+) -> CLIPTextModel:
+    return cls(
         CLIPTextConfig(
             bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=hidden,
             intermediate_size=intermediate, num_attention_heads=heads, num_hidden_layers=layers,
-            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=hidden,
+            vocab_size=49408, max_position_embeddings=77, hidden_act=act, projection_dim=hidden,
         )
+    )
+
+
+def _sd_vae(sample_size: int, **config) -> AutoencoderKL:
+    """Stable Diffusion's x8 VAE (1.x, 2.x and XL share the architecture)."""
+    return AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=2, sample_size=sample_size, norm_num_groups=32, **config,
     )
 
 
@@ -92,29 +123,46 @@ def build_sd15(seed: int = 0) -> DiffusionModel:
     """Stable Diffusion 1.5's architecture with random weights (512 px, 64x64x4 latents)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)  # defaults = SD 1.x UNet
-    vae = AutoencoderKL(
-        block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        layers_per_block=2, sample_size=512, norm_num_groups=32,
-    )
     text_encoder = _clip_text(hidden=768, layers=12, heads=12, intermediate=3072)
-    return DiffusionModel(unet, vae, text_encoder, clip_tokenizer(), _ddim(), name="sd15").freeze()
+    return DiffusionModel(unet, _sd_vae(512), text_encoder, clip_tokenizer(), _ddim(), name="sd15").freeze()
 
 
-STACKS: dict[str, Callable[[], DiffusionModel]] = {"tiny": build_tiny, "small": build_small, "sd15": build_sd15}
+def build_sdxl(seed: int = 0) -> DiffusionXLModel:
+    """Stable Diffusion XL base 1.0's architecture with random weights (1024 px, 128x128x4 latents): the
+    configs of stabilityai/stable-diffusion-xl-base-1.0's unet, vae, text_encoder, text_encoder_2, scheduler."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+        cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 6 * 256 + 1280 (pooled bigG)
+    )
+    vae = _sd_vae(1024, scaling_factor=0.13025, force_upcast=True)
+    text_encoder = _clip_text(hidden=768, layers=12, heads=12, intermediate=3072)
+    text_encoder_2 = _clip_text(1280, 32, 20, 5120, act="gelu", cls=CLIPTextModelWithProjection)
+    return DiffusionXLModel(
+        unet, vae, text_encoder, clip_tokenizer(), _euler(), name="sdxl",
+        text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(pad_token="!"),
+    ).freeze()
+
+
+STACKS: dict[str, Callable[[], DiffusionModel]] = {
+    "tiny": build_tiny, "small": build_small, "sd15": build_sd15, "sdxl": build_sdxl,
+}
 
 
 def image_size(model: DiffusionModel) -> int:
-    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    return model.unet.config.sample_size * factor
+    return model.image_size
 
 
 def describe(model: DiffusionModel) -> str:
-    count = {m: sum(p.numel() for p in getattr(model, m).parameters()) / 1e6 for m in ("unet", "vae", "text_encoder")}
+    count = {type(m).__name__: sum(p.numel() for p in m.parameters()) / 1e6 for m in model.modules()}
+    sizes = ", ".join(f"{name} {n:.2f}M" for name, n in count.items())
     return (
-        f"{model.name}: UNet {count['unet']:.2f}M, VAE {count['vae']:.2f}M, text encoder {count['text_encoder']:.2f}M"
-        f" params; latents {model.unet.config.sample_size}x{model.unet.config.sample_size}"
-        f"x{model.unet.config.in_channels}, images {image_size(model)} px"
+        f"{model.name}: {sizes} params; latents {model.unet.config.sample_size}x{model.unet.config.sample_size}"
+        f"x{model.unet.config.in_channels}, images {image_size(model)} px; {type(model.scheduler).__name__}"
     )
 
 
@@ -182,10 +230,10 @@ class Result:
     cuda_peak_mib: float | None = None
 
 
-MODES: dict[str, Callable[[bool], GradientMode]] = {
-    "full": lambda ckpt: FullGradient(checkpoint=ckpt),
-    "last_k": lambda ckpt: LastKGradient(k=5, checkpoint=ckpt),
-    "residual": lambda ckpt: ResidualGradient(step=0.5, weight=1.0, checkpoint=ckpt),
+MODES: dict[str, Callable[[bool, bool], GradientMode]] = {
+    "full": lambda ckpt, dec: FullGradient(checkpoint=ckpt, decoder_checkpoint=dec),
+    "last_k": lambda ckpt, dec: LastKGradient(k=5, checkpoint=ckpt, decoder_checkpoint=dec),
+    "residual": lambda ckpt, dec: ResidualGradient(step=0.5, weight=1.0, checkpoint=ckpt, decoder_checkpoint=dec),
 }
 MODE_LABELS = {"full": "full", "last_k": "last_k (k=5)", "residual": "residual (step 0.5, w=1)"}
 
@@ -193,9 +241,9 @@ MODE_LABELS = {"full": "full", "last_k": "last_k (k=5)", "residual": "residual (
 class Bench:
     def __init__(self, model: DiffusionModel, device: torch.device, dtype: torch.dtype, batch: int) -> None:
         self.model, self.device, self.dtype, self.batch = model, device, dtype, batch
-        self.encoder = PromptEncoder(model.tokenizer, model.text_encoder)
+        self.encoder = prompt_encoder(model)
         with torch.no_grad():
-            self.uncond = self.encoder([""])
+            self.uncond = self.encoder.unconditional()  # the pipeline's (SDXL: zeros)
         size = model.unet.config.sample_size
         generator = torch.Generator().manual_seed(0)
         self.z = torch.randn(batch, model.unet.config.in_channels, size, size, generator=generator)
@@ -223,8 +271,27 @@ class Bench:
             if grad is None or not torch.isfinite(grad).all() or grad.abs().sum() == 0:
                 print(f"warning: {label}: gradient to {name} is missing, zero or not finite", file=sys.stderr)
 
-    def measure(self, steps: int, mode: str, ckpt: bool, repeats: int) -> Result:
-        sampler = DiffusionSampler(self.model, num_steps=steps, guidance_scale=GUIDANCE, grad_mode=MODES[mode](ckpt))
+    def plain(self, steps: int, repeats: int) -> float:
+        """Median seconds of one plain pipeline call (no graph, same latents, steps and guidance)."""
+        pipe = self.model.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = getattr(self.model, "pipeline_kwargs", dict)()
+        runs = []
+        for _ in range(repeats + 1):  # the first call warms up
+            self.sync()
+            start = time.perf_counter()
+            with torch.no_grad():
+                pipe([PROMPT.replace(slot("x"), "dog")] * self.batch, latents=self.z.detach(),
+                     num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="pt", **kwargs)
+            self.sync()
+            runs.append(time.perf_counter() - start)
+        print(f"{steps} steps, plain pipeline call: runs {', '.join(f'{r:.2f}' for r in runs[1:])} s",
+              file=sys.stderr, flush=True)
+        return statistics.median(runs[1:])
+
+    def measure(self, steps: int, mode: str, ckpt: bool, repeats: int, decoder: bool = False) -> Result:
+        grad_mode = MODES[mode](ckpt, decoder and ckpt)
+        sampler = DiffusionSampler(self.model, num_steps=steps, guidance_scale=GUIDANCE, grad_mode=grad_mode)
         label = f"{steps} steps, {mode}, checkpoint={ckpt}"
         try:
             # First call (untimed, also a warm-up): saved-tensor peak, and the CUDA peak.
@@ -259,12 +326,58 @@ class Bench:
         return Result(steps, mode, ckpt, statistics.median(runs), runs, meter.peak / MIB, cuda_peak)
 
 
+def meta_estimate(stack: str, dtype: torch.dtype) -> list[str]:
+    """Bytes autograd saves for one guided UNet step and one VAE decode (whole, and with decoder checkpointing:
+    outer graph, then the largest block recomputed), counted on the meta device: no memory, no compute. An upper
+    bound: shared storages are counted once per use, and attention takes the math path (saves its matrices)."""
+    def saved(fn) -> float:
+        total = [0]
+
+        def pack(tensor):
+            total[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return total[0] / 2**30
+
+    with torch.device("meta"):
+        model = STACKS[stack]()
+    model.to("meta", dtype)
+    size, unet = model.unet.config.sample_size, model.unet
+    x = torch.zeros(2, unet.config.in_channels, size, size, device="meta", dtype=unet.dtype, requires_grad=True)
+    encoder = prompt_encoder(model)
+    with torch.no_grad():
+        cond = encoder.unconditional().to("meta", unet.dtype)
+    hidden, pooled = (cond.hidden, cond.pooled) if hasattr(cond, "pooled") else (cond, None)
+    sampler = DiffusionSampler(model, 1, GUIDANCE)
+    step = saved(lambda: sampler._noise_prediction(x, torch.tensor(500, device="meta"), hidden.expand(2, -1, -1),
+                                                   None if pooled is None else pooled.expand(2, -1)))
+    vae = model.vae
+    z = torch.zeros(1, vae.config.latent_channels, size, size, device="meta", dtype=vae.dtype, requires_grad=True)
+    whole = saved(lambda: vae.decode(z))
+    vae.enable_gradient_checkpointing(lambda module, *args: activation_checkpoint(module.__call__, *args,
+                                                                                  use_reentrant=True))
+    outer = saved(lambda: vae.decode(z))
+    vae.disable_gradient_checkpointing()
+    decoder, blocks = vae.decoder, []
+    h = decoder.conv_in(vae.post_quant_conv(z)).detach().requires_grad_(True)
+    for block in [decoder.mid_block, *decoder.up_blocks]:
+        blocks.append(saved(lambda b=block, i=h: b(i)))
+        h = block(h).detach().requires_grad_(True)
+    return [f"{stack}, meta device, upper bounds: one guided UNet step (batch 2, {size}x{size} latents, {unet.dtype}): "
+            f"{step:.2f} GiB saved", f"VAE decode ({vae.dtype}): {whole:.2f} GiB whole; with decoder checkpointing "
+            f"{outer:.2f} GiB outer graph + {max(blocks):.2f} GiB for its largest block in backward"]
+
+
 # ---------------------------------------------------------------------------------------- report
-def table(results: list[Result], cuda: bool) -> str:
+def table(results: list[Result], cuda: bool, plain: dict[int, float] | None = None) -> str:
     head = ["steps", "gradient mode", "checkpoint", "fwd+bwd s (median)", "time vs full", "saved MiB",
             "saved vs full"]
     if cuda:
         head += ["CUDA peak MiB"]
+    if plain:
+        head += ["plain call s", "iteration / plain call"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     baseline = {r.steps: r for r in results if r.mode == "full" and not r.checkpoint}
     for r in results:
@@ -276,6 +389,9 @@ def table(results: list[Result], cuda: bool) -> str:
                "OOM" if oom else f"{r.seconds:.2f}", ratio, "OOM" if oom else f"{r.saved_mib:.1f}", mem_ratio]
         if cuda:
             row += ["OOM" if oom else f"{r.cuda_peak_mib:.0f}"]
+        if plain:
+            base = plain[r.steps]
+            row += [f"{base:.2f}", "-" if oom else f"{r.seconds / base:.1f}x"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -292,7 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="latents per call (default 1)")
     parser.add_argument("--modes", default=",".join(MODES), help="subset of: " + ", ".join(MODES))
     parser.add_argument("--checkpoint", choices=["both", "no", "yes"], default="both")
-    parser.add_argument("--construct-only", action="store_true", help="build the stack, print its size, exit")
+    parser.add_argument("--construct-only", action="store_true",
+                        help="build the stack on the meta device (shapes only, no memory), print its size, exit")
+    parser.add_argument("--decoder-checkpoint", choices=["auto", "no", "yes"], default="auto",
+                        help="checkpoint the VAE decoder with the UNet steps (auto: for sdxl, its default)")
+    parser.add_argument("--plain", action="store_true", help="also time a plain pipeline call per step count")
+    parser.add_argument("--meta-estimate", action="store_true",
+                        help="count the bytes autograd saves for one step and one decode on the meta device, exit")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -307,28 +429,37 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
 
     started = time.perf_counter()
+    if args.meta_estimate:
+        print("\n".join(meta_estimate(args.stack, dtype)))
+        return 0
+    if args.construct_only:
+        with torch.device("meta"):
+            print(describe(STACKS[args.stack]()))
+        return 0
     model = STACKS[args.stack]()
     print(describe(model), f"(built in {time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
-    if args.construct_only:
-        print(describe(model))
-        return 0
-    if args.stack == "sd15" and device.type == "cpu":
-        print("warning: sd15 on a CPU takes about 30 s per UNet forward+backward (see STACK_NOTES.md)",
+    if args.stack in ("sd15", "sdxl") and device.type == "cpu":
+        print(f"warning: {args.stack} on a CPU takes 30 s or more per UNet forward+backward (see STACK_NOTES.md)",
               file=sys.stderr)
     if device.type != "cpu" or dtype != torch.float32:
         model.to(device, dtype)
     bench = Bench(model, device, dtype, args.batch)
     checkpoints = {"both": [False, True], "no": [False], "yes": [True]}[args.checkpoint]
-    results = [bench.measure(n, mode, ckpt, args.repeats) for n in steps for mode in modes for ckpt in checkpoints]
+    decoder = {"auto": args.stack == "sdxl", "no": False, "yes": True}[args.decoder_checkpoint]
+    plain = {n: bench.plain(n, args.repeats) for n in steps} if args.plain else None
+    results = [
+        bench.measure(n, mode, ckpt, args.repeats, decoder) for n in steps for mode in modes for ckpt in checkpoints
+    ]
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}"
     print(f"Command: `python {' '.join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:]))}`")
     print(f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; device {where};"
           f" {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; {args.dtype}; batch {args.batch};"
-          f" guidance {GUIDANCE}; DDIM; median of {args.repeats}; total {time.perf_counter() - started:.0f} s")
+          f" guidance {GUIDANCE}; {type(model.scheduler).__name__}; decoder checkpoint {decoder};"
+          f" median of {args.repeats}; total {time.perf_counter() - started:.0f} s")
     print(f"Stack: {describe(model)}")
     print()
-    print(table(results, cuda=device.type == "cuda"))
+    print(table(results, cuda=device.type == "cuda", plain=plain))
     return 0
 
 

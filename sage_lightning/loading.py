@@ -64,17 +64,15 @@ class DiffusionModel:
     name: str = "model"
     sets_begin_index = False  # class attribute: the pipeline's loop calls ``scheduler.set_begin_index(0)``
 
+    def components(self) -> dict:
+        """The modules every Stable Diffusion pipeline is built from (shared, not copied)."""
+        return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "unet": self.unet,
+                "scheduler": self.scheduler}
+
     def pipeline(self) -> StableDiffusionPipeline:
         """The equivalent diffusers pipeline (shares the modules; no safety checker)."""
         return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **self.components(), safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
 
     def modules(self) -> list[torch.nn.Module]:
@@ -130,15 +128,8 @@ class DiffusionXLModel(DiffusionModel):
     def pipeline(self) -> StableDiffusionXLPipeline:
         """The equivalent diffusers pipeline (shares the modules; no watermark)."""
         return StableDiffusionXLPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer=self.tokenizer,
-            tokenizer_2=self.tokenizer_2,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
-            add_watermarker=False,
+            **self.components(), text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, add_watermarker=False,
         )
 
     def pipeline_kwargs(self) -> dict:
@@ -230,6 +221,38 @@ def clip_tokenizer(folder: str | None = None, pad_token: str = "<|endoftext|>") 
 
 
 # ------------------------------------------------------------------------------------- tiny stack
+def _test_vae(seed: int, sample_size: int) -> AutoencoderKL:
+    """diffusers' test VAE (32, 64): scale factor 2, seeded."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=sample_size,
+        norm_num_groups=32,
+    )
+
+
+def _test_clip_config(hidden: int, layers: int, **extra) -> CLIPTextConfig:
+    """diffusers' test CLIP text config on the real 49408-token vocabulary (EOS 49407)."""
+    return CLIPTextConfig(
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_size=hidden,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=layers,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        **extra,
+    )
+
+
 def build_tiny(seed: int = 0, prediction_type: str = "epsilon", hidden: int = 32) -> DiffusionModel:
     """A Stable-Diffusion-shaped stack with random weights (as diffusers' ``get_dummy_components``).
 
@@ -249,32 +272,9 @@ def build_tiny(seed: int = 0, prediction_type: str = "epsilon", hidden: int = 32
         attention_head_dim=(2, 4),
         norm_num_groups=32,
     )
+    vae = _test_vae(seed, sample_size=64)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=64,
-        norm_num_groups=32,
-    )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            hidden_size=hidden,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=49408,
-            max_position_embeddings=77,
-        )
-    )
+    text_encoder = CLIPTextModel(_test_clip_config(hidden, layers=2))
     scheduler = _tiny_scheduler(prediction_type)
     return DiffusionModel(unet, vae, text_encoder, clip_tokenizer(), scheduler, name="tiny").freeze()
 
@@ -304,30 +304,8 @@ def build_tiny_xl(seed: int = 0) -> DiffusionXLModel:
         cross_attention_dim=64,  # 32 + 32: both encoders' hidden states side by side
         norm_num_groups=1,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=128,
-    )
-    config = CLIPTextConfig(
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=5,
-        vocab_size=49408,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        projection_dim=32,
-    )
+    vae = _test_vae(seed, sample_size=128)
+    config = _test_clip_config(32, layers=5, hidden_act="gelu", projection_dim=32)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(config)
     text_encoder_2 = CLIPTextModelWithProjection(config)
@@ -598,3 +576,70 @@ def default_ensemble(source: str):
         f"model {source!r} has no default ensemble: list the members under model.ensemble in the config "
         "(see configs/models/sd15.yaml)"
     )
+
+
+# ------------------------------------------------------------------------------------------------- CLIP
+class _FeatureTensors(torch.nn.Module):
+    """A ``CLIPModel`` whose ``get_image_features`` / ``get_text_features`` return tensors (with transformers 5
+    they return model outputs, where torchmetrics' ``CLIPScore`` expects the projected feature tensors)."""
+
+    def __init__(self, clip: torch.nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+        self.config = clip.config
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.clip.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.clip.get_text_features(*args, **kwargs))
+
+
+def _shapesworld_processor(folder: Path, image_size: int):
+    """ShapesWorld's CLIP convention (world.pixel_values): 64 px, [0, 1] -> [-1, 1], no crop."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    image_processor = CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": image_size},
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return CLIPProcessor(image_processor=image_processor, tokenizer=CLIPTokenizer.from_pretrained(str(folder)))
+
+
+def load_clip(model: str = "shapesworld", local_files_only: bool = False) -> tuple[torch.nn.Module, object]:
+    """``(model, processor)`` of a frozen CLIP: the CLIP score's model (callbacks/clip_score.py, through
+    ``CLIPScore(model_name_or_path=lambda: ...)``) and the failure-type analysis's image features. The model's
+    ``get_image_features`` / ``get_text_features`` return the projected feature tensors.
+
+    ``model``: ``"shapesworld"`` (the world's CLIP), a local folder with a ``CLIPModel`` and its processor
+    (``save_pretrained``), or a hub id such as ``openai/clip-vit-base-patch32``.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    world = model == "shapesworld"
+    source = SHAPESWORLD_DIR / "clip" if world else Path(model).expanduser()
+    if world and not (source / "config.json").exists():
+        raise SageError(f"ShapesWorld's CLIP is missing at {source}: rebuild it with `sage-shapesworld build`")
+    name = str(source) if world or source.exists() else model
+    local = local_files_only or world or source.exists()
+    try:
+        clip = CLIPModel.from_pretrained(name, local_files_only=local).eval().requires_grad_(False)
+        if world and not (source / "preprocessor_config.json").exists():
+            processor = _shapesworld_processor(source, int(clip.config.vision_config.image_size))
+        else:
+            processor = CLIPProcessor.from_pretrained(name, local_files_only=local)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise SageError(
+            f"cannot load CLIP model {model!r} ({first[:160]}): give 'shapesworld', a folder with a CLIPModel and "
+            "its processor, or a hub id"
+        ) from err
+    return _FeatureTensors(clip), processor

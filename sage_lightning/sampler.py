@@ -1,7 +1,9 @@
 """The differentiable denoising loop (latents + prompt embeddings -> image) and its gradient modes.
 
 The forward value is always the model's real output: for the same latents, embeddings, scheduler,
-steps and guidance it equals diffusers' ``StableDiffusionPipeline(..., output_type="pt")``.
+steps and guidance it equals diffusers' ``StableDiffusionPipeline(..., output_type="pt")`` (for an SDXL model,
+``StableDiffusionXLPipeline``: the pooled text embeddings of :class:`~sage_lightning.text.XLConditioning` and
+the model's ``add_time_ids`` go to the UNet as ``added_cond_kwargs``).
 What the gradient modes change is only which steps keep an autograd graph:
 
 * ``FullGradient``: exact gradient through every step (optional per-step activation checkpointing).

@@ -6,7 +6,8 @@ types, "[a]" included, ever becomes a slot. Their input embeddings are not looke
 taken from tensors the caller passes (SAGE's adversarial word slots and the universal token). Route: the
 prompt is tokenised piece by piece around the slots, and a forward hook on the text encoder's
 token-embedding module replaces the slot positions, so no transformers class is patched and gradients
-reach the slot tensors.
+reach the slot tensors. Stable Diffusion XL's two encoders: :class:`XLPromptEncoder` (one hook per encoder; a
+slot's vector is split between them) and :func:`prompt_encoder`, which picks the encoder a model needs.
 """
 
 from __future__ import annotations
