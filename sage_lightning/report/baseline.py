@@ -41,8 +41,9 @@ def discovery(run: RunData) -> Discovery:
                         "search (give such runs to --baseline and as RUN_DIR)")
     records = [r for r in run.results if not r.get("already_failing")]
     if not records:
-        raise SageError(f"{str(run.root)!r} has no searched target (every finished target was already failing): "
-                        "no discovery rate; compare runs that searched targets")
+        why = "every finished target was already failing" if run.results else "no target finished yet"
+        raise SageError(f"{str(run.root)!r} has no searched target ({why}): no discovery rate; compare runs that "
+                        "searched targets")
     unit = "forward_equivalents" if all("forward_equivalents" in r for r in records) else "unet_evaluations"
     if not all(unit in r for r in records):
         raise SageError(f"{str(run.root)!r} records no cost per target (forward_equivalents): rerun it with this "
