@@ -19,6 +19,8 @@ COMBOS = [
     ["latent_search.yaml", "models/sd15.yaml", "trainer/gpu.yaml"],
     ["latent_search.yaml", "models/sd15.yaml", "models/sd21.yaml", "trainer/ddp_gpu.yaml"],
     ["latent_search.yaml", "trainer/ddp_cpu.yaml"],
+    ["latent_search.yaml", "models/sdxl.yaml", "trainer/gpu.yaml"],
+    ["latent_search_tiny.yaml", "models/tiny_xl.yaml"],
 ]
 
 

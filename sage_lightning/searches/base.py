@@ -20,12 +20,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sage_lightning.errors import SageError
-from sage_lightning.loading import DiffusionModel, check_source, load_diffusion, load_scheduler
+from sage_lightning.loading import TINY_SOURCES, DiffusionModel, check_source, load_diffusion, load_scheduler
 from sage_lightning.optim import SignSGD, check_lr
 from sage_lightning.sampler import DiffusionSampler, GradientMode, ResidualGradient, loop_length
 from sage_lightning.surrogate import ClassifierEnsemble, EnsembleOutput
 from sage_lightning.targets import Target, noise_generator
-from sage_lightning.text import PromptEncoder
+from sage_lightning.text import PromptEncoder, XLConditioning, XLPromptEncoder, prompt_encoder
 
 RUNNING, FOUND, EXHAUSTED = 0, 1, 2
 MAX_GUIDANCE = 100.0  # larger scales overflow float32 images into NaN
@@ -48,7 +48,7 @@ class StepOutputs:
 class _Frozen:
     """Holds the frozen models outside the module tree: never checkpointed, moved, trained or DDP-synced."""
 
-    def __init__(self, model: DiffusionModel, ensemble: ClassifierEnsemble, encoder: PromptEncoder):
+    def __init__(self, model: DiffusionModel, ensemble: ClassifierEnsemble, encoder: PromptEncoder | XLPromptEncoder):
         self.model, self.ensemble, self.encoder = model, ensemble, encoder
 
     def to(self, device: torch.device) -> None:
@@ -68,8 +68,8 @@ CPU_WORLD_ITERATIONS = 20  # ShapesWorld and the tiny stack: a budget that runs 
 
 def default_max_iterations(diffusion: str) -> int:
     """The iteration budget a model gets when its config names none: the paper's 100, except on the CPU worlds
-    (``shapesworld``, ``tiny``), where 20 keeps a run to minutes on a CPU."""
-    return CPU_WORLD_ITERATIONS if diffusion in ("shapesworld", "tiny") else PAPER_ITERATIONS
+    (``shapesworld``, ``tiny``, ``tiny-xl``), where 20 keeps a run to minutes on a CPU."""
+    return CPU_WORLD_ITERATIONS if diffusion == "shapesworld" or diffusion in TINY_SOURCES else PAPER_ITERATIONS
 
 
 def import_class(path: str) -> type:
@@ -212,7 +212,7 @@ class TargetSearch(L.LightningModule):
             local_files_only=self.local_files_only,
         )
         ensemble.requires_grad_(False).eval()
-        self._frozen = _Frozen(model, ensemble, PromptEncoder(model.tokenizer, model.text_encoder))
+        self._frozen = _Frozen(model, ensemble, prompt_encoder(model))
         self.targets = targets
         self.class_index = torch.tensor([ensemble.class_names.index(t.class_name) for t in targets])
         self.status = torch.zeros(len(targets), dtype=torch.long)
@@ -237,15 +237,20 @@ class TargetSearch(L.LightningModule):
 
     # ------------------------------------------------------------------------------- generation
     @torch.no_grad()
-    def prompt_embeddings(self, prompts: list[str]) -> Tensor:
+    def prompt_embeddings(self, prompts: list[str]) -> Tensor | XLConditioning:
         return self.frozen.encoder(prompts).to(self.device)
+
+    @torch.no_grad()
+    def unconditional_embeddings(self) -> Tensor | XLConditioning:
+        """Classifier-free guidance's unconditional branch, as the model's pipeline makes it (SDXL: zeros)."""
+        return self.frozen.encoder.unconditional().to(self.device)
 
     def generate(self, latents: Tensor, cond: Tensor, seeds: list[int] | None = None) -> Tensor:
         """Images of ``latents`` ``[B, C, h, w]``; ``seeds``: the seed each row's latent was drawn from, which
         also seeds that row's scheduler noise (:func:`~sage_lightning.targets.noise_generator`; a scheduler
         that draws noise refuses to run without them)."""
         sampler = self.sampler
-        uncond = self.prompt_embeddings([""]) if sampler.guided else None
+        uncond = self.unconditional_embeddings() if sampler.guided else None
         generators = None
         if seeds is not None and sampler.draws_noise:
             if len(seeds) != latents.shape[0]:

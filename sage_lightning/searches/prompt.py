@@ -146,7 +146,7 @@ class PromptSearch(TargetSearch):
         ids = self.frozen.encoder.word_ids(self.init_word)
         if len(ids) != 1:
             raise SageError(f"init_word={self.init_word!r} is {len(ids)} CLIP tokens: give a word that is one token")
-        self.init_embedding = self.frozen.encoder.token_embedding.weight[ids[0]].detach().float().cpu().clone()
+        self.init_embedding = self.frozen.encoder.embedding_rows(ids)[0].detach().float().cpu().clone()
         self.slots = nn.Parameter(self.init_embedding.repeat(n, 2, 1))
         self.filters: dict[str, WordFilter] = {}
 
@@ -186,10 +186,10 @@ class PromptSearch(TargetSearch):
         """Accepted candidates for the next word of ``target`` and their embeddings ``[C, D]``."""
         t = self.targets[target]
         accepted = self.word_filter(t.class_name).accept(self.candidates.propose(self.prompt_of(target)))
-        table = self.frozen.encoder.token_embedding.weight
+        encoder = self.frozen.encoder
         if not accepted:
-            return [], table.new_zeros(0, table.shape[1]).cpu()
-        rows = [table[torch.tensor(ids, device=table.device)].float().mean(0) for _, ids in accepted]
+            return [], torch.zeros(0, encoder.embed_dim)
+        rows = [encoder.embedding_rows(ids).float().mean(0) for _, ids in accepted]
         return [c for c, _ in accepted], torch.stack(rows).cpu()
 
     def step_seeds(self, targets: list[int], offset: int = 0) -> list[int]:

@@ -137,7 +137,7 @@ class UniversalTokenSearch(TargetSearch):
             ids = encoder.word_ids(self.init_word)
             if len(ids) != 1:
                 raise SageError(f"init_word {self.init_word!r} is {len(ids)} tokens: give a word that is one token")
-            init = encoder.token_embedding.weight[ids[0]].detach().float().cpu().clone()
+            init = encoder.embedding_rows(ids)[0].detach().float().cpu().clone()
         self.token = nn.Parameter(init)
         self.target_index = torch.tensor(self._resolve_target(self.frozen.ensemble.class_names))
         if self.max_iterations == 0:  # evaluation only: nothing to optimise
