@@ -4,89 +4,23 @@ The metric is torchmetrics' ``CLIPScore``: ``100 * max(cos(image feature, text f
 Under DDP each rank scores its own share of the held-out prompts and torchmetrics synchronises the metric
 state (sums of scores and counts) in ``compute()``; nothing is averaged per rank by hand.
 
-Two things torchmetrics 1.9 does not do by itself, handled by :func:`load_clip_for_score`: it accepts only
-a fixed list of hub names (not a local folder), and with transformers 5 ``get_*_features`` return model
-outputs where it expects tensors. So the model always comes in through ``CLIPScore``'s callable form,
-wrapped to return the projected feature tensors.
+Two things torchmetrics 1.9 does not do by itself, handled by :func:`sage_lightning.loading.load_clip`
+(the one door to weights): it accepts only a fixed list of hub names (not a local folder), and with
+transformers 5 ``get_*_features`` return model outputs where it expects tensors. So the model always comes
+in through ``CLIPScore``'s callable form, wrapped to return the projected feature tensors.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.multimodal import CLIPScore
 
 from sage_lightning.errors import SageError
+from sage_lightning.loading import load_clip as load_clip_for_score
 
 SCORE_KEYS = {True: "clip_score/with_token", False: "clip_score/without_token"}
-
-
-class _FeatureTensors(nn.Module):
-    """A ``CLIPModel`` whose ``get_image_features`` / ``get_text_features`` return tensors."""
-
-    def __init__(self, clip: nn.Module) -> None:
-        super().__init__()
-        self.clip = clip
-        self.config = clip.config
-
-    @staticmethod
-    def _tensor(out) -> Tensor:
-        return out if isinstance(out, Tensor) else out.pooler_output
-
-    def get_image_features(self, *args, **kwargs) -> Tensor:
-        return self._tensor(self.clip.get_image_features(*args, **kwargs))
-
-    def get_text_features(self, *args, **kwargs) -> Tensor:
-        return self._tensor(self.clip.get_text_features(*args, **kwargs))
-
-
-def _shapesworld_processor(folder: Path, image_size: int):
-    """ShapesWorld's CLIP convention (world.pixel_values): 64 px, [0, 1] -> [-1, 1], no crop."""
-    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
-
-    image_processor = CLIPImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": image_size},
-        do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    return CLIPProcessor(image_processor=image_processor, tokenizer=CLIPTokenizer.from_pretrained(str(folder)))
-
-
-def load_clip_for_score(model: str = "shapesworld", local_files_only: bool = False) -> tuple[nn.Module, object]:
-    """``(model, processor)`` for ``CLIPScore(model_name_or_path=lambda: ...)``.
-
-    ``model``: ``"shapesworld"`` (the world's CLIP), a local folder with a ``CLIPModel`` and its processor
-    (``save_pretrained``), or a hub id such as ``openai/clip-vit-base-patch32``.
-    """
-    from transformers import CLIPModel, CLIPProcessor
-
-    from sage_lightning.loading import SHAPESWORLD_DIR
-
-    world = model == "shapesworld"
-    source = SHAPESWORLD_DIR / "clip" if world else Path(model).expanduser()
-    if world and not (source / "config.json").exists():
-        raise SageError(f"ShapesWorld's CLIP is missing at {source}: rebuild it with `sage-shapesworld build`")
-    name = str(source) if world or source.exists() else model
-    local = local_files_only or world or source.exists()
-    try:
-        clip = CLIPModel.from_pretrained(name, local_files_only=local).eval().requires_grad_(False)
-        if world and not (source / "preprocessor_config.json").exists():
-            processor = _shapesworld_processor(source, int(clip.config.vision_config.image_size))
-        else:
-            processor = CLIPProcessor.from_pretrained(name, local_files_only=local)
-    except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise SageError(
-            f"cannot load CLIP model {model!r} for the CLIP score ({first[:160]}): give 'shapesworld', a folder "
-            "with a CLIPModel and its processor, or a hub id"
-        ) from err
-    return _FeatureTensors(clip), processor
 
 
 class ClipScoreLogger(L.Callback):
@@ -97,7 +31,7 @@ class ClipScoreLogger(L.Callback):
     ``ClampPerturbation`` in the callback list, so it scores the clamped token.
 
     Args:
-        model: the CLIP model (see :func:`load_clip_for_score`); ShapesWorld's CLIP by default.
+        model: the CLIP model (see :func:`sage_lightning.loading.load_clip`); ShapesWorld's CLIP by default.
         every_n_steps: how often (in optimizer steps) to score during training; 0: only at the end.
         local_files_only: never download (hub ids must be cached).
     """
@@ -126,7 +60,7 @@ class ClipScoreLogger(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Refuses, before anything loads, to score a model's images with another world's CLIP."""
         source = getattr(pl_module, "diffusion_source", None)
-        if self.model == "shapesworld" and source not in (None, "shapesworld", "tiny", "tiny-xl"):
+        if self.model == "shapesworld" and source not in (None, "shapesworld", "tiny"):
             raise SageError(
                 f"ClipScoreLogger would score {source!r}'s images with ShapesWorld's CLIP: set its model to a "
                 "CLIP for that model (a hub id such as openai/clip-vit-large-patch14, or a folder)"

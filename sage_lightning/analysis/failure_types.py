@@ -96,11 +96,11 @@ def clip_embeddings(
     images: list[Tensor], clip: str, batch_size: int = 32, local_files_only: bool = False
 ) -> np.ndarray:
     """L2-normalised CLIP image embeddings ``[N, D]`` of images ``[3, H, W]`` in [0, 1] (loaded as the CLIP score
-    loads its model, :func:`callbacks.clip_score.load_clip_for_score`)."""
-    from callbacks.clip_score import load_clip_for_score
+    loads its model, :func:`sage_lightning.loading.load_clip`)."""
+    from sage_lightning.loading import load_clip
 
     with quiet_loading():
-        model, processor = load_clip_for_score(clip, local_files_only)
+        model, processor = load_clip(clip, local_files_only)
     out = []
     for start in range(0, len(images), batch_size):
         batch = [(im.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
