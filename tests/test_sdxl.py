@@ -82,6 +82,14 @@ def test_float16_keeps_the_force_upcast_vae_in_float32_and_gives_finite_images(x
             images.append(DiffusionSampler(model, 3, 5.0)(latents, encoder(PROMPTS), encoder.unconditional()))
     assert torch.isfinite(images[0]).all() and images[0].dtype == torch.float32
     assert (images[0] - images[1]).abs().max() < 1e-2
+    # An activation beyond float16's range (65504) before the decoder's first norm: finite in the float32 VAE,
+    # NaN once the VAE runs in float16 (what SDXL's VAE does on real images without force_upcast).
+    with torch.no_grad():
+        half.vae.decoder.conv_in.weight.mul_(1e5)
+        sampler = DiffusionSampler(half, 1, 1.0)
+        assert torch.isfinite(sampler.decode(latents)).all()
+        half.vae.to(torch.float16)
+        assert not torch.isfinite(sampler.decode(latents)).all()
 
 
 # ---------------------------------------------------------------------------------------------- text
