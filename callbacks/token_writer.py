@@ -76,15 +76,20 @@ class TokenWriter(FailureWriter):
 
     @staticmethod
     def metadata(pl_module) -> dict[str, str]:
-        text_encoder = pl_module.frozen.model.text_encoder
-        return {
+        model = pl_module.frozen.model
+        encoders = [e for e in (model.text_encoder, getattr(model, "text_encoder_2", None)) if e is not None]
+        meta = {
             "placeholder": pl_module.placeholder,
             "slot": "[*]",
-            "text_encoder": f"{pl_module.diffusion_source}:{type(text_encoder).__name__}",
+            "text_encoder": f"{pl_module.diffusion_source}:{'+'.join(type(e).__name__ for e in encoders)}",
             "dimension": str(pl_module.frozen.encoder.embed_dim),
             "target": pl_module.target_name,
             "diffusion": pl_module.diffusion_source,
         }
+        widths = getattr(pl_module.frozen.encoder, "widths", None)
+        if widths:  # SDXL: the embedding's first widths[0] entries belong to text_encoder, the rest to text_encoder_2
+            meta["widths"] = ",".join(str(w) for w in widths)
+        return meta
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:

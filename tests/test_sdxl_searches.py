@@ -95,7 +95,12 @@ def test_each_search_runs_on_tiny_xl_from_sage_fit(search, dtype, tmp_path):
             if isinstance(row.get(key), str):
                 assert (run / row[key]).is_file()
     if search == "universal_token":
-        assert load_file(run / "token.safetensors")["embedding"].shape == (64,)
+        from safetensors import safe_open
+
+        with safe_open(run / "token.safetensors", "pt") as f:
+            assert f.get_tensor("embedding").shape == (64,)
+            meta = f.metadata()
+        assert meta["text_encoder"] == "tiny-xl:CLIPTextModel+CLIPTextModelWithProjection" and meta["widths"] == "32,32"
 
 
 @pytest.mark.slow
