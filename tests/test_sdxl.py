@@ -157,6 +157,25 @@ def test_sampler_equals_the_sdxl_pipeline_in_every_gradient_mode(xl, scheduler, 
             assert ours.requires_grad and (ours - reference[:rows]).abs().max().item() < 1e-4, mode
 
 
+def test_euler_ancestral_noise_comes_from_the_targets_generators_as_in_the_pipeline(xl):
+    """A scheduler that draws noise at every step: the pipeline given one generator per row equals the sampler
+    given z0 = seeded_latent and the noise of noise_generator, from the same seeds."""
+    from sage_lightning.targets import noise_generator, seeded_latent
+
+    model = dataclasses.replace(xl, scheduler=make_scheduler("euler-a", xl.scheduler.config))
+    shape, seeds = (4, 32, 32), [11, 12]
+    with torch.no_grad():
+        reference = model.pipeline()(
+            PROMPTS, generator=[torch.Generator().manual_seed(s) for s in seeds], num_inference_steps=3,
+            guidance_scale=5.0, output_type="pt", **model.pipeline_kwargs(),
+        ).images
+        encoder = prompt_encoder(model)
+        latents = torch.stack([seeded_latent(s, shape) for s in seeds])
+        generators = [noise_generator(s, shape) for s in seeds]
+        ours = DiffusionSampler(model, 3, 5.0)(latents, encoder(PROMPTS), encoder.unconditional(), generators)
+    assert (ours - reference).abs().max().item() < 1e-4
+
+
 def test_micro_conditioning_reaches_the_unet_as_in_the_pipeline(xl):
     """``add_time_ids`` (original size, crop, target size) changes the image, and the same way as the pipeline's."""
     moved = dataclasses.replace(xl, original_size=(32, 48), crops_coords_top_left=(4, 8), target_size=(64, 64))
