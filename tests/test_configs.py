@@ -21,6 +21,9 @@ COMBOS = [
     ["latent_search.yaml", "trainer/ddp_cpu.yaml"],
     ["latent_search.yaml", "models/sdxl.yaml", "trainer/gpu.yaml"],
     ["latent_search_tiny.yaml", "models/tiny_xl.yaml"],
+    ["prompt_search.yaml", "models/sd15.yaml"],
+    ["universal_token.yaml", "models/sd15.yaml", "models/sd21.yaml"],
+    ["prompt_search.yaml", "models/sdxl.yaml"],
 ]
 
 
@@ -40,6 +43,12 @@ def test_config_groups_parse(files, capsys):
         assert printed["model"]["init_args"]["num_steps"] == base["model"]["init_args"]["num_steps"]
         classes = [c["class_path"] for c in printed["trainer"]["callbacks"]]
         assert classes[: len(base["trainer"]["callbacks"])] == [c["class_path"] for c in base["trainer"]["callbacks"]]
+    if len(files) > 1 and files[1].startswith("models/"):  # a model group keeps the search's gradient mode
+        own = yaml.safe_load((CONFIGS / files[0]).read_text())["model"]["init_args"]["grad_mode"]
+        grad = printed["model"]["init_args"]["grad_mode"]
+        assert grad["class_path"] == own["class_path"], (files, grad)
+        if files[1] in ("models/sd15.yaml", "models/sdxl.yaml"):
+            assert grad["init_args"]["checkpoint"] is True
     if files[1:2] == ["models/sd15.yaml"]:
         members = printed["model"]["init_args"]["ensemble"]["init_args"]["members"]
         assert [m["class_path"].rsplit(".", 1)[1] for m in members] == [
