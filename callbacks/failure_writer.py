@@ -178,12 +178,13 @@ def summary_line(summary: dict, noun: str, measures: str, where: str) -> str:
 
 
 def agreement_note(summary: dict) -> str:
-    """The summary line's note on D and the judge (``clean_agreement``), or nothing without a judge."""
-    agreement = summary.get("clean_agreement")
-    if not agreement or not agreement["images"]:
-        return ""
+    """The summary line's note on the judge: SSR(J) where there is one, and how often D and the judge agree on
+    the clean images (``clean_agreement``); nothing without a judge. Each appears once in the line."""
     ssr_judge = summary.get("ssr_judge")
     confirmed = "" if ssr_judge is None else f", SSR(J) {ssr_judge:.2f}"
+    agreement = summary.get("clean_agreement")
+    if not agreement or not agreement["images"]:
+        return confirmed
     return f"{confirmed}, D and judge agree on {agreement['agree']} of {agreement['images']} clean images"
 
 

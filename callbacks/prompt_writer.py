@@ -112,6 +112,5 @@ class PromptResultWriter(FailureWriter):
         pairs = [r for r in found if r["clean_image"] and r["image"] and r["words"]]
         if pairs:
             self.write_gallery(pairs[: self.gallery_size])
-        ssr_j = "" if summary["ssr_judge"] is None else f", SSR(J) {summary['ssr_judge']:.2f}"
-        ssr_j += agreement_note(summary)
-        print("\n" + summary_line(summary, "failing prompts", ssr_j, f"{self.run.root.resolve()}/results.jsonl"))
+        print("\n" + summary_line(summary, "failing prompts", agreement_note(summary),
+                                  f"{self.run.root.resolve()}/results.jsonl"))

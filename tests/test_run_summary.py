@@ -83,3 +83,14 @@ def test_a_run_the_trainer_stops_early_says_so_and_counts_over_all_targets(tmp_p
     assert summary["searched"] == 6 - summary["already_failing"]  # the unfinished stay in the denominator
     assert summary["ssr_discriminator"] == pytest.approx(summary["failures"] / summary["searched"])
     assert f"INCOMPLETE: {summary['unfinished']} of 6 targets unfinished" in line
+
+
+def test_summary_line_names_ssr_j_and_the_agreement_once():
+    """The judge's part of every summary line (latent, prompt): SSR(J) once, then D/judge agreement (the
+    prompt writer printed SSR(J) twice); without a judge nothing."""
+    from callbacks.failure_writer import agreement_note
+
+    judged = {"ssr_judge": 0.35, "clean_agreement": {"images": 20, "agree": 16}}
+    assert agreement_note(judged) == ", SSR(J) 0.35, D and judge agree on 16 of 20 clean images"
+    assert agreement_note({"ssr_judge": 0.5}) == ", SSR(J) 0.50"
+    assert agreement_note({"ssr_judge": None}) == "" and agreement_note({}) == ""
