@@ -253,25 +253,28 @@ def _test_clip_config(hidden: int, layers: int, **extra) -> CLIPTextConfig:
     )
 
 
+def _tiny_unet(seed: int, **config) -> UNet2DConditionModel:
+    """diffusers' test UNet on 32x32x4 latents (one plain and one cross-attention block), seeded."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        **config,
+    )
+
+
 def build_tiny(seed: int = 0, prediction_type: str = "epsilon", hidden: int = 32) -> DiffusionModel:
     """A Stable-Diffusion-shaped stack with random weights (as diffusers' ``get_dummy_components``).
 
     UNet 32x32x4 latents, a VAE with scale factor 2 (64 px images), a 2-layer CLIP text encoder on
     the real 49408-token vocabulary, DDIM. Seeded: the same seed gives the same weights.
     """
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=hidden,
-        attention_head_dim=(2, 4),
-        norm_num_groups=32,
-    )
+    unet = _tiny_unet(seed, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=hidden,
+                      norm_num_groups=32)
     vae = _test_vae(seed, sample_size=64)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_test_clip_config(hidden, layers=2))
@@ -286,16 +289,10 @@ def build_tiny_xl(seed: int = 0) -> DiffusionXLModel:
     two 5-layer CLIP text encoders (the second with a projection: the pooled embedding) on the real
     49408-token vocabulary, EulerDiscrete with "leading" spacing. Seeded: the same seed, the same weights.
     """
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet = _tiny_unet(
+        seed,
         block_out_channels=(2, 4),
         layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
