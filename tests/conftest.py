@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -27,3 +29,8 @@ def tiny_dir(tmp_path_factory, tiny) -> str:
 def tiny_loaded(tiny_dir) -> DiffusionModel:
     """The tiny stack re-loaded through the same loader a user's Stable Diffusion goes through."""
     return load_diffusion(tiny_dir, scheduler="ddim")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per CPU core, at most 4 (each worker holds its own models and runs)."""
+    return max(1, min(os.cpu_count() or 1, 4))
