@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from jsonargparse import ArgumentError
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
@@ -88,7 +88,10 @@ class RunConfigSaver(SaveConfigCallback):
         if self.already_saved:
             return
         path = Path(trainer.default_root_dir) / self.config_filename
-        if trainer.is_global_zero and not path.exists():
+        # A run that starts afresh (no checkpoint, no results kept) writes its own config over one a failed
+        # earlier start left behind; a resumed run keeps the config that wrote its results.
+        fresh = trainer.ckpt_path is None and not (path.parent / "results.jsonl").exists()
+        if trainer.is_global_zero and (fresh or not path.exists()):
             path.parent.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
         self.already_saved = True
@@ -281,6 +284,7 @@ class SageCLI(LightningCLI):
             config["logger"] = CSVLogger(str(root), name="logs")
         callbacks.extend(missing_run_callbacks(root, list(config.get("callbacks") or []) + list(callbacks),
                                                progress_bar=config.get("enable_progress_bar") is not False))
+        callbacks.append(InterruptedRunReport())
         _trace.trainer = super()._instantiate_trainer(config, callbacks)
         return _trace.trainer
 
@@ -321,6 +325,19 @@ class SageCLI(LightningCLI):
         _trace.await_ranks()  # the command returns only after every rank has exited
         if self.trainer.is_global_zero:
             write_run_report(Path(self.trainer.default_root_dir))
+
+
+class InterruptedRunReport(Callback):
+    """Ctrl-C during ``sage fit``: Lightning stops the run (its last per-pass checkpoint stays); rank 0 then writes
+    the report of what was found so far and says how to resume."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
+            return
+        root = Path(trainer.default_root_dir)
+        print(f"sage: interrupted; resume with: sage fit --config {root / 'config.yaml'} --ckpt_path last",
+              file=sys.stderr)
+        write_run_report(root)
 
 
 def write_run_report(root: Path) -> None:
