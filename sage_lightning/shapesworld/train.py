@@ -133,10 +133,13 @@ class ClipModule(WorldModule):
     wd = 0.05
 
     def __init__(self, batch_size: int = 128, lr: float = 1e-3, base_steps: int = 0, warm: bool = False,
-                 freeze_text: bool = False, class_weight: float = 1.0, pool_size: int = 10000,
+                 freeze_text: bool = False, class_weight: float = 1.0, pool_size: int = 0,
                  pool_refresh: int = 2000):
         super().__init__(batch_size, lr, base_steps)
-        self.pool: ImagePool | None = None  # pool_size 0: freshly rendered images every step
+        # pool_size 0 (default): freshly rendered images every step (0.1 s per 128 drawings). A pool of 10,000
+        # refreshed every 2,000 steps let the ViT memorise it: zero-shot on fresh drawings stalled at 65.8%
+        # (class term 0.46 on the pool); on fresh images it rose to 91.8% in the next 2,260 steps.
+        self.pool: ImagePool | None = None
         self.clip = W.load_clip() if warm else W.build_clip(seed=0)
         if freeze_text and not warm:  # a frozen text tower is the shipped one (the text stage's)
             self.clip.text_model.load_state_dict(W.load_clip().text_model.state_dict())
