@@ -9,6 +9,7 @@ tests/test_sdxl_searches.py``; all passed in 19 minutes on that CPU).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 
 from datamodules import ClassPromptDataModule
 from sage_lightning.candidates import WordListCandidates
+from sage_lightning.errors import SageError
 from sage_lightning.searches import LatentSearch, PromptSearch, UniversalTokenSearch
 from sage_lightning.text import XLConditioning
 
@@ -73,6 +75,33 @@ def test_the_searches_take_both_encoders_and_the_pipelines_unconditional_branch(
     similarity = token.text_similarity(["a photo of a ring"])
     similarity.sum().backward()
     assert token.token.grad[:32].abs().sum() > 0 and token.token.grad[32:].abs().sum() > 0
+
+
+def test_micro_conditioning_from_the_config_reaches_the_unet_and_is_checked():
+    """``micro_conditioning`` (SDXL's add_time_ids) set in the search's config is what the sampler feeds the UNet,
+    and changes the image; bad keys, values and non-SDXL models are one-line errors."""
+    size = {"original_size": [32, 48], "crops_coords_top_left": [4, 8], "target_size": [64, 96]}
+    searches = [LatentSearch(diffusion="tiny-xl", num_steps=2, max_iterations=1, micro_conditioning=m)
+                for m in (size, None)]
+    for search in searches:
+        search.prepare(ClassPromptDataModule(classes=["star"]).targets)
+        search.trainer = None
+    moved, default = searches
+    assert moved.frozen.model.add_time_ids().tolist() == [[32, 48, 4, 8, 64, 96]]
+    assert default.frozen.model.add_time_ids().tolist() == [[64, 64, 0, 0, 64, 64]]  # the image size
+    z = moved.initial_latents(torch.tensor([0]))
+    cond = moved.prompt_embeddings(["a photo of a star"])
+    with torch.no_grad():
+        assert (moved.generate(z, cond, [0]) - default.generate(z, cond, [0])).abs().max() > 1e-4
+
+    for bad, needle in [({"orig_size": [1, 1]}, "no key 'orig_size'"),
+                        ({"target_size": [1024]}, "micro_conditioning.target_size=[1024]"),
+                        ({"original_size": [-1, 5]}, "two non-negative integers")]:
+        with pytest.raises(SageError, match=re.escape(needle)):
+            LatentSearch(diffusion="tiny-xl", micro_conditioning=bad)
+    plain = LatentSearch(diffusion="tiny", micro_conditioning={"target_size": [64, 64]})
+    with pytest.raises(SageError, match="'tiny' is not an SDXL model"):
+        plain.prepare(ClassPromptDataModule(classes=["star"]).targets)
 
 
 # ------------------------------------------------------------------------------------ end to end

@@ -10,6 +10,7 @@ by DDP, which leaves the sign (the only thing a sign-gradient step uses) unchang
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from dataclasses import dataclass
@@ -20,7 +21,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sage_lightning.errors import SageError
-from sage_lightning.loading import TINY_SOURCES, DiffusionModel, check_source, load_diffusion, load_scheduler
+from sage_lightning.loading import (
+    TINY_SOURCES,
+    DiffusionModel,
+    DiffusionXLModel,
+    check_source,
+    load_diffusion,
+    load_scheduler,
+)
 from sage_lightning.optim import SignSGD, check_lr
 from sage_lightning.sampler import DiffusionSampler, GradientMode, ResidualGradient, loop_length
 from sage_lightning.surrogate import ClassifierEnsemble, EnsembleOutput
@@ -99,6 +107,30 @@ def all_gather_objects(items: list) -> list:
     return items
 
 
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")
+
+
+def check_micro_conditioning(given: dict | None) -> dict[str, tuple[int, int]]:
+    """SDXL's ``micro_conditioning`` setting as pairs of non-negative integers; SageError naming a bad key or value."""
+    checked: dict[str, tuple[int, int]] = {}
+    for key, value in (given or {}).items():
+        if key not in MICRO_CONDITIONING:
+            raise SageError(f"micro_conditioning has no key {key!r}: use {', '.join(MICRO_CONDITIONING)}")
+        pair = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair):
+            raise SageError(f"micro_conditioning.{key}={value!r} must be two non-negative integers, e.g. [1024, 1024]")
+        checked[key] = (pair[0], pair[1])
+    return checked
+
+
+def with_micro_conditioning(model: DiffusionModel, values: dict[str, tuple[int, int]]) -> DiffusionModel:
+    """``model`` with SDXL's size conditioning set; SageError for a model without it (not SDXL)."""
+    if not isinstance(model, DiffusionXLModel):
+        raise SageError(f"micro_conditioning is SDXL's size conditioning; {model.name!r} is not an SDXL model: "
+                        "remove micro_conditioning from the config")
+    return dataclasses.replace(model, **values)
+
+
 class TargetSearch(L.LightningModule):
     """Base of the searches. Subclasses define the adversarial parameters and ``training_step``.
 
@@ -117,6 +149,9 @@ class TargetSearch(L.LightningModule):
         max_iterations: attack iterations per target before it counts as exhausted; None: the model's
             default (:func:`default_max_iterations`: the paper's 100, or 20 on the CPU worlds).
         lr: step size of the default sign-gradient optimizer (a config ``optimizer:`` overrides it).
+        micro_conditioning: SDXL's size conditioning (``add_time_ids``), any of ``original_size: [h, w]``,
+            ``crops_coords_top_left: [top, left]``, ``target_size: [h, w]``, as ``StableDiffusionXLPipeline``'s
+            arguments of those names; None (or a key left out): the pipeline's defaults (the image size, (0, 0)).
     """
 
     def __init__(
@@ -132,8 +167,10 @@ class TargetSearch(L.LightningModule):
         dtype: str = "float32",
         local_files_only: bool = False,
         eta: float = 0.0,
+        micro_conditioning: dict[str, list[int]] | None = None,
     ) -> None:
         super().__init__()
+        self.micro_conditioning = check_micro_conditioning(micro_conditioning)
         if not 0.0 <= eta <= 1.0:
             raise SageError(f"eta={eta} must be in [0, 1] (DDIM: 0 is deterministic, 1 is DDPM-like)")
         self.eta = eta
@@ -211,6 +248,8 @@ class TargetSearch(L.LightningModule):
             dtype=self.dtype_name,
             local_files_only=self.local_files_only,
         )
+        if self.micro_conditioning:
+            model = with_micro_conditioning(model, self.micro_conditioning)
         ensemble.requires_grad_(False).eval()
         self._frozen = _Frozen(model, ensemble, prompt_encoder(model))
         self.targets = targets
