@@ -22,7 +22,9 @@ COMBOS = [
     ["latent_search.yaml", "models/sdxl.yaml", "trainer/gpu.yaml"],
     ["latent_search_tiny.yaml", "models/tiny_xl.yaml"],
     ["prompt_search.yaml", "models/sd15.yaml"],
+    ["prompt_search.yaml", "models/sd15.yaml", "models/gpt2_candidates.yaml"],
     ["universal_token.yaml", "models/sd15.yaml", "models/sd21.yaml"],
+    ["universal_token.yaml", "models/sd15.yaml", "models/clip_score_l14.yaml"],
     ["prompt_search.yaml", "models/sdxl.yaml"],
 ]
 
@@ -56,10 +58,16 @@ def test_config_groups_parse(files, capsys):
         ]
         expected = "stabilityai/stable-diffusion-2-1" if "models/sd21.yaml" in files else "stable-diffusion-v1-5"
         assert expected in printed["model"]["init_args"]["diffusion"]
+    if "models/clip_score_l14.yaml" in files:  # a real model's images are scored by a real CLIP, towards an ImageNet class
+        callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in printed["trainer"]["callbacks"]}
+        assert list(callbacks) == ["ClampPerturbation", "ClipScoreLogger", "TokenWriter"]
+        assert callbacks["ClipScoreLogger"]["model"] == "openai/clip-vit-large-patch14"
+        assert callbacks["TokenWriter"]["judge"] is None
+        assert printed["model"]["init_args"]["target"] in printed["data"]["init_args"]["classes"]
 
 
 def test_all_configs_are_covered():
     shipped = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     covered = {f for combo in COMBOS for f in combo} | {"trainer/cpu.yaml"}
-    missing = {s for s in shipped - covered if s.startswith(("latent", "random", "models/sd", "trainer/"))}
+    missing = {s for s in shipped - covered if s.startswith(("latent", "random", "models/", "trainer/"))}
     assert not missing, f"configs without a parse test: {sorted(missing)}"
