@@ -111,24 +111,21 @@ def test_unet_refuses_to_resume_on_another_text_tower(stages):
     assert "start over with --fresh" in unet.stdout + unet.stderr
 
 
-class _Tiny:
-    """A WorldModule with one linear layer: enough for its optimizer and learning-rate schedule."""
+def _optimizers_of_one_layer(anneal) -> dict:
+    """``configure_optimizers()`` of a WorldModule with one linear layer (its optimizer and lr schedule)."""
+    from sage_lightning.shapesworld.train import WorldModule
 
-    @staticmethod
-    def build(anneal):
-        from sage_lightning.shapesworld.train import WorldModule
+    class OneLayer(WorldModule):
+        def __init__(self):
+            super().__init__(batch_size=1, lr=1e-3, base_steps=5)
+            self.layer = torch.nn.Linear(2, 2)
 
-        class Tiny(WorldModule):
-            def __init__(self):
-                super().__init__(batch_size=1, lr=1e-3, base_steps=5)
-                self.layer = torch.nn.Linear(2, 2)
+        def trainable(self):
+            return self.layer
 
-            def trainable(self):
-                return self.layer
-
-        module = Tiny()
-        module.anneal = anneal
-        return module.configure_optimizers()
+    module = OneLayer()
+    module.anneal = anneal
+    return module.configure_optimizers()
 
 
 def _lr_at(parts: dict, step: int) -> float:
@@ -141,12 +138,12 @@ def _lr_at(parts: dict, step: int) -> float:
 def test_anneal_cosine_decays_over_the_runs_steps_only():
     """--anneal 0.1 on a run resumed at step 100 for 1,000 steps: lr 1e-3 at 100, half-way at 600,
     1e-4 from 1,100 on; without it the lr stays at 1e-3 after the warm-up."""
-    parts = _Tiny.build((100, 1000, 0.1))
+    parts = _optimizers_of_one_layer((100, 1000, 0.1))
     assert _lr_at(parts, 100) == pytest.approx(1e-3)
     assert _lr_at(parts, 600) == pytest.approx(0.55e-3)
     assert _lr_at(parts, 1100) == pytest.approx(1e-4)
     assert _lr_at(parts, 5000) == pytest.approx(1e-4)
-    plain = _Tiny.build(None)
+    plain = _optimizers_of_one_layer(None)
     assert _lr_at(plain, 600) == pytest.approx(1e-3) and _lr_at(plain, 5000) == pytest.approx(1e-3)
 
 
