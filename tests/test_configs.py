@@ -58,7 +58,7 @@ def test_config_groups_parse(files, capsys):
         ]
         expected = "stabilityai/stable-diffusion-2-1" if "models/sd21.yaml" in files else "stable-diffusion-v1-5"
         assert expected in printed["model"]["init_args"]["diffusion"]
-    if "models/clip_score_l14.yaml" in files:  # a real model's images are scored by a real CLIP, towards an ImageNet class
+    if "models/clip_score_l14.yaml" in files:  # a real CLIP scores a real model, towards an ImageNet class
         callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in printed["trainer"]["callbacks"]}
         assert list(callbacks) == ["ClampPerturbation", "ClipScoreLogger", "TokenWriter"]
         assert callbacks["ClipScoreLogger"]["model"] == "openai/clip-vit-large-patch14"
