@@ -118,8 +118,20 @@ def plan(args: argparse.Namespace) -> tuple[list[Method], dict]:
     return methods, info
 
 
+def run_folder(method: Method, out: str) -> Path:
+    return Path(out) / method.name.replace(" ", "_")
+
+
 def run_method(method: Method, args: argparse.Namespace) -> tuple[Path, float]:
-    run = Path(args.out) / method.name.replace(" ", "_")
+    """Run ``method`` into its folder under ``--out``. With ``--resume``, a finished run (summary.json) is kept
+    and one with a checkpoint is resumed from it (bit-exact, README "Resume a killed search")."""
+    run = run_folder(method, args.out)
+    start = time.perf_counter()
+    if args.resume and (run / "summary.json").exists():
+        return run, 0.0
+    if args.resume and (run / "checkpoints" / "last.ckpt").exists():
+        sage_main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last"])
+        return run, time.perf_counter() - start
     if run.exists():
         shutil.rmtree(run)
     overrides = {
@@ -134,7 +146,6 @@ def run_method(method: Method, args: argparse.Namespace) -> tuple[Path, float]:
     if args.batch_size:
         overrides["--data.init_args.batch_size"] = str(args.batch_size)
     configs = [x for c in [args.config, *method.configs] for x in ("--config", c)]
-    start = time.perf_counter()
     sage_main(["fit", *configs, *[x for kv in overrides.items() for x in kv]])
     return run, time.perf_counter() - start
 
@@ -286,6 +297,12 @@ def main() -> None:
     parser.add_argument("--no-judge", action="store_true", help="skip ShapesWorld's judge (SSR(J) n/a)")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--out", default="runs/discovery")
+    parser.add_argument("--methods", default="all",
+                        help="comma-separated run folder names (SAGE_residual, SAGE_full_gradient, "
+                             "local_random_uniform, local_random_corners, fresh_seeds), or 'all'")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep finished methods' runs, resume killed ones from their checkpoint "
+                             "(several processes may each run some --methods into the same --out)")
     args = parser.parse_args()
     if args.smoke:
         for key, value in SMOKE.items():
@@ -293,6 +310,13 @@ def main() -> None:
                 setattr(args, key, value)
 
     methods, info = plan(args)
+    if args.methods != "all":
+        known = {run_folder(m, "").name: m for m in methods}
+        wanted = [name.strip() for name in args.methods.split(",")]
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+        methods = [known[name] for name in wanted]
     settings = {k: info[k] for k in ("diffusion", "scheduler", "num_steps", "guidance_scale")}
     results, seconds = {}, {}
     for method in methods:
@@ -311,9 +335,10 @@ def main() -> None:
     print(f"targets: {total}; already failing at z0 (left out of every rate): {len(already)} {already}; "
           f"minutes per method: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + "\n")
     print(table(rows))
-    differences = paired_differences(results, already, BASELINE, args.bootstrap, seed=0)
-    print("\nPaired differences over the same targets (95% paired bootstrap; pp = percentage points):\n")
-    print(difference_table(differences))
+    differences = paired_differences(results, already, BASELINE, args.bootstrap, seed=0) if BASELINE in results else []
+    if differences:
+        print("\nPaired differences over the same targets (95% paired bootstrap; pp = percentage points):\n")
+        print(difference_table(differences))
     out = Path(args.out) / "discovery.json"
     out.write_text(json.dumps({"args": vars(args), "plan": info, "already_failing": already, "rows": rows,
                                "differences": differences, "seconds": seconds}, indent=2) + "\n")

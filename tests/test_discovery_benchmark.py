@@ -68,3 +68,24 @@ def test_already_failing_targets_are_left_out_of_every_method_and_intervals_hold
     assert set(diff) == {"A"} and diff["A"]["ssr_a"] == pytest.approx(0.25)
     same = discovery.paired_differences({"A": results["A"], "B": results["A"]}, already, "B", 300, 0)
     assert same[0]["ssr_a"] == 0 and same[0]["intervals"]["ssr_a"] == (0.0, 0.0)
+
+
+def test_resume_keeps_finished_methods_resumes_killed_ones_and_reruns_the_rest(tmp_path, monkeypatch):
+    """--resume: a run with summary.json is read, not re-run; one with a checkpoint resumes from it; a folder with
+    neither starts afresh (removed first). Several processes can so share one --out, one method each."""
+    calls: list[list[str]] = []
+    monkeypatch.setattr(discovery, "sage_main", lambda argv: calls.append(argv))
+    method = discovery.Method("local random uniform", [], {})
+    args = argparse.Namespace(out=str(tmp_path), resume=True, num_steps=4, config=str(REPO / "configs" /
+                              "latent_search_tiny.yaml"), classes="all", seeds=1, accelerator="cpu", batch_size=None)
+    run = tmp_path / "local_random_uniform"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    discovery.run_method(method, args)
+    assert calls[-1] == ["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last"]
+    (run / "summary.json").write_text("{}")
+    discovery.run_method(method, args)
+    assert len(calls) == 1  # finished: not run again
+    args.resume = False
+    discovery.run_method(method, args)
+    assert not run.exists() and calls[-1][:2] == ["fit", "--config"] and "--ckpt_path" not in calls[-1]
