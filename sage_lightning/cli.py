@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -328,10 +329,36 @@ class SageCLI(LightningCLI):
 
 
 class InterruptedRunReport(Callback):
-    """Ctrl-C during ``sage fit``: Lightning stops the run (its last per-pass checkpoint stays); rank 0 then writes
-    the report of what was found so far and says how to resume."""
+    """Ctrl-C during ``sage fit``: the run stops at the next step (a second Ctrl-C: at once), Lightning shuts it
+    down (its last per-pass checkpoint stays), and rank 0 writes the report of what was found so far and says
+    how to resume. Python's own SIGINT handler raises wherever the signal lands, and a KeyboardInterrupt raised
+    inside a ``__del__`` is swallowed: the run then went on as if nothing was pressed."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:  # the second Ctrl-C: Python's behaviour
+            raise KeyboardInterrupt
+        self.requested = True
+        print("sage: stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # Python's handler back, whatever stopped the run
         if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
             return
         root = Path(trainer.default_root_dir)

@@ -39,6 +39,7 @@ def test_ctrl_c_writes_the_report_of_what_was_found_and_the_run_resumes_to_the_e
     assert stopped.returncode != 0
     hint = f"resume with: sage fit --config {run / 'config.yaml'} --ckpt_path last"
     assert hint in stopped.stderr, stopped.stderr[-2000:]
+    assert "sage: stopping after this step" in stopped.stderr  # the first Ctrl-C is never lost, wherever it lands
     assert not (run / "summary.json").exists()
     report = run / "report.html"
     assert report.is_file() and str(report.resolve()) in stopped.stdout
