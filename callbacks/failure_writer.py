@@ -20,7 +20,7 @@ import lightning as L
 import torch
 
 from sage_lightning.errors import SageError
-from sage_lightning.metrics import gaussianity, judge_agreement, non_gaussian_rate, target_summary
+from sage_lightning.metrics import gaussianity, judge_agreement, judged_summary, non_gaussian_rate, target_summary
 from sage_lightning.results import RunFolder
 from sage_lightning.searches.base import all_gather_objects
 from sage_lightning.surrogate.ensemble import member_names
@@ -66,7 +66,7 @@ class FailureWriter(L.Callback):
         iterations = int(out.iterations[k])
         z = out.latents[k]
         names = member_names(pl_module.frozen.ensemble)
-        class_names = pl_module.frozen.ensemble.class_names
+        output_names = pl_module.frozen.ensemble.output_names
         return {
             "target": target, "class": t.class_name, "prompt": t.prompt, "seed": t.seed,
             "found": bool(out.found[k]), "already_failing": bool(out.found[k]) and iterations == 0,
@@ -75,7 +75,7 @@ class FailureWriter(L.Callback):
             "forward_equivalents": pl_module.forward_equivalents(iterations),
             "loss": float(out.output.per_sample_loss[k]),
             "probs": {n: float(out.output.probs[m, k]) for m, n in enumerate(names)},
-            "top1": {n: class_names[int(out.output.topk[m, k, 0])] for m, n in enumerate(names)},
+            "top1": {n: output_names[int(out.output.topk[m, k, 0])] for m, n in enumerate(names)},
             "ngr": gaussianity(z), **paths, **self.judge_saved(pl_module, paths),
         }
 
@@ -132,10 +132,8 @@ class FailureWriter(L.Callback):
         }
         judged = [r for r in results if "clean_judge" in r]  # D's clean decision: failing at iteration 0
         if judged:
-            # SSR(J): failures found by D that the judge confirms (it does not see the class in the final image)
-            confirmed = sum(r["final_judge"] != r["class"] for r in found)
-            summary["failures_confirmed_by_judge"] = confirmed
-            summary["ssr_judge"] = confirmed / summary["searched"] if summary["searched"] else None
+            # SSR(J): failures the judge confirms, over targets whose clean image it accepts (judged_summary)
+            summary.update(judged_summary(judged, summary["searched"]))
             summary["clean_judged_as_class"] = sum(r["clean_judge"] == r["class"] for r in judged)
             summary["clean_agreement"] = judge_agreement(
                 [r["already_failing"] for r in judged], [r["clean_judge"] for r in judged], [r["class"] for r in judged]

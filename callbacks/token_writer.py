@@ -44,13 +44,13 @@ class TokenWriter(FailureWriter):
 
     def side(self, pl_module, evaluation, k: int, judged: list | None, path: str) -> dict:
         names = member_names(pl_module.frozen.ensemble)
-        class_names = pl_module.frozen.ensemble.class_names
+        output_names = pl_module.frozen.ensemble.output_names
         verdict = judged[k] if judged is not None else None
         return {
             "hit": bool(evaluation.hit[k]),
             "d_failed": bool(evaluation.failed[k]),  # D on the prompt's own class
             "p_target": {n: float(evaluation.probs[m, k]) for m, n in enumerate(names)},
-            "top1": {n: class_names[int(evaluation.top1[m, k])] for m, n in enumerate(names)},
+            "top1": {n: output_names[int(evaluation.top1[m, k])] for m, n in enumerate(names)},
             "judge": verdict,
             "judge_hit": None if judged is None else verdict == pl_module.target_name,
             "image": path,

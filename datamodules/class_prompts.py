@@ -45,6 +45,10 @@ class ClassPromptDataModule(L.LightningDataModule):
             with one class per line.
         templates: prompt templates, each with one ``{}`` for the class name.
         seeds_per_class: seeds per (class, template); seeds are ``base_seed, base_seed + 1, ...``.
+        base_seed: the first seed.
+        distinct_seeds: give every target its own seed (``base_seed + target index``) instead of the same
+            ``seeds_per_class`` seeds for every class: with it, N targets hold N different z0, not
+            ``seeds_per_class`` (statistics over targets then resample independent latents).
         batch_size: targets per step and device.
     """
 
@@ -55,6 +59,7 @@ class ClassPromptDataModule(L.LightningDataModule):
         seeds_per_class: int = 1,
         base_seed: int = 0,
         batch_size: int = 1,
+        distinct_seeds: bool = False,
     ) -> None:
         super().__init__()
         self.classes = classes
@@ -67,6 +72,7 @@ class ClassPromptDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise SageError(f"batch_size={batch_size} must be at least 1")
         self.seeds_per_class, self.base_seed, self.batch_size = seeds_per_class, base_seed, batch_size
+        self.distinct_seeds = distinct_seeds
 
     def class_list(self, known: list[str]) -> list[str]:
         """The configured classes as names of ``known`` (the ensemble's classes); SageError if unknown."""
@@ -88,7 +94,7 @@ class ClassPromptDataModule(L.LightningDataModule):
         """All targets, in a fixed order: class, then template, then seed."""
         combos = itertools.product(self.class_list(known), self.templates, range(self.seeds_per_class))
         return [
-            Target(i, name, template.format(name), self.base_seed + s)
+            Target(i, name, template.format(name), self.base_seed + (i if self.distinct_seeds else s))
             for i, (name, template, s) in enumerate(combos)
         ]
 

@@ -534,8 +534,8 @@ def shapesworld_member(folder: Path):
     from sage_lightning.surrogate.members import CannyEdgeMember, TimmMember
 
     cfg = json.loads((folder / "config.json").read_text())
-    member = TimmMember(cfg["model_name"], list(cfg["class_names"]),
-                        checkpoint_path=str(folder / "model.safetensors"), model_kwargs=cfg["model_kwargs"])
+    member = TimmMember(cfg["model_name"], list(cfg["class_names"]), checkpoint_path=str(folder / "model.safetensors"),
+                        model_kwargs=cfg["model_kwargs"], reject_names=cfg.get("reject_names"))
     if cfg["input"] == "canny":
         c = cfg["canny"]
         return CannyEdgeMember(member, c["low_threshold"], c["high_threshold"], c["l2_gradient"], c["black_on_white"])

@@ -80,3 +80,43 @@ def judge_agreement(d_failed: Sequence[bool], judged: Sequence[str | None], clas
         "d_fails_judge_sees_class": sum(f and not wrong for f, wrong in rows),
         "d_passes_judge_sees_other": sum(wrong and not f for f, wrong in rows),
     }
+
+
+# What a failure D declared is, by the judge (SAGE_METHOD.md, "What a run reports"; issue 19 item 1).
+CONFIRMED = "confirmed"  # the judge sees the class in the clean image and not in the final one: the generator's
+D_ONLY = "d_only"  # the judge still sees the class in the final image: D was fooled
+PRE_EXISTING = "pre_existing"  # the judge already rejects the clean image: nothing was discovered
+FAILURE_KINDS = (CONFIRMED, D_ONLY, PRE_EXISTING)
+
+
+def failure_kind(class_name: str, clean_judge: str | None, final_judge: str | None) -> str:
+    """The kind of a failure D declared on a searched target, from the judge's shapes on its clean image (z0)
+    and its final image: ``pre_existing`` when the judge does not see the class in the clean image,
+    ``confirmed`` when it sees it there but not in the final image, ``d_only`` when it sees it in both."""
+    if clean_judge != class_name:
+        return PRE_EXISTING
+    return CONFIRMED if final_judge != class_name else D_ONLY
+
+
+def judged_summary(records: Sequence[dict], searched: int) -> dict[str, int | float | None]:
+    """SSR(J) gated on the judge: a target counts only if the judge accepts its clean image as the class and
+    rejects the final one (``failure_kind`` confirmed). Targets whose clean image the judge rejects are
+    *already failing for the judge*, reported apart and left out of SSR(J)'s denominator, as D's already-failing
+    ones are left out of ``searched``.
+
+    ``records``: finished targets with ``class``, ``found``, ``already_failing``, ``clean_judge``,
+    ``final_judge``; ``searched``: the run's searched targets (``target_summary``; unfinished count as not found).
+    """
+    live = [r for r in records if not r["already_failing"]]
+    judge_already = sum(r["clean_judge"] != r["class"] for r in live)
+    kinds = [failure_kind(r["class"], r["clean_judge"], r["final_judge"]) for r in live if r["found"]]
+    counts = {kind: kinds.count(kind) for kind in FAILURE_KINDS}
+    judge_searched = searched - judge_already
+    return {
+        "already_failing_judge": judge_already,
+        "searched_judge": judge_searched,
+        "failures_confirmed_by_judge": counts[CONFIRMED],
+        "failures_d_only": counts[D_ONLY],
+        "failures_pre_existing": counts[PRE_EXISTING],
+        "ssr_judge": counts[CONFIRMED] / judge_searched if judge_searched > 0 else None,
+    }

@@ -12,7 +12,7 @@ import pytest
 from callbacks import ClampPerturbation, FailureWriter, PromptResultWriter, TokenWriter
 from datamodules import ClassPromptDataModule, PromptSetDataModule
 from sage_lightning.candidates import WordListCandidates
-from sage_lightning.metrics import judge_agreement
+from sage_lightning.metrics import failure_kind, judge_agreement, judged_summary
 from sage_lightning.searches import LatentSearch, PromptSearch, UniversalTokenSearch
 
 COMMON = {"diffusion": "tiny", "num_steps": 2, "guidance_scale": 1.0}
@@ -26,6 +26,33 @@ def test_agreement_counts_both_kinds_of_disagreement():
     )
     assert out == {"images": 5, "agree": 3, "rate": 0.6, "d_fails_judge_sees_class": 1, "d_passes_judge_sees_other": 1}
     assert judge_agreement([], [], [])["rate"] is None
+
+
+def _record(cls: str, found: bool, clean: str | None, final: str | None, already: bool = False) -> dict:
+    return {"class": cls, "found": found, "already_failing": already, "clean_judge": clean, "final_judge": final}
+
+
+def test_failure_kinds_follow_the_clean_and_final_verdicts():
+    assert failure_kind("star", "star", None) == "confirmed"
+    assert failure_kind("star", "star", "heart") == "confirmed"
+    assert failure_kind("star", "star", "star") == "d_only"
+    assert failure_kind("star", None, None) == "pre_existing"  # the judge rejected the clean image already
+    assert failure_kind("star", "heart", "ring") == "pre_existing"
+
+
+def test_ssr_judge_counts_only_targets_whose_clean_image_the_judge_accepts():
+    records = [
+        _record("star", True, "star", None),  # confirmed
+        _record("star", True, "star", "star"),  # D-only
+        _record("ring", True, None, None),  # pre-existing: not a discovery, and out of the denominator
+        _record("ring", False, "heart", "heart"),  # not found, judge already rejects the clean image
+        _record("heart", False, "heart", "heart"),  # searched, nothing found
+        _record("heart", True, "heart", None, already=True),  # D already failing: out of everything
+    ]
+    out = judged_summary(records, searched=6 - 1 + 1)  # 5 searched finished + 1 unfinished (not found)
+    assert out == {"already_failing_judge": 2, "searched_judge": 4, "failures_confirmed_by_judge": 1,
+                   "failures_d_only": 1, "failures_pre_existing": 1, "ssr_judge": 0.25}
+    assert judged_summary([_record("ring", True, None, None)], searched=1)["ssr_judge"] is None
 
 
 def test_shapesworld_runs_are_judged_by_default():
@@ -55,12 +82,15 @@ def test_latent_search_reports_agreement_on_the_clean_images(tmp_path):
         [r["already_failing"] for r in results], [r["clean_judge"] for r in results], [r["class"] for r in results]
     )
     assert summary["clean_agreement"] == expected and expected["images"] == 2
-    # SSR(J): D's failures that the judge confirms on the final image, over the searched targets
+    # SSR(J): D's failures the judge confirms (class seen in the clean image, not in the final one), over the
+    # searched targets whose clean image the judge accepts
     assert all("final_judge" in r for r in results)
     searched = [r for r in results if not r["already_failing"]]
-    confirmed = sum(r["found"] and r["final_judge"] != r["class"] for r in searched)
+    accepted = [r for r in searched if r["clean_judge"] == r["class"]]
+    confirmed = sum(r["found"] and r["final_judge"] != r["class"] for r in accepted)
     assert summary["failures_confirmed_by_judge"] == confirmed
-    assert summary["ssr_judge"] == (confirmed / len(searched) if searched else None)
+    assert summary["already_failing_judge"] == len(searched) - len(accepted)
+    assert summary["ssr_judge"] == (confirmed / len(accepted) if accepted else None)
     assert summary["clean_judged_as_class"] == sum(r["clean_judge"] == r["class"] for r in results)
 
 

@@ -173,3 +173,14 @@ def test_existing_results_are_never_overwritten_and_corrupt_checkpoint(reference
 
 def test_default_ensemble_of_tiny_has_three_members():
     assert len(default_ensemble("tiny").members) == 3
+
+
+def test_distinct_seeds_give_every_target_its_own_z0():
+    from datamodules import ClassPromptDataModule
+
+    shared = ClassPromptDataModule(classes=["star", "ring"], seeds_per_class=3, base_seed=100).targets(["star", "ring"])
+    assert [t.seed for t in shared] == [100, 101, 102, 100, 101, 102]  # every class on the same seeds
+    own = ClassPromptDataModule(classes=["star", "ring"], seeds_per_class=3, base_seed=100,
+                                distinct_seeds=True).targets(["star", "ring"])
+    assert [t.seed for t in own] == [100, 101, 102, 103, 104, 105]
+    assert [(t.class_name, t.prompt) for t in own] == [(t.class_name, t.prompt) for t in shared]

@@ -140,6 +140,16 @@ def test_corner_draws_are_random_sign_vectors_at_the_corners():
     assert not torch.equal(delta, search.perturbation(0, 2))  # a fresh corner every draw
 
 
+def test_sign_walk_steps_every_entry_by_sages_lr_from_the_current_delta():
+    search = _prepared("sign_walk")
+    search.delta.data[1] = 0.3
+    step = search.perturbation(1, 1) - 0.3
+    torch.testing.assert_close(step.abs(), torch.full_like(step, search.lr))  # SAGE's own step size, every entry
+    assert abs(float((step > 0).float().mean()) - 0.5) < 0.05
+    assert torch.equal(search.perturbation(1, 1), 0.3 + step)  # seeded by (target, draw): reproducible
+    assert not torch.equal(step, search.perturbation(1, 2) - 0.3)  # a fresh sign vector every step
+
+
 def test_draws_depend_on_seed_and_draw_index_only_and_start_from_z0():
     a, b = _prepared("uniform"), _prepared("uniform")
     assert torch.equal(a.perturbation(1, 3), b.perturbation(1, 3))
@@ -214,7 +224,10 @@ def test_run_finishes_every_target_and_spends_exactly_the_budget(reference_run):
 
 
 @pytest.mark.parametrize(
-    ("config", "extra"), [(PERTURB, ["--model.init_args.mode", "corners"]), (FRESH, [])], ids=["corners", "fresh"]
+    ("config", "extra"),
+    [(PERTURB, ["--model.init_args.mode", "corners"]), (PERTURB, ["--model.init_args.mode", "sign_walk"]),
+     (FRESH, [])],
+    ids=["corners", "sign_walk", "fresh"],
 )
 def test_other_baselines_finish_every_target_and_spend_exactly_the_budget(config, extra, tmp_path):
     run = tmp_path / "run"

@@ -74,3 +74,26 @@ def test_other_sizes_and_float_input():
     floats = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     assert np.array_equal(to_uint8(floats), images)
     assert len(COLOURS) == 8
+
+
+def test_reject_drawings_are_distorted_or_nothing_never_a_shape():
+    """Blobs, fragments and smears (rejects.py) are no clean shape: the judge says distorted (or nothing)."""
+    from sage_lightning.shapesworld.rejects import KINDS, make_rejects
+
+    verdicts = [judge_image(img, with_features=False) for img in make_rejects(80, seed=4321)]
+    by_kind = {kind: verdicts[i :: len(KINDS)] for i, kind in enumerate(KINDS)}
+    assert all(v.status == "nothing" and v.shape is None for v in by_kind["empty"])
+    for kind in ("blob", "fragments", "smear"):
+        named = [v.shape for v in by_kind[kind] if v.shape is not None]
+        assert len(named) <= 1, (kind, named)  # at most one of 20 slips through as a shape
+        assert any(v.status == "distorted" for v in by_kind[kind]), kind
+
+
+def test_clean_drawings_are_clean_and_low_contrast_shapes_are_still_seen(fresh):
+    """A shape washed out to a quarter of its contrast is still plainly visible, so still that shape."""
+    images, ids, scenes = fresh
+    assert all(judge_image(img, with_features=False).status == "clean" for img in images[:60])
+    empties = np.stack([render(s, mask=np.zeros((64, 64), np.float32)) for s in scenes[:100]]).astype(np.float32)
+    washed = np.rint(empties + 0.25 * (images[:100].astype(np.float32) - empties)).astype(np.uint8)
+    acc = np.mean([p == SHAPES[i] for p, i in zip(judge_shapes(washed), ids[:100], strict=True)])
+    assert acc >= 0.85, acc

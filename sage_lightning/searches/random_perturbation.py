@@ -8,6 +8,10 @@ seed z0), the first evaluation is z0 itself (as SAGE's), then every iteration dr
 * ``mode="uniform"``: uniform in the clamp box ``[low, high]^d``;
 * ``mode="corners"``: a random sign vector at the box's corners (``low`` or ``high`` per entry, each with
   probability 1/2), where sign-gradient steps of size ``lr`` pile up after ``(high - low) / lr`` steps;
+* ``mode="sign_walk"``: SAGE's own steps without the gradient: ``delta += lr * s`` with a fresh random sign
+  vector s each iteration (SAGE's ``lr``), then the same clamp and projection. Uniform draws land about
+  0.5 sqrt(d) from z0 and corners farther, while SAGE's failures lie 0.2-0.3 sqrt(d) away: the walk stays at
+  SAGE's distances, so it is the null for "the gradient's direction matters" (issue 19 item 5);
 
 and the run's own constraint callbacks (``ClampPerturbation``, ``LatentProjection`` onto the Gaussian shell
 |z| = sqrt(d)) act on it exactly as they act on a SAGE step. The image of ``z = z0 + delta`` under p is
@@ -36,7 +40,7 @@ from sage_lightning.errors import SageError
 from sage_lightning.searches.latent import LatentSearch
 from sage_lightning.searches.random_latent import RandomLatentSearch
 
-MODES = ("uniform", "corners")
+MODES = ("uniform", "corners", "sign_walk")
 
 
 class RandomPerturbationSearch(RandomLatentSearch):
@@ -44,7 +48,8 @@ class RandomPerturbationSearch(RandomLatentSearch):
     (written by the draws, never by an optimizer; a parameter so that it is checkpointed and DDP runs).
 
     Args:
-        mode: ``"uniform"`` (uniform in the box) or ``"corners"`` (random sign vectors at the box's corners).
+        mode: ``"uniform"`` (uniform in the box), ``"corners"`` (random sign vectors at the box's corners) or
+            ``"sign_walk"`` (random sign steps of SAGE's ``lr`` from the previous delta).
         match_sage_iterations: ``max_iterations`` = the draws that fit in the forward-equivalents of that
             many SAGE iterations with this config's ``grad_mode`` (see :class:`RandomLatentSearch`).
         **kwargs: :class:`LatentSearch` (diffusion, ensemble, num_steps, guidance_scale, grad_mode, ...).
@@ -58,10 +63,10 @@ class RandomPerturbationSearch(RandomLatentSearch):
         trainer.fit(search, datamodule=ClassPromptDataModule(classes="all", seeds_per_class=2))
     """
 
-    def __init__(self, *args, mode: Literal["uniform", "corners"] = "uniform", **kwargs) -> None:
+    def __init__(self, *args, mode: Literal["uniform", "corners", "sign_walk"] = "uniform", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if mode not in MODES:
-            raise SageError(f"mode={mode!r} is unknown: use 'uniform' or 'corners'")
+            raise SageError(f"mode={mode!r} is unknown: use 'uniform', 'corners' or 'sign_walk'")
         self.mode = mode
         self.box: tuple[float, float] | None = None
 
@@ -93,13 +98,17 @@ class RandomPerturbationSearch(RandomLatentSearch):
         return self.targets[target].seed
 
     def perturbation(self, target: int, draw: int) -> Tensor:
-        """Draw number ``draw`` (>= 1) of ``target``: delta ``[C, h, w]`` in the box, before the constraints."""
+        """Draw number ``draw`` (>= 1) of ``target``: delta ``[C, h, w]``, before the constraints (in the box for
+        uniform and corners; the sign walk's step from the target's current delta)."""
         if self.box is None:
             raise RuntimeError("the box is unknown before setup: run trainer.fit with a ClampPerturbation")
         low, high = self.box
         u = torch.rand(self.latent_shape(), generator=torch.Generator().manual_seed(self.draw_seed(target, draw)))
         if self.mode == "uniform":
             return low + (high - low) * u
+        if self.mode == "sign_walk":
+            step = torch.where(u < 0.5, -self.lr, self.lr)
+            return self.delta[target].detach().cpu().float() + step
         return torch.where(u < 0.5, torch.full_like(u, low), torch.full_like(u, high))
 
     def draw(self, target: int, iteration: int) -> Tensor:

@@ -225,11 +225,14 @@ def _background(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray
     return img
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
-    """The scene as an ``size`` x ``size`` x 3 uint8 RGB image."""
+def render(scene: Scene, size: int = IMAGE_SIZE, mask: np.ndarray | None = None) -> np.ndarray:
+    """The scene as an ``size`` x ``size`` x 3 uint8 RGB image.
+
+    ``mask``: an object coverage ``[size, size]`` in [0, 1] drawn instead of the scene's shape (the reject
+    drawings of ``rejects.py``: the same background, colour and style around another outline)."""
     rng = np.random.default_rng(scene.detail)
     bg = _background(scene, size, rng)
-    alpha = _mask(scene, size)
+    alpha = _mask(scene, size) if mask is None else mask.astype(np.float32)
     colour = np.array(COLOURS[scene.colour], np.float32)
     fg = np.broadcast_to(colour, (size, size, 3)).copy()
     if scene.style == "photo":

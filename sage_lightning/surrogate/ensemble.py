@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sage_lightning.errors import SageError
@@ -23,7 +24,8 @@ class EnsembleOutput:
         per_sample_loss: :math:`(B,)` surrogate loss, ``mean_m (2 p_m(c) - 1)`` (or, towards a
             target t, ``mean_m (1 - 2 p_m(t))``).
         probs: :math:`(M, B)` each member's softmax probability of the class.
-        topk: :math:`(M, B, k)` each member's top-k class indices.
+        topk: :math:`(M, B, k)` each member's top-k output indices (into ``output_names``: a reject output is
+            an index past the classes).
         failed: :math:`(B,)` bool, every member has the class outside its top-k and below tau.
     """
 
@@ -86,6 +88,13 @@ class ClassifierEnsemble(nn.Module):
                     f"ensemble member {i} ({type(m).__name__}) has a different class list than member 0 "
                     f"({where}); give every member the same class_names"
                 )
+        rejects = max((list(m.reject_names) for m in members), key=len)
+        for i, m in enumerate(members):
+            if list(m.reject_names) != rejects[: len(m.reject_names)]:
+                raise SageError(
+                    f"ensemble member {i} ({type(m).__name__}) has reject outputs {list(m.reject_names)} that "
+                    f"differ from another member's {rejects}; give every member the same reject_names (or none)"
+                )
         top_k = default_top_k(len(ref)) if top_k is None else top_k
         if not 1 <= int(top_k) <= len(ref):
             raise SageError(f"top_k={top_k} is out of range; use 1..{len(ref)}")
@@ -112,9 +121,17 @@ class ClassifierEnsemble(nn.Module):
     def train(self, mode: bool = True) -> ClassifierEnsemble:
         return super().train(False)
 
+    @property
+    def output_names(self) -> list[str]:
+        """Names of ``member_probs``' columns: the classes, then the reject outputs of the member with most."""
+        return max((m.output_names for m in self.members), key=len)
+
     def member_probs(self, images: Tensor) -> Tensor:
-        """Softmax probabilities of every member, :math:`(M, B, C)` (float32)."""
-        return torch.stack([m(images).float().softmax(-1) for m in self.members])
+        """Softmax probabilities of every member, :math:`(M, B, C + R)` (float32): each member's softmax over its
+        own outputs (classes and rejects); a member with fewer reject outputs has probability 0 in the others."""
+        probs = [m(images).float().softmax(-1) for m in self.members]
+        width = len(self.output_names)
+        return torch.stack([F.pad(p, (0, width - p.shape[-1])) for p in probs])
 
     def forward(self, images: Tensor, target: Tensor, towards: bool = False) -> EnsembleOutput:
         target = self._check_target(images, target)

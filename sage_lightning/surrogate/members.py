@@ -101,16 +101,26 @@ class EnsembleMember(nn.Module):
     Subclasses set ``class_names`` and implement ``logits``. The member is always in eval mode
     (``train()`` is a no-op) and its parameters never require grad.
 
+    A member may have reject outputs after its classes (``reject_names``, e.g. ShapesWorld's ``none``: an empty
+    field, a blob, fragments): they take part in its softmax and top-k, so an image it rejects has every class
+    outside its top-k, but they are never a search's class.
+
     Shape:
         - images01: :math:`(B, 3, H, W)` in [0, 1], any H and W.
-        - output: :math:`(B, C)` logits, C = ``num_classes``.
+        - output: :math:`(B, C + R)` logits, C = ``num_classes``, R = ``len(reject_names)``.
     """
 
     class_names: list[str]
+    reject_names: list[str] = []  # outputs after the classes that are no class ("none": nothing of the kind)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the logits' columns: the classes, then the reject outputs."""
+        return [*self.class_names, *self.reject_names]
 
     def freeze(self) -> EnsembleMember:
         self.requires_grad_(False)
@@ -148,6 +158,7 @@ class TimmMember(EnsembleMember):
         pretrained: let timm load its pretrained weights (downloads if not cached).
         checkpoint_path: local state dict for the model (strict load).
         model_kwargs: extra ``timm.create_model`` keyword arguments.
+        reject_names: names of the model's outputs after ``class_names`` that are no class (reject outputs).
         data_config: entries that replace timm's resolved data config (e.g. ``{"crop_pct": 1.0}`` for a
             model trained without a crop). A ``pretrained_cfg_overlay`` in ``model_kwargs`` that sets the
             input size but no ``crop_pct`` describes a model trained at that size without a crop (ShapesWorld's
@@ -165,13 +176,16 @@ class TimmMember(EnsembleMember):
         checkpoint_path: str | None = None,
         model_kwargs: dict | None = None,
         data_config: dict | None = None,
+        reject_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         import timm
 
         self.class_names = class_names_from_spec(class_names)
+        self.reject_names = list(reject_names or [])
+        outputs = len(self.output_names)
         kwargs = dict(model_kwargs or {})
-        kwargs.setdefault("num_classes", self.num_classes)
+        kwargs.setdefault("num_classes", outputs)
         if ":" not in model_name and not timm.is_model(model_name):  # hf-hub:/local-dir: go to timm as is
             close = ", ".join(repr(c) for c in closest_names(model_name, timm.list_models())) or "none close"
             raise SageError(f"unknown timm model {model_name!r}: did you mean {close}? (see timm.list_models())")
@@ -179,10 +193,10 @@ class TimmMember(EnsembleMember):
         self.model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
         if checkpoint_path is not None:
             self.model.load_state_dict(_load_state_dict(checkpoint_path), strict=True)
-        if self.model.num_classes != self.num_classes:
+        if self.model.num_classes != outputs:
             raise SageError(
-                f"timm model {model_name!r} has {self.model.num_classes} classes but class_names has "
-                f"{self.num_classes}; make class_names match the model's head"
+                f"timm model {model_name!r} has {self.model.num_classes} outputs but class_names and reject_names "
+                f"name {outputs}; make them match the model's head"
             )
         overlay = kwargs.get("pretrained_cfg_overlay") or {}
         trained = {"crop_pct": 1.0} if "input_size" in overlay and "crop_pct" not in overlay else {}
@@ -325,6 +339,7 @@ class CannyEdgeMember(EnsembleMember):
             )
         self.classifier = classifier
         self.class_names = classifier.class_names
+        self.reject_names = classifier.reject_names
         self.low_threshold = float(low_threshold)
         self.high_threshold = float(high_threshold)
         self.l2_gradient = bool(l2_gradient)
