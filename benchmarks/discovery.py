@@ -11,15 +11,21 @@ are what is measured):
 * local random, uniform (``configs/random_perturbation.yaml``): delta uniform in SAGE's box around z0,
   under the same clamp and Gaussian-shell projection, as many draws as fit in B;
 * local random, corners: random sign vectors at the box's corners, same constraints and draws;
+* local random, sign walk: random sign steps of SAGE's own ``lr`` from z0, same clamp and projection, same
+  draws (uniform draws land about 0.5 sqrt(d) from z0, SAGE's failures 0.2-0.3 sqrt(d): the walk stays at
+  SAGE's distances, so it asks whether the gradient's direction matters);
 * fresh seeds (``configs/random_latent.yaml``): new z ~ N(0, I), same draws.
 
-Every search starts from the target's z0. Targets whose clean image (z0) already fails D are reported
-apart and left out of every rate. Per method, per class and overall, over the remaining targets:
+Every search starts from the target's z0; every target has its own seed (``distinct_seeds``: 100 targets
+hold 100 z0, from ``--base-seed``; the evaluation seeds start far from every seed training used). Targets
+whose clean image (z0) already fails D, or that the judge already rejects, are reported apart and left out
+of every rate. Per method, per class and overall, over the remaining targets:
 
 * SSR(A): share of targets where D declared a failure within B;
-* SSR(J): share where, in addition, ShapesWorld's geometric judge confirms it (its shape is not the class);
+* SSR(J): share where, in addition, ShapesWorld's geometric judge confirms it (it sees the class in the clean
+  image and not in the final one); D-only failures (the judge still sees the class) are counted apart;
 * median forward-equivalents per failure (over found targets);
-* NGR: share of found latents that fail the KS normality test (``sage_lightning.metrics.gaussianity``);
+* NGR: share of found latents that fail the KS or the chi-norm test (``sage_lightning.metrics.gaussianity``);
 
 each with a 95% bootstrap interval over targets (percentile, ``--bootstrap`` resamples, fixed seed); then
 each method's SSR(A) and SSR(J) minus local random uniform's on the same targets, with a paired bootstrap
@@ -55,6 +61,7 @@ import yaml
 from PIL import Image
 
 from sage_lightning.cli import main as sage_main
+from sage_lightning.metrics import CONFIRMED, D_ONLY, failure_kind
 from sage_lightning.sampler import FullGradient, GradientMode, ResidualGradient
 from sage_lightning.searches import LatentSearch, RandomLatentSearch
 
@@ -111,6 +118,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Method], dict]:
                {"--model.init_args.max_iterations": str(full_iterations)}, full),
         Method("local random uniform", [perturb], {**random_args, "--model.init_args.mode": "uniform"}),
         Method("local random corners", [perturb], {**random_args, "--model.init_args.mode": "corners"}),
+        Method("local random sign walk", [perturb], {**random_args, "--model.init_args.mode": "sign_walk"}),
         Method("fresh seeds", [str(REPO / "configs" / "random_latent.yaml")], random_args),
     ]
     info = {**settings, "budget_forward_equivalents": budget, "sage_iterations": args.iterations,
@@ -122,11 +130,62 @@ def run_folder(method: Method, out: str) -> Path:
     return Path(out) / method.name.replace(" ", "_")
 
 
+def overrides_of(method: Method, args: argparse.Namespace, run: Path) -> dict[str, str]:
+    """The command-line settings of ``method``'s run: the plan (budget, targets, seeds) and where it writes."""
+    overrides = {
+        **method.args,
+        "--model.init_args.num_steps": str(sampling(args.config, args.num_steps)["num_steps"]),
+        "--data.init_args.classes": f"[{args.classes}]" if args.classes != "all" else "all",
+        "--data.init_args.seeds_per_class": str(args.seeds),
+        "--data.init_args.base_seed": str(args.base_seed),
+        "--data.init_args.distinct_seeds": "true",
+        "--trainer.accelerator": args.accelerator,
+        "--trainer.default_root_dir": str(run),
+        "--trainer.enable_progress_bar": "false",
+    }
+    if args.batch_size:
+        overrides["--data.init_args.batch_size"] = str(args.batch_size)
+    return overrides
+
+
+PLAN_KEYS = ("--model.init_args.max_iterations", "--model.init_args.num_steps", "--model.init_args.mode",
+             "--data.init_args.classes", "--data.init_args.seeds_per_class", "--data.init_args.base_seed",
+             "--data.init_args.distinct_seeds")
+
+
+def _plain(value: object) -> object:
+    """A config value compared as text (a class list read back from YAML may hold names or indices)."""
+    return [str(v) for v in value] if isinstance(value, list) else value
+
+
+def plan_differences(run: Path, overrides: dict[str, str]) -> list[str]:
+    """The plan settings where ``run``'s own config.yaml differs from ``overrides`` (empty when it matches):
+    a kept run must have spent the budget the table reports, on the same targets."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    out = []
+    for key in PLAN_KEYS:
+        if key not in overrides:
+            continue
+        section, _, name = key.removeprefix("--").split(".")
+        value = ((config.get(section) or {}).get("init_args") or {}).get(name)
+        wanted = yaml.safe_load(overrides[key])
+        if _plain(value) != _plain(wanted):
+            out.append(f"{name} {value!r} (now {wanted!r})")
+    return out
+
+
 def run_method(method: Method, args: argparse.Namespace) -> tuple[Path, float]:
     """Run ``method`` into its folder under ``--out``. With ``--resume``, a finished run (summary.json) is kept
-    and one with a checkpoint is resumed from it (bit-exact, README "Resume a killed search")."""
+    and one with a checkpoint is resumed from it (bit-exact, README "Resume a killed search"), but only when its
+    config holds the current plan (budget, targets, seeds); a run of another plan is refused with one line."""
     run = run_folder(method, args.out)
+    overrides = overrides_of(method, args, run)
     start = time.perf_counter()
+    if args.resume and (run / "config.yaml").exists():
+        changed = plan_differences(run, overrides)
+        if changed:
+            raise SystemExit(f"discovery: error: --resume: {run} was run with another plan: {'; '.join(changed)}; "
+                             "drop --resume to run it again, or give the plan it was run with")
     if args.resume and (run / "summary.json").exists():
         return run, 0.0
     if args.resume and (run / "checkpoints" / "last.ckpt").exists():
@@ -134,59 +193,55 @@ def run_method(method: Method, args: argparse.Namespace) -> tuple[Path, float]:
         return run, time.perf_counter() - start
     if run.exists():
         shutil.rmtree(run)
-    overrides = {
-        **method.args,
-        "--model.init_args.num_steps": str(sampling(args.config, args.num_steps)["num_steps"]),
-        "--data.init_args.classes": f"[{args.classes}]" if args.classes != "all" else "all",
-        "--data.init_args.seeds_per_class": str(args.seeds),
-        "--trainer.accelerator": args.accelerator,
-        "--trainer.default_root_dir": str(run),
-        "--trainer.enable_progress_bar": "false",
-    }
-    if args.batch_size:
-        overrides["--data.init_args.batch_size"] = str(args.batch_size)
     configs = [x for c in [args.config, *method.configs] for x in ("--config", c)]
     sage_main(["fit", *configs, *[x for kv in overrides.items() for x in kv]])
     return run, time.perf_counter() - start
 
 
-def judge_failed(run: Path, rows: list[dict]) -> dict[int, bool]:
-    """ShapesWorld's geometric judge on each found target's final image: True when its shape is not the class."""
+def judge_verdicts(run: Path, rows: list[dict]) -> dict[int, tuple[str | None, str | None]]:
+    """ShapesWorld's geometric judge on each target's saved clean and final images: ``(clean, final)`` shapes."""
     from sage_lightning.shapesworld.judge import judge_shapes
 
-    found = [r for r in rows if r["found"]]
-    if not found:
+    if not rows:
         return {}
-    images = np.stack([np.asarray(Image.open(run / r["image"]).convert("RGB")) for r in found])
-    return {r["target"]: shape != r["class"] for r, shape in zip(found, judge_shapes(images), strict=True)}
+    clean = judge_shapes(np.stack([np.asarray(Image.open(run / r["clean_image"]).convert("RGB")) for r in rows]))
+    final = judge_shapes(np.stack([np.asarray(Image.open(run / r["image"]).convert("RGB")) for r in rows]))
+    return {r["target"]: (c, f) for r, c, f in zip(rows, clean, final, strict=True)}
 
 
 def outcomes(method: Method, run: Path, settings: dict, judge: bool) -> dict[int, dict]:
-    """Per target: class, found at iteration 0 (already failing), found, judge-confirmed, cost, outlier.
+    """Per target: class, found at iteration 0 (already failing), already failing for the judge, found,
+    judge-confirmed, D-only, cost, outlier.
 
-    The cost is the record's own ``forward_equivalents`` (the search's count); runs written before records
-    carried it are costed here with the same :meth:`forward_equivalents`."""
+    The judge looks at the saved images again (the run's own ``clean_judge``/``final_judge`` were written by
+    the judge of that day). The cost is the record's own ``forward_equivalents`` (the search's count); runs
+    written before records carried it are costed here with the same :meth:`forward_equivalents`."""
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines() if line.strip()]
     cost = (LatentSearch(grad_mode=method.grad_mode, **settings) if method.grad_mode else
             RandomLatentSearch(**settings)).forward_equivalents
-    confirmed = judge_failed(run, rows) if judge else {}
-    return {
-        r["target"]: {
+    verdicts = judge_verdicts(run, rows) if judge else {}
+    out = {}
+    for r in rows:
+        kind = failure_kind(r["class"], *verdicts[r["target"]]) if judge and r["found"] else None
+        out[r["target"]] = {
             "class": r["class"], "already": r["found"] and r["iterations"] == 0, "found": r["found"],
-            "confirmed": bool(confirmed.get(r["target"])) if judge else None,
+            "judge_already": verdicts[r["target"]][0] != r["class"] if judge else False,
+            "confirmed": kind == CONFIRMED if judge else None, "d_only": kind == D_ONLY if judge else None,
             "cost": r.get("forward_equivalents", cost(r["iterations"])), "outlier": r["ngr"]["outlier"],
         }
-        for r in rows
-    }
+    return out
 
 
 def statistics_of(items: list[dict]) -> dict[str, float | None]:
     found = [o for o in items if o["found"]]
     nan = float("nan")
+    judged = bool(items) and items[0]["confirmed"] is not None
     return {
         "ssr_a": sum(o["found"] for o in items) / len(items) if items else nan,
         "ssr_j": (sum(o["found"] and bool(o["confirmed"]) for o in items) / len(items) if items else nan)
-        if items and items[0]["confirmed"] is not None else None,
+        if judged else None,
+        "d_only": (sum(o["found"] and bool(o.get("d_only")) for o in items) / len(items) if items else nan)
+        if judged else None,
         "median_cost": statistics.median(o["cost"] for o in found) if found else nan,
         "ngr": sum(o["outlier"] for o in found) / len(found) if found else nan,
     }
@@ -205,8 +260,9 @@ def bootstrap(items: list[dict], resamples: int, seed: int) -> dict[str, tuple[f
 
 
 def summarise(results: dict[str, dict[int, dict]], resamples: int, seed: int) -> tuple[list[dict], list[int]]:
-    """Table rows (method x class, then overall) over the targets no method found already failing."""
-    already = sorted({t for per in results.values() for t, o in per.items() if o["already"]})
+    """Table rows (method x class, then overall) over the targets no method found already failing (for D at
+    z0, or for the judge on the clean image)."""
+    already = sorted({t for per in results.values() for t, o in per.items() if o["already"] or o["judge_already"]})
     rows = []
     for name, per in results.items():
         eligible = {t: o for t, o in per.items() if t not in already}
@@ -272,10 +328,12 @@ def cell(row: dict, key: str, percent: bool) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | class | targets | SSR(A) | SSR(J) | median fwd-eq / failure | NGR |", "|---" * 7 + "|"]
+    lines = ["| method | class | targets | SSR(A) | SSR(J) | D-only | median fwd-eq / failure | NGR |",
+             "|---" * 8 + "|"]
     for r in sorted(rows, key=lambda r: (r["class"] != ALL, r["class"])):
         lines.append(f"| {r['method']} | {r['class']} | {r['targets']} | {cell(r, 'ssr_a', True)} | "
-                     f"{cell(r, 'ssr_j', True)} | {cell(r, 'median_cost', False)} | {cell(r, 'ngr', True)} |")
+                     f"{cell(r, 'ssr_j', True)} | {cell(r, 'd_only', True)} | {cell(r, 'median_cost', False)} | "
+                     f"{cell(r, 'ngr', True)} |")
     return "\n".join(lines)
 
 
@@ -289,7 +347,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny random stack, 2 classes x 2 seeds, N=2 (~1 min)")
     parser.add_argument("--config", default=str(CONFIG), help="base latent-search config (clamp, projection, model)")
     parser.add_argument("--classes", default="all", help="comma-separated classes, or 'all'")
-    parser.add_argument("--seeds", type=int, default=10, help="seeds per class: the targets")
+    parser.add_argument("--seeds", type=int, default=10, help="targets per class (each its own seed)")
+    parser.add_argument("--base-seed", type=int, default=9_000_000,
+                        help="first seed (targets take base-seed, base-seed + 1, ...); evaluation seeds start far "
+                             "from every seed training used (D's hard examples: 5,000,000)")
     parser.add_argument("--iterations", type=int, default=20, help="SAGE residual iterations N: the budget B")
     parser.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: the config's)")
     parser.add_argument("--batch-size", type=int, default=None, help="targets per step (default: the config's)")
@@ -299,7 +360,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/discovery")
     parser.add_argument("--methods", default="all",
                         help="comma-separated run folder names (SAGE_residual, SAGE_full_gradient, "
-                             "local_random_uniform, local_random_corners, fresh_seeds), or 'all'")
+                             "local_random_uniform, local_random_corners, local_random_sign_walk, fresh_seeds), "
+                             "or 'all'")
     parser.add_argument("--resume", action="store_true",
                         help="keep finished methods' runs, resume killed ones from their checkpoint "
                              "(several processes may each run some --methods into the same --out)")
@@ -332,7 +394,8 @@ def main() -> None:
           f"per target = SAGE residual {info['sage_iterations']} iterations = SAGE full {info['full_iterations']} "
           f"iterations (or fewer) = z0 + {info['draws']} random draws")
     total = len(next(iter(results.values())))
-    print(f"targets: {total}; already failing at z0 (left out of every rate): {len(already)} {already}; "
+    print(f"targets: {total}; already failing at z0 for D or the judge (left out of every rate): {len(already)} "
+          f"{already}; "
           f"minutes per method: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + "\n")
     print(table(rows))
     differences = paired_differences(results, already, BASELINE, args.bootstrap, seed=0) if BASELINE in results else []

@@ -10,16 +10,27 @@ from scipy import stats
 
 
 def gaussianity(z: torch.Tensor, alpha: float = 0.01) -> dict[str, float | bool]:
-    """NGR check of one latent against N(0, 1): Kolmogorov-Smirnov p-value and |z| / sqrt(d).
+    """NGR check of one latent against N(0, I) (SAGE_METHOD.md, NGR): two tests at level ``alpha``.
 
-    ``outlier`` is True when the KS test rejects normality at ``alpha`` (SAGE_METHOD.md, NGR).
+    - Kolmogorov-Smirnov of the entries against N(0, 1) (``ks_pvalue``): the entries' distribution;
+    - the chi-norm test (``norm_pvalue``): |z|^2 of a N(0, I_d) sample is chi-squared with d degrees of
+      freedom, two-sided; a latent whose norm is far from sqrt(d) fails it even when its entries pass KS.
+
+    ``outlier`` is True when either test rejects (``ks_outlier``, ``norm_outlier`` say which);
+    ``norm_ratio`` is |z| / sqrt(d).
     """
     flat = z.detach().double().flatten().cpu()
-    p_value = float(stats.kstest(flat.numpy(), "norm").pvalue)
+    d = flat.numel()
+    ks_p = float(stats.kstest(flat.numpy(), "norm").pvalue)
+    sq = float(flat.pow(2).sum())
+    norm_p = float(min(1.0, 2 * min(stats.chi2.cdf(sq, d), stats.chi2.sf(sq, d))))
     return {
-        "ks_pvalue": p_value,
-        "norm_ratio": float(flat.norm() / math.sqrt(flat.numel())),
-        "outlier": bool(p_value < alpha),
+        "ks_pvalue": ks_p,
+        "norm_pvalue": norm_p,
+        "norm_ratio": math.sqrt(sq / d),
+        "ks_outlier": bool(ks_p < alpha),
+        "norm_outlier": bool(norm_p < alpha),
+        "outlier": bool(ks_p < alpha or norm_p < alpha),
     }
 
 

@@ -29,21 +29,35 @@ def test_every_method_gets_the_same_forward_equivalent_budget(iterations, tmp_pa
     assert budget == LatentSearch(grad_mode=ResidualGradient(0.5, 1.0), **settings).forward_equivalents(iterations)
     by_name = {m.name: m for m in methods}
     assert list(by_name) == ["SAGE residual", "SAGE full gradient", "local random uniform", "local random corners",
-                             "fresh seeds"]
+                             "local random sign walk", "fresh seeds"]
     full = LatentSearch(grad_mode=FullGradient(), **settings)
     n_full = int(by_name["SAGE full gradient"].args["--model.init_args.max_iterations"])
     assert full.forward_equivalents(n_full) <= budget < full.forward_equivalents(n_full + 1)
     baseline = RandomLatentSearch(**settings)
-    for name in ("local random uniform", "local random corners", "fresh seeds"):
+    for name in ("local random uniform", "local random corners", "local random sign walk", "fresh seeds"):
         draws = int(by_name[name].args["--model.init_args.max_iterations"])
         assert by_name[name].args["--model.init_args.match_sage_iterations"] == "null"
         assert baseline.forward_equivalents(draws) <= budget < baseline.forward_equivalents(draws + 1)
     assert by_name["local random corners"].args["--model.init_args.mode"] == "corners"
+    # the sign walk: the same draws as the other local nulls, each a step of SAGE's own lr (its config's)
+    assert by_name["local random sign walk"].args["--model.init_args.mode"] == "sign_walk"
+    assert by_name["local random sign walk"].configs == by_name["local random uniform"].configs
 
 
-def _outcome(cls: str, found: bool, already: bool = False, confirmed: bool = False, cost: int = 10) -> dict:
+def _outcome(cls: str, found: bool, already: bool = False, confirmed: bool = False, cost: int = 10,
+             judge_already: bool = False) -> dict:
     return {"class": cls, "already": already, "found": found, "confirmed": confirmed and found, "cost": cost,
-            "outlier": False}
+            "d_only": found and not confirmed, "outlier": False, "judge_already": judge_already}
+
+
+def test_targets_the_judge_already_rejects_are_left_out_and_d_only_failures_counted_apart():
+    results = {"A": {0: _outcome("star", True, judge_already=True), 1: _outcome("star", True, confirmed=True),
+                     2: _outcome("star", True), 3: _outcome("ring", False)}}
+    rows, already = discovery.summarise(results, resamples=50, seed=0)
+    assert already == [0]
+    overall = next(r for r in rows if r["class"] == discovery.ALL)
+    assert overall["targets"] == 3 and overall["ssr_a"] == pytest.approx(2 / 3)
+    assert overall["ssr_j"] == pytest.approx(1 / 3) and overall["d_only"] == pytest.approx(1 / 3)
 
 
 def test_already_failing_targets_are_left_out_of_every_method_and_intervals_hold_the_estimate():
@@ -77,10 +91,12 @@ def test_resume_keeps_finished_methods_resumes_killed_ones_and_reruns_the_rest(t
     monkeypatch.setattr(discovery, "sage_main", lambda argv: calls.append(argv))
     method = discovery.Method("local random uniform", [], {})
     args = argparse.Namespace(out=str(tmp_path), resume=True, num_steps=4, config=str(REPO / "configs" /
-                              "latent_search_tiny.yaml"), classes="all", seeds=1, accelerator="cpu", batch_size=None)
+                              "latent_search_tiny.yaml"), classes="all", seeds=1, accelerator="cpu", batch_size=None,
+                              base_seed=9_000_000)
     run = tmp_path / "local_random_uniform"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    _write_config(run, seeds_per_class=1)
     discovery.run_method(method, args)
     assert calls[-1] == ["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last"]
     (run / "summary.json").write_text("{}")
@@ -89,3 +105,32 @@ def test_resume_keeps_finished_methods_resumes_killed_ones_and_reruns_the_rest(t
     args.resume = False
     discovery.run_method(method, args)
     assert not run.exists() and calls[-1][:2] == ["fit", "--config"] and "--ckpt_path" not in calls[-1]
+
+
+def _write_config(run, seeds_per_class: int, base_seed: int = 9_000_000) -> None:
+    import yaml
+
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"init_args": {"num_steps": 4}},
+        "data": {"init_args": {"classes": "all", "seeds_per_class": seeds_per_class, "base_seed": base_seed,
+                               "distinct_seeds": True}}}))
+
+
+def test_resume_refuses_a_kept_run_of_another_plan(tmp_path, monkeypatch):
+    """A finished run of 2 seeds per class is not reused when the plan says 3 (or another base seed): its rows
+    would sit under the new budget's heading."""
+    monkeypatch.setattr(discovery, "sage_main", lambda argv: pytest.fail("a run of another plan was run or reused"))
+    args = argparse.Namespace(out=str(tmp_path), resume=True, num_steps=4, config=str(REPO / "configs" /
+                              "latent_search_tiny.yaml"), classes="all", seeds=3, accelerator="cpu", batch_size=None,
+                              base_seed=9_000_000)
+    run = tmp_path / "local_random_uniform"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    _write_config(run, seeds_per_class=2)
+    with pytest.raises(SystemExit, match="seeds_per_class 2 .now 3."):
+        discovery.run_method(discovery.Method("local random uniform", [], {}), args)
+    _write_config(run, seeds_per_class=3, base_seed=0)
+    with pytest.raises(SystemExit, match="base_seed 0"):
+        discovery.run_method(discovery.Method("local random uniform", [], {}), args)
+    _write_config(run, seeds_per_class=3)
+    assert discovery.run_method(discovery.Method("local random uniform", [], {}), args) == (run, 0.0)

@@ -154,6 +154,31 @@ def test_unknown_class_name_suggests_close_match():
         ens.resolve("clas3")
 
 
+def test_a_reject_output_takes_part_in_softmax_and_top_k_but_is_never_a_class():
+    """A member that puts its probability on its reject output ("none": nothing of the kind is drawn) has every
+    class outside its top-k; a member without reject outputs gets probability 0 there (padded)."""
+    rejecting = FixedProbsMember([[0.05] * 10 + [0.5]])
+    rejecting.reject_names = ["none"]
+    ordinary = FixedProbsMember([_probs_with(0.02, [0.5, 0.2])])
+    ens = ClassifierEnsemble([rejecting, ordinary], tau=0.1)
+    assert ens.class_names == NAMES and ens.output_names == [*NAMES, "none"] and ens.num_classes == 10
+    probs = ens.member_probs(_images(1))
+    assert probs.shape == (2, 1, 11) and probs[1, 0, 10] == 0
+    out = ens(_images(1), torch.tensor([3]))
+    assert out.topk[0, 0, 0].item() == 10 and out.failed.tolist() == [True]
+    assert out.probs[0, 0].item() == pytest.approx(0.05, abs=1e-6)  # softmax over all 11 outputs
+    other = FixedProbsMember([[0.1] * 10 + [0.0]])
+    other.reject_names = ["background"]
+    with pytest.raises(SageError, match="reject outputs"):
+        ClassifierEnsemble([rejecting, other])
+
+
+def test_timm_member_with_a_reject_output_has_one_more_logit():
+    member = TimmMember("test_resnet", NAMES, reject_names=["none"])
+    assert member.output_names == [*NAMES, "none"] and member.num_classes == 10
+    assert member(_images(2)).shape == (2, 11)
+
+
 def test_members_with_different_class_lists_are_rejected():
     other = [f"thing{i}" for i in range(10)]
     with pytest.raises(SageError, match="different class list.*class 0 is 'thing0'"):
@@ -261,3 +286,24 @@ def test_shapesworld_members_preprocess_as_trained():
         timm_member = getattr(member, "classifier", member)
         expected = (images - 0.5) / 0.5
         assert torch.allclose(timm_member.preprocess(images), expected, atol=1e-6)
+
+
+def test_ngr_flags_a_norm_outlier_that_passes_ks():
+    """A 4.5-sigma norm outlier at d = 1024 (issue 21 item 7): its entries look normal to KS, its norm does not."""
+    from sage_lightning.metrics import gaussianity
+
+    d = 1024
+    sigma_norm = (2 * d) ** 0.5  # std of |z|^2 under chi-squared(d)
+    rejected_ks = rejected_any = 0
+    for seed in range(50):
+        z = torch.randn(d, generator=torch.Generator().manual_seed(seed))
+        z = z / z.norm() * (d + 4.5 * sigma_norm) ** 0.5  # |z|^2 at d + 4.5 sigma
+        out = gaussianity(z)
+        rejected_ks += out["ks_outlier"]
+        rejected_any += out["outlier"]
+        assert out["norm_outlier"] and out["norm_pvalue"] < 1e-4
+    assert rejected_ks < 25 and rejected_any == 50
+    typical = gaussianity(torch.randn(d, generator=torch.Generator().manual_seed(7)))
+    assert not typical["outlier"] and typical["norm_pvalue"] > 0.01
+    on_shell = torch.randn(d, generator=torch.Generator().manual_seed(8))
+    assert not gaussianity(on_shell / on_shell.norm() * d**0.5)["norm_outlier"]  # the Gaussian shell passes

@@ -15,7 +15,15 @@ from pathlib import Path
 from sage_lightning.report.analyses import analysis_section
 from sage_lightning.report.load import LATENT, PROMPT, TOKEN, RunData, analyses
 from sage_lightning.report.markup import Raw, definitions, esc, fmt, image, table
-from sage_lightning.report.numbers import class_rows, judge_confirms, run_summary, searched_failures, summary_items
+from sage_lightning.report.numbers import (
+    FAILURE_KIND_LABELS,
+    class_rows,
+    failure_kind_of,
+    judge_confirms,
+    run_summary,
+    searched_failures,
+    summary_items,
+)
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -25,6 +33,7 @@ th{background:#f3f3f3}dl{display:grid;grid-template-columns:max-content auto;gap
 .warn{background:#fff3cd;border:1px solid #e0c060;padding:8px}.note,.notes{color:#555;font-size:13px}
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;padding:6px;margin:0;font-size:12px}
 .card img{width:128px;height:128px;image-rendering:pixelated;margin-right:4px}.card table{font-size:11px}
+.card.confirmed{border:2px solid #2a7}.card.d-only{border:2px dashed #c70}.card.pre-existing{border:2px dotted #888}
 .seeds{display:flex;flex-wrap:wrap;gap:4px}.seed{font-size:11px;text-align:center;margin:0}
 .seed img{width:96px;height:96px;image-rendering:pixelated;display:block}
 .fail{color:#b00020;font-weight:bold}.pass{color:#1b5e20}mark{background:#ffe066}
@@ -91,6 +100,8 @@ def target_rows(run: RunData) -> list[dict]:
         verdict = judge_confirms(r) if r.get("found") else None
         if "final_judge" in r or r.get("judge") is not None:
             row["judge confirms"] = verdict
+        if r.get("found") and failure_kind_of(r) is not None:
+            row["failure kind"] = failure_kind_of(r)
         rows.append(row)
     return rows
 
@@ -110,17 +121,18 @@ def latent_cards(page: Page) -> str:
     cards = []
     for r in searched_failures(page.run.results):
         judge = ""
-        if "final_judge" in r:
-            verdict = "confirms" if judge_confirms(r) else "does not confirm"
+        kind = failure_kind_of(r)
+        if kind is not None:
             judge = (f"<div>judge: clean sees {esc(r.get('clean_judge') or 'no shape')}, final sees "
-                     f"{esc(r.get('final_judge') or 'no shape')} — <b>{verdict}</b></div>")
+                     f"{esc(r.get('final_judge') or 'no shape')} — <b>{esc(FAILURE_KIND_LABELS[kind])}</b></div>")
         label = f"target {r['target']}: {r.get('class')}, seed {r.get('seed')}, iteration {r.get('iterations')}"
         caption = (f"<b>{esc(r.get('class'))}</b> · seed {esc(r.get('seed'))} · iteration {esc(r.get('iterations'))}"
                    f" · {esc(fmt(r.get('forward_equivalents')))} forward-equivalents<div class='note'>left: clean "
                    f"(z0) · right: failure (z); D's members on the failure:</div>"
                    f"{member_table(r.get('probs') or {}, r.get('top1'), str(r.get('class')))}{judge}")
         cards.append(card(r["target"], caption, page.img(r.get("clean_image"), f"{label}: clean"),
-                          page.img(r.get("image"), f"{label}: failure")))
+                          page.img(r.get("image"), f"{label}: failure"),
+                          cls=f"card failure {kind.replace('_', '-')}" if kind else "card failure"))
     return _cards(cards, "failures found by the search")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from sage_lightning.metrics import non_gaussian_rate, target_summary
+from sage_lightning.metrics import CONFIRMED, failure_kind, judged_summary, non_gaussian_rate, target_summary
 from sage_lightning.report.load import LATENT, PROMPT, TOKEN, RunData
 
 
@@ -18,11 +18,23 @@ def searched_failures(results: list[dict]) -> list[dict]:
     return [r for r in results if r.get("found") and not r.get("already_failing")]
 
 
+FAILURE_KIND_LABELS = {"confirmed": "confirmed (the generator's)", "d_only": "D-only (the judge still sees the class)",
+                       "pre_existing": "pre-existing (the judge rejected the clean image)"}
+
+
+def failure_kind_of(record: dict) -> str | None:
+    """``confirmed`` / ``d_only`` / ``pre_existing`` for a latent failure the judge looked at
+    (:func:`~sage_lightning.metrics.failure_kind`); None without a judge or for other searches."""
+    if "final_judge" not in record or "clean_judge" not in record:
+        return None
+    return failure_kind(record["class"], record["clean_judge"], record["final_judge"])
+
+
 def judge_confirms(record: dict) -> bool | None:
-    """The judge's verdict on a found failure: True when it confirms it (it does not see the class in the final
-    image, or, for a prompt, on most seeds); None when the run has no judge."""
+    """The judge's verdict on a found failure: True when it confirms it (for a latent failure: it sees the class
+    in the clean image and not in the final one; for a prompt: on most seeds); None when the run has no judge."""
     if "final_judge" in record:
-        return record["final_judge"] != record["class"]
+        return failure_kind_of(record) == CONFIRMED
     judge = record.get("judge")
     if isinstance(judge, dict):
         return bool(judge.get("confirmed"))
@@ -45,10 +57,10 @@ def run_summary(run: RunData) -> dict:
     summary = {"search": run.search, **target_summary([bool(r.get("found")) for r in results],
                                                       [bool(r.get("already_failing")) for r in results], targets)}
     found = searched_failures(results)
-    verdicts = [judge_confirms(r) for r in found]
-    judged = any("final_judge" in r or r.get("judge") is not None for r in results)
-    if judged:
-        confirmed = sum(bool(v) for v in verdicts)
+    if run.kind == LATENT and results and all("clean_judge" in r for r in results):
+        summary.update(judged_summary(results, summary["searched"]))
+    elif any(r.get("judge") is not None for r in results):
+        confirmed = sum(bool(judge_confirms(r)) for r in found)
         summary["ssr_judge"] = confirmed / summary["searched"] if summary["searched"] else None
     if run.kind == LATENT:
         summary["ngr"] = non_gaussian_rate([r["ngr"]["outlier"] for r in found if "ngr" in r])
@@ -69,8 +81,12 @@ SUMMARY_LABELS = {
     "searched": "searched targets",
     "failures": "failures found by D",
     "ssr_discriminator": "SSR(A): failures / searched targets",
-    "ssr_judge": "SSR(J): failures the judge confirms / searched targets",
-    "ngr": "NGR: share of found latents failing the KS normality test",
+    "already_failing_judge": "already failing for the judge (clean image rejected; left out of SSR(J))",
+    "failures_confirmed_by_judge": "failures the judge confirms (the generator's)",
+    "failures_d_only": "D-only failures (the judge still sees the class: D was fooled)",
+    "failures_pre_existing": "failures on clean images the judge already rejected (not discoveries)",
+    "ssr_judge": "SSR(J): failures the judge confirms / searched targets whose clean image it accepts",
+    "ngr": "NGR: share of found latents failing the KS or the chi-norm test (alpha 0.01)",
     "median_iterations_per_failure": "median iterations per failure",
     "median_words_per_failure": "median added words per failure",
     "median_unet_evaluations_per_failure": "median UNet evaluations per failure",
@@ -113,9 +129,10 @@ def class_rows(run: RunData) -> list[dict]:
         searched = len(records) - already
         row = {"class": name, "targets": len(records), "already failing": already, "searched": searched,
                "failures": len(found), "SSR(A)": len(found) / searched if searched else None}
-        verdicts = [judge_confirms(r) for r in found]
-        if any("final_judge" in r or r.get("judge") is not None for r in records):
-            row["SSR(J)"] = sum(bool(v) for v in verdicts) / searched if searched else None
+        if records and all("clean_judge" in r for r in records):
+            row["SSR(J)"] = judged_summary(records, searched)["ssr_judge"]
+        elif any(r.get("judge") is not None for r in records):
+            row["SSR(J)"] = sum(bool(judge_confirms(r)) for r in found) / searched if searched else None
         key = "iterations" if run.kind != PROMPT else "words"
         row[f"median {key} per failure"] = _median(
             [r["iterations"] if key == "iterations" else len(r.get("words") or []) for r in found])

@@ -6,9 +6,9 @@ shapes; with a reject class it can say "nothing of the kind is drawn". These ima
 world's own backgrounds, colours and styles (``generator``), so only the object differs:
 
 - ``empty``: the background alone (plain, gradient or texture, in each style's rendering);
-- ``blob``: one smooth random closed outline (a radial Fourier series), kept only when its best template IoU
-  with every shape outline (the judge's ``shape_scores``, i.e. the world's own shape definitions) is below
-  ``MAX_SHAPE_IOU``: a blob that happens to look like a circle or a heart is not drawn;
+- ``blob``: one smooth random closed outline (a radial Fourier series), kept only when its template IoU with
+  every shape outline (the judge's ``shape_scores``, i.e. the world's own shape definitions) is below that
+  shape's fit floor (``judge.fit_floor``): a blob that happens to look like a circle or a heart is not drawn;
 - ``fragments``: two to five small blobs scattered over the field;
 - ``smear``: a thresholded smooth noise field in the object colour (texture-like patches).
 
@@ -24,16 +24,16 @@ from sage_lightning.shapesworld.generator import IMAGE_SIZE, SUPERSAMPLE, Scene,
 
 REJECT_NAME = "none"
 KINDS: tuple[str, ...] = ("empty", "blob", "fragments", "smear")
-MAX_SHAPE_IOU = 0.72  # blobs at or above this IoU with a shape's outline look like that shape: not drawn
+MAX_SHAPE_IOU = 0.62  # the judge's fit floors stay above this (judge_calibration.py)
 
 
 def _radial_outline(rng: np.random.Generator, cx: float, cy: float, r: float, n: int = 96) -> np.ndarray:
     """Points of a smooth random closed curve around (cx, cy) with mean radius r."""
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     rad = np.ones_like(t)
-    for k in range(2, 7):
-        rad += rng.normal(0, 0.28 / k**0.6) * np.cos(k * t + rng.uniform(0, 2 * np.pi))
-    rad = np.clip(rad, 0.25, 1.8)
+    for k in range(1, 7):
+        rad += rng.normal(0, 0.35 / k**0.5) * np.cos(k * t + rng.uniform(0, 2 * np.pi))
+    rad = np.clip(rad, 0.2, 1.6)
     return np.stack([cx + r * rad * np.cos(t), cy + r * rad * np.sin(t)], 1)
 
 
@@ -56,17 +56,17 @@ def _smear(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def reject_mask(kind: str, scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
     """Object coverage ``[size, size]`` in [0, 1] of a reject drawing of ``kind`` placed like ``scene``."""
-    from sage_lightning.shapesworld.judge import shape_scores
+    from sage_lightning.shapesworld.judge import fit_floor, shape_scores
 
     cx, cy = scene.center
     if kind == "empty":
         return np.zeros((size, size), np.float32)
     if kind == "blob":
-        for _ in range(20):
-            mask = _fill(size, [_radial_outline(rng, cx, cy, scene.radius * 0.9)])
-            if max(shape_scores(mask > 0.5).values()) < MAX_SHAPE_IOU:
+        for _ in range(30):
+            mask = _fill(size, [_radial_outline(rng, cx, cy, scene.radius * 0.85)])
+            if all(iou < fit_floor(shape) for shape, iou in shape_scores(mask > 0.5).items()):
                 return mask
-        return np.zeros((size, size), np.float32)  # no blob unlike every shape in 20 tries: empty
+        return np.zeros((size, size), np.float32)  # no blob unlike every shape in 30 tries: empty
     if kind == "fragments":
         polys = [_radial_outline(rng, *rng.uniform(10, IMAGE_SIZE - 10, 2), rng.uniform(3, 8), n=48)
                  for _ in range(int(rng.integers(2, 6)))]
