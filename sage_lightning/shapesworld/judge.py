@@ -19,7 +19,8 @@ member of the surrogate ensemble. Only OpenCV/NumPy geometry:
    convexity defects, holes, mirror symmetry, extent; reported in ``features``.
 5. **Shape.** Geometric template matching: the mask, normalised for position (centroid) and scale
    (area), is compared by soft IoU with each shape's ideal outline at every rotation (3 degree steps
-   over the shape's symmetry period, mirrored too). The best IoU names the shape when it reaches that
+   over the shape's symmetry period, mirrored too; a ring also with a narrower and a wider hole, since a
+   person calls any annulus a ring). The best IoU names the shape when it reaches that
    shape's fit floor (``FIT``: what the world's own clean drawings reach, with a margin); below it the
    object is **distorted** (a blob, a fragment, a smear: no clean shape) and the judge names none
    (``shape=None``), which counts as a failure of the prompt.
@@ -57,6 +58,7 @@ MIN_AREA_FRAC = 0.01  # least object area, as a share of the image
 MIN_COMPONENT_SHARE = 0.5  # the object must hold this share of all object-coloured pixels
 MAX_BACKGROUND_RESIDUAL = 0.3  # median border distance to the background model, as a share of contrast
 MAX_CLUTTER = 0.3  # share of non-object pixels as far from the background as half the object's contrast
+RING_HOLES = (0.4, 0.7)  # extra ring outlines: hole radius as a share of the ring's (the generator's is 0.55)
 MIN_IOU = 0.6  # below this best template IoU no shape is named, whatever the shape's fit floor
 # Fit floor of each shape: below it the object is "distorted", not that shape. The 1st percentile of the
 # best IoU on 2,000 fresh generator drawings (seed 424242) less 0.15, and never below 0.63 (reject blobs are
@@ -117,6 +119,11 @@ def _templates() -> tuple[np.ndarray, np.ndarray]:
                 t = _normalise(mask[:, ::-1] if mirrored else mask)
                 rows.append(t.ravel())
                 labels.append(k)
+    for inner in RING_HOLES:  # a ring is any annulus: the world draws its hole at 0.55 of the radius
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) - (size - 1) / 2
+        r = np.hypot(xx, yy) / (0.4 * size)
+        rows.append(_normalise(((r <= 1) & (r > inner)).astype(np.float32)).ravel())
+        labels.append(SHAPES.index("ring"))
     return np.clip(np.stack(rows), 0, 1).astype(np.float32), np.array(labels)
 
 
