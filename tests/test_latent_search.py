@@ -173,3 +173,15 @@ def test_existing_results_are_never_overwritten_and_corrupt_checkpoint(reference
 
 def test_default_ensemble_of_tiny_has_three_members():
     assert len(default_ensemble("tiny").members) == 3
+
+
+def test_default_ensemble_of_tiny_leaves_the_global_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = default_ensemble("tiny")
+    assert torch.equal(torch.rand(4), expected)  # the global stream goes on as if nothing had drawn from it
+    torch.manual_seed(7)
+    second = default_ensemble("tiny")  # and the weights do not depend on it: fixed random weights
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
+                                                    strict=True))
