@@ -15,7 +15,14 @@ from pathlib import Path
 from sage_lightning.report.analyses import analysis_section
 from sage_lightning.report.load import LATENT, PROMPT, TOKEN, RunData, analyses
 from sage_lightning.report.markup import Raw, definitions, esc, fmt, image, table
-from sage_lightning.report.numbers import class_rows, judge_confirms, run_summary, searched_failures, summary_items
+from sage_lightning.report.numbers import (
+    class_rows,
+    judge_confirms,
+    measure,
+    run_summary,
+    searched_failures,
+    summary_items,
+)
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -193,11 +200,9 @@ def token_summary(summary: dict) -> str:
     for label, key in (("hit rate, D's ensemble", "hit_rate_ensemble"), ("hit rate, judge", "hit_rate_judge"),
                        ("CLIP score against the original prompt", "clip_score")):
         value = summary.get(key)
-        if isinstance(value, dict):
-            rows.append({"measure": label, "without token": value.get("without_token"),
-                         "with token": value.get("with_token")})
-        else:
-            rows.append({"measure": label, "without token": None, "with token": None})
+        value = value if isinstance(value, dict) else {}
+        rows.append({"measure": label, "without token": measure(value.get("without_token")),
+                     "with token": measure(value.get("with_token"))})
     return table(rows)
 
 
