@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sage_lightning.errors import SageError
+from sage_lightning.sampler import FullGradient
 from sage_lightning.searches.base import EXHAUSTED, TargetSearch, raise_on_every_rank
 from sage_lightning.searches.latent import LatentSearch
 from sage_lightning.targets import Target, seeded_latent
@@ -58,7 +59,10 @@ class UniversalTokenSearch(TargetSearch):
         include_target_class: keep prompts of the target class itself (default: dropped, they hit trivially).
         eval_batch_size: prompts per generation call when the held-out set is rendered.
         **kwargs: :class:`TargetSearch` (diffusion, ensemble, num_steps, guidance_scale, scheduler,
-            grad_mode, ``max_iterations`` = passes over the training prompts, ``lr``, dtype, ...).
+            grad_mode, ``max_iterations`` = passes over the training prompts, ``lr``, dtype, ...). ``grad_mode``
+            defaults to the exact gradient through every denoising step, checkpointed (SAGE_METHOD.md: the token
+            conditions every step; the residual shortcut is the latent search's device), as for
+            :class:`PromptSearch`.
 
     Example (the same as ``sage fit --config configs/universal_token.yaml``)::
 
@@ -78,6 +82,8 @@ class UniversalTokenSearch(TargetSearch):
         eval_batch_size: int = 8,
         **kwargs,
     ) -> None:
+        if kwargs.get("grad_mode") is None:
+            kwargs["grad_mode"] = FullGradient(checkpoint=True)
         super().__init__(**kwargs)
         if text_weight < 0:
             raise SageError(f"text_weight={text_weight} must be >= 0")
