@@ -57,6 +57,36 @@ def test_gradient_reaches_only_the_targets_in_the_batch():
     assert per_target[1] > 0 and per_target[2] > 0 and per_target[0] == 0 and per_target[3] == 0
 
 
+class _CountingBackwards(LatentSearch):
+    """Counts the backwards that reach the images (each one a backward through the graphed UNet steps)."""
+
+    backwards = 0
+
+    def generate(self, latents, cond, seeds=None):
+        images = super().generate(latents, cond, seeds)
+        if images.requires_grad:
+            images.register_hook(self._count)
+        return images
+
+    def _count(self, grad):
+        type(self).backwards += 1
+
+
+def test_backwards_run_are_the_backwards_charged(tmp_path):
+    """One backward per update, none for a target's last evaluation (it has just stopped: issue 21 item 5), so
+    forward_equivalents, which charges one backward per iteration, counts what ran (batch_size 1)."""
+    import lightning as L
+
+    search = _CountingBackwards(diffusion="tiny", num_steps=3, max_iterations=2)
+    data = ClassPromptDataModule(classes=["star", "heart"], seeds_per_class=1, batch_size=1)
+    trainer = L.Trainer(default_root_dir=str(tmp_path), max_epochs=10, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(search, datamodule=data)
+    rows = results(tmp_path)
+    assert len(rows) == 2 and sum(r["iterations"] for r in rows) > 0
+    assert _CountingBackwards.backwards == sum(r["iterations"] for r in rows)
+
+
 def test_initial_latents_depend_on_seed_only():
     a = _prepared(classes=("star", "ring"))
     b = _prepared(classes=("heart", "ring"))

@@ -388,6 +388,16 @@ class TargetSearch(L.LightningModule):
         self.log("failures", float((self.status == FOUND).sum()), prog_bar=True, batch_size=len(ids))
         return active.to(images.device)
 
+    def step_loss(self, per_sample_loss: Tensor, active: Tensor) -> Tensor:
+        """The loss this rank's backward runs on: the sum of the active rows' losses. When no row is active (every
+        target of the batch has just stopped), a zero that reaches the parameters without the denoising graph, so
+        no backward runs through the UNet that :meth:`forward_equivalents` does not charge (a target is charged
+        one backward per update, none for its last evaluation). Under DDP the rank still gives its all-reduce a
+        (zero) gradient."""
+        if bool(active.any()):
+            return (per_sample_loss * active).sum()
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
     def on_train_start(self) -> None:
         if not self.running_targets():
             self.trainer.should_stop = True

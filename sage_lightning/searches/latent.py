@@ -47,4 +47,4 @@ class LatentSearch(TargetSearch):
         output = self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device))
         active = self.advance(ids, images, z, output)
         self.log("loss", output.loss, prog_bar=True, batch_size=len(ids))
-        return (output.per_sample_loss * active).sum()
+        return self.step_loss(output.per_sample_loss, active)

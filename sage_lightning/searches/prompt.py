@@ -369,7 +369,7 @@ class PromptSearch(TargetSearch):
         self.log("loss", output.loss, prog_bar=True, batch_size=len(ids))
         self.log("targets_done", float((self.status != RUNNING).sum()), prog_bar=True, batch_size=len(ids))
         self.log("failures", float((self.status == FOUND).sum()), prog_bar=True, batch_size=len(ids))
-        return (output.per_sample_loss * active.to(output.per_sample_loss.device)).sum()
+        return self.step_loss(output.per_sample_loss, active.to(output.per_sample_loss.device))
 
     def count_steps(self, rows: Tensor, active: Tensor) -> None:
         """One more sign step for the active rows (summed over ranks); sets ``stepped_targets`` for the clamp."""
