@@ -37,6 +37,17 @@ class TargetQueue(IterableDataset):
             yield torch.tensor(chunk[self.rank :: self.world_size], dtype=torch.long)
 
 
+def class_targets(
+    known: list[str], classes: list[int], templates: list[str], seeds_per_class: int, base_seed: int
+) -> list[Target]:
+    """Targets (class, template, seed) in that order, each carrying its class index into ``known``."""
+    combos = itertools.product(classes, templates, range(seeds_per_class))
+    return [
+        Target(i, known[c], template.format(known[c]), base_seed + s, class_index=c)
+        for i, (c, template, s) in enumerate(combos)
+    ]
+
+
 class ClassPromptDataModule(L.LightningDataModule):
     """Targets from class names and prompt templates, ``seeds_per_class`` seeds each.
 
@@ -68,8 +79,9 @@ class ClassPromptDataModule(L.LightningDataModule):
             raise SageError(f"batch_size={batch_size} must be at least 1")
         self.seeds_per_class, self.base_seed, self.batch_size = seeds_per_class, base_seed, batch_size
 
-    def class_list(self, known: list[str]) -> list[str]:
-        """The configured classes as names of ``known`` (the ensemble's classes); SageError if unknown."""
+    def class_indices(self, known: list[str]) -> list[int]:
+        """The configured classes as indices into ``known`` (the ensemble's classes; names can repeat there, so an
+        index, not a name, is the class); SageError if unknown."""
         from sage_lightning.surrogate import resolve_classes
 
         classes = self.classes
@@ -79,18 +91,14 @@ class ClassPromptDataModule(L.LightningDataModule):
                 raise SageError(f"classes={classes!r} is not a file: give a list of class names or a text file")
             classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if classes == "all":
-            return list(known)
+            return list(range(len(known)))
         if not classes:
             raise SageError("the target list is empty: give at least one class in data.classes")
-        return [known[i] for i in resolve_classes(classes, known)]
+        return resolve_classes(classes, known)
 
     def targets(self, known: list[str]) -> list[Target]:
         """All targets, in a fixed order: class, then template, then seed."""
-        combos = itertools.product(self.class_list(known), self.templates, range(self.seeds_per_class))
-        return [
-            Target(i, name, template.format(name), self.base_seed + s)
-            for i, (name, template, s) in enumerate(combos)
-        ]
+        return class_targets(known, self.class_indices(known), self.templates, self.seeds_per_class, self.base_seed)
 
     def train_dataloader(self) -> DataLoader:
         search = self.trainer.lightning_module

@@ -91,6 +91,9 @@ class ControlledRun(AnalysisRun):
     def noise_seed(self, record: dict) -> int:
         return int(record["seed"])
 
+    def class_index_of(self, record: dict) -> int:
+        return CLASSES.index(record["class"])
+
     def template_of(self, record: dict) -> str:
         return "a photo of a {}"
 
@@ -106,7 +109,7 @@ class ControlledRun(AnalysisRun):
 
     def decide(self, images, classes):
         drawn = (images[:, 0, 0, 0] * 10).round().long() - 1
-        wanted = torch.tensor([CLASSES.index(c) for c in classes])
+        wanted = torch.tensor(list(classes))
         return (images.flatten(1).amax(1) == 0) | (drawn != wanted)
 
 
@@ -228,7 +231,7 @@ def test_a_found_latent_re_rendered_under_its_own_prompt_reproduces_d_verdict(ti
     records = run.records
     z = torch.stack([run.latent(r) for r in records])
     images = run.render(z, [r["prompt"] for r in records], [run.noise_seed(r) for r in records])
-    decided = run.decide(images, [r["class"] for r in records])
+    decided = run.decide(images, [run.class_index_of(r) for r in records])
     assert decided.tolist() == [r["found"] for r in records]
     assert {r["found"] for r in records} == {True, False}  # the check sees both verdicts
     saved = torch.stack([load_image(run.run, r["image"]) for r in records])

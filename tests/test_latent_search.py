@@ -38,6 +38,26 @@ def _prepared(max_iterations=2, classes=("star", "ring")):
     return search
 
 
+def test_classes_given_by_index_keep_their_index_when_names_repeat():
+    """open_clip's ImageNet names repeat ("missile" 657 and 744): a class given by index is that class, never the
+    first class of the same name (issue 21 item 1); the ambiguous name itself is refused, naming the indices."""
+    from sage_lightning.errors import SageError
+    from sage_lightning.surrogate import ClassifierEnsemble, TimmMember
+
+    names = ["star", "missile", "ring", "missile"]
+    data = ClassPromptDataModule(classes=[3, 1, "ring"], seeds_per_class=1)
+    assert [(t.class_name, t.class_index) for t in data.targets(names)] == [("missile", 3), ("missile", 1),
+                                                                            ("ring", 2)]
+    with pytest.raises(SageError, match=r"'missile' is ambiguous \(indices \[1, 3\]\)"):
+        ClassPromptDataModule(classes=["missile"]).targets(names)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ensemble = ClassifierEnsemble([TimmMember("test_resnet", names)])
+    search = LatentSearch(diffusion="tiny", num_steps=2, max_iterations=1, ensemble=ensemble)
+    search.prepare(data.targets)
+    assert search.class_index.tolist() == [3, 1, 2]
+
+
 def test_only_trainable_parameters_are_the_perturbations_and_checkpoint_is_small():
     search = _prepared()
     names = [n for n, p in search.named_parameters() if p.requires_grad]

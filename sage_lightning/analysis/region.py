@@ -123,14 +123,14 @@ def prior_seeds(seed: int, draws: int) -> list[int]:
 
 
 def prior_failure(
-    run: AnalysisRun, class_name: str, prompt: str, seeds: list[int], shape: tuple[int, ...]
+    run: AnalysisRun, class_index: int, prompt: str, seeds: list[int], shape: tuple[int, ...]
 ) -> tuple[int, int]:
-    """(failures, draws) of D on fresh N(0, I) latents under ``prompt``."""
+    """(failures, draws) of D on fresh N(0, I) latents under ``prompt``, for the class of index ``class_index``."""
     failed = 0
     for part in chunks(len(seeds), run.batch_size):
         z = torch.stack([seeded_latent(s, shape) for s in seeds[part]])
         images = run.render(z, [prompt] * len(z), seeds[part])
-        failed += int(run.decide(images, [class_name] * len(z)).sum())
+        failed += int(run.decide(images, [class_index] * len(z)).sum())
     return failed, len(seeds)
 
 
@@ -154,7 +154,7 @@ def analyze(
         z = run.latent(record)
         root_d = math.sqrt(z.numel())
         generator = torch.Generator().manual_seed((seed * PRIOR_SEED_STRIDE + int(record["target"])) ^ SALT)
-        fails = run.fails_for(record["class"], record["prompt"], run.noise_seed(record))
+        fails = run.fails_for(run.class_index_of(record), record["prompt"], run.noise_seed(record))
         estimates = failure_by_radius(fails, z, [rho * root_d for rho in rhos], samples, generator, run.batch_size,
                                       shell)
         r50, how = half_radius(estimates)
@@ -171,12 +171,12 @@ def analyze(
     if prior_draws > 0 and found:
         shape = tuple(run.latent(found[0]).shape)
         seeds = prior_seeds(seed, prior_draws)
-        classes = sorted({r["class"] for r in found})
-        for name in progress(classes, total=len(classes), desc="prior draws"):
-            record = next(r for r in found if r["class"] == name)
-            priors[name] = prior_failure(run, name, record["prompt"], seeds, shape)
-    for row in rows:
-        k, n = priors.get(row["class"], (0, 0))
+        classes = sorted({run.class_index_of(r) for r in found})
+        for index in progress(classes, total=len(classes), desc="prior draws"):
+            record = next(r for r in found if run.class_index_of(r) == index)
+            priors[index] = prior_failure(run, index, record["prompt"], seeds, shape)
+    for row, record in zip(rows, found, strict=True):
+        k, n = priors.get(run.class_index_of(record), (0, 0))
         row["prior_p_fail"] = k / n if n else None
     summary: dict = {
         "search": run.search_name, "latents": len(rows), "samples_per_radius": samples, "prior_draws": prior_draws,

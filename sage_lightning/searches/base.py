@@ -131,6 +131,15 @@ def with_micro_conditioning(model: DiffusionModel, values: dict[str, tuple[int, 
     return dataclasses.replace(model, **values)
 
 
+def target_class_indices(targets: list[Target], known: list[str]) -> list[int]:
+    """Each target's class as an index into ``known``: the index it carries (never looked up by name: names can
+    repeat), else its name resolved (SageError when the name is unknown or ambiguous)."""
+    from sage_lightning.surrogate import resolve_classes
+
+    return [t.class_index if t.class_index is not None else resolve_classes([t.class_name], known)[0]
+            for t in targets]
+
+
 class TargetSearch(L.LightningModule):
     """Base of the searches. Subclasses define the adversarial parameters and ``training_step``.
 
@@ -253,7 +262,7 @@ class TargetSearch(L.LightningModule):
         ensemble.requires_grad_(False).eval()
         self._frozen = _Frozen(model, ensemble, prompt_encoder(model))
         self.targets = targets
-        self.class_index = torch.tensor([ensemble.class_names.index(t.class_name) for t in targets])
+        self.class_index = torch.tensor(target_class_indices(targets, ensemble.class_names))
         self.status = torch.zeros(len(targets), dtype=torch.long)
         self.iterations = torch.zeros(len(targets), dtype=torch.long)
         self.init_parameters()
@@ -423,7 +432,10 @@ class TargetSearch(L.LightningModule):
         made_by = state.get("search", type(self).__name__)  # checkpoints before 0.1.1 do not name their search
         if made_by != type(self).__name__:
             raise SageError(f"the checkpoint was made by {made_by}, this config runs {type(self).__name__}: {resume}")
-        if state["targets"] != [t.to_dict() for t in self.targets]:
+        given = [t.to_dict() for t in self.targets]
+        if state["targets"] and "class_index" not in state["targets"][0]:  # checkpoints before class indices
+            given = [{k: v for k, v in t.items() if k != "class_index"} for t in given]
+        if state["targets"] != given:
             raise SageError(f"the checkpoint was made for other targets than this config gives: {resume}")
         saved = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
         mine = {k: tuple(v.shape) for k, v in self.state_dict().items()}

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from sage_lightning.errors import SageError
 from sage_lightning.sampler import FullGradient
-from sage_lightning.searches.base import EXHAUSTED, TargetSearch, raise_on_every_rank
+from sage_lightning.searches.base import EXHAUSTED, TargetSearch, raise_on_every_rank, target_class_indices
 from sage_lightning.searches.latent import LatentSearch
 from sage_lightning.targets import Target, seeded_latent
 from sage_lightning.text import slot
@@ -118,7 +118,8 @@ class UniversalTokenSearch(TargetSearch):
     def _drop_target_class(self, targets: list[Target], known: list[str]) -> list[Target]:
         (index,) = self._resolve_target(known)
         self.target_name = known[index]
-        kept = [t for t in targets if self.include_target_class or t.class_name != self.target_name]
+        classes = target_class_indices(targets, known)
+        kept = [t for t, c in zip(targets, classes, strict=True) if self.include_target_class or c != index]
         if targets and not kept:
             raise SageError(
                 f"every prompt is of the target class {self.target_name!r}: add other classes to data.classes"
@@ -240,7 +241,7 @@ class UniversalTokenSearch(TargetSearch):
             member_probs = ensemble.member_probs(batch)  # [M, b, C]
             probs.append(member_probs[..., int(self.target_index)].cpu())
             top1.append(member_probs.argmax(-1).cpu())
-            own = torch.tensor([ensemble.class_names.index(t.class_name) for t in chunk])
+            own = torch.tensor(target_class_indices(chunk, ensemble.class_names))
             failed.append(ensemble.from_probs(member_probs, own).failed.cpu())
             images += [torch.from_numpy(to_uint8(image)).permute(2, 0, 1) for image in batch]
         members = len(self.frozen.ensemble.members)
