@@ -1,7 +1,8 @@
 """The constraints a run puts on a search's adversarial parameters, as a search sees them.
 
 The callbacks layer enforces them after each step (``callbacks.ClampPerturbation``, ``callbacks.LatentProjection``);
-a search that must know them beforehand (the local random baseline draws delta inside the box) reads them
+each search names its own (``TargetSearch.constraints``), added to a run that lists none of their class; a search
+that must know them beforehand (the local random baseline draws delta inside the box) reads them
 here, so no search imports a callback.
 """
 

@@ -80,6 +80,16 @@ def default_max_iterations(diffusion: str) -> int:
     return CPU_WORLD_ITERATIONS if diffusion == "shapesworld" or diffusion in TINY_SOURCES else PAPER_ITERATIONS
 
 
+LATENT_BOX = (-1.0, 1.0)  # SAGE_METHOD.md: the latent perturbation delta is clamped to [-1, 1]
+EMBEDDING_BOX = (-2.5, 2.5)  # SAGE's pseudo-code: the prompt slots' (and the token's) embeddings in [-2.5, 2.5]
+
+
+def clamp_constraint(box: tuple[float, float]) -> tuple[str, dict]:
+    """The constraint that keeps the adversarial rows in ``box`` (``callbacks.ClampPerturbation``), for
+    :meth:`TargetSearch.constraints`."""
+    return "callbacks.clamp.ClampPerturbation", {"low": box[0], "high": box[1]}
+
+
 def import_class(path: str) -> type:
     """The class at ``module.Name`` (a search names its callbacks this way: no import of an upper layer)."""
     module, _, name = path.rpartition(".")
@@ -143,9 +153,10 @@ def target_class_indices(targets: list[Target], known: list[str]) -> list[int]:
 class TargetSearch(L.LightningModule):
     """Base of the searches. Subclasses define the adversarial parameters and ``training_step``.
 
-    A search names its result writer (``result_writer``) and the callbacks its method needs
-    (:meth:`method_callbacks`) by class path; :meth:`configure_callbacks` adds those a run lacks, so the CLI
-    and a plain ``Trainer`` get the same run folder.
+    A search names its result writer (``result_writer``), the callbacks its method needs
+    (:meth:`method_callbacks`) and its constraints (:meth:`constraints`: the clamp box, the Gaussian shell) by
+    class path; :meth:`configure_callbacks` adds those a run lacks, so the CLI and a plain ``Trainer`` get the same
+    run folder and the same constrained search.
 
     Args:
         diffusion: model source for :func:`sage_lightning.loading.load_diffusion` (``shapesworld``,
@@ -217,11 +228,20 @@ class TargetSearch(L.LightningModule):
         """Class paths of the callbacks that are part of this search's method (beyond its writer)."""
         return []
 
+    def constraints(self) -> list[tuple[str, dict]]:
+        """The constraints on this search's adversarial parameters, as ``(callback class path, init args)``: each is
+        added to a run that has none of its class, so a search used from Python is as constrained as from its
+        config. A config changes one by listing its own (e.g. another clamp range); it cannot drop it."""
+        return []
+
     def configure_callbacks(self):
-        """The result writer and the method's callbacks, each added when the run has none of its class."""
+        """The result writer, the constraints and the method's callbacks, each added when the run has none of its
+        class (constraints before the method's callbacks: token snapping sees the clamped slots)."""
         have = list(self.trainer.callbacks) if self._trainer is not None else []
-        needed = [import_class(path) for path in (self.result_writer, *self.method_callbacks())]
-        return [cls() for cls in needed if not any(isinstance(c, cls) for c in have)]
+        needed = [(path, {}) for path in (self.result_writer,)] + self.constraints()
+        needed += [(path, {}) for path in self.method_callbacks()]
+        classes = [(import_class(path), args) for path, args in needed]
+        return [cls(**args) for cls, args in classes if not any(isinstance(c, cls) for c in have)]
 
     @property
     def frozen(self) -> _Frozen:

@@ -31,7 +31,15 @@ from torch import Tensor, nn
 from sage_lightning.candidates import Candidate, CandidateSource, WordFilter
 from sage_lightning.errors import SageError
 from sage_lightning.sampler import FullGradient
-from sage_lightning.searches.base import EXHAUSTED, FOUND, RUNNING, TargetSearch, all_gather_objects
+from sage_lightning.searches.base import (
+    EMBEDDING_BOX,
+    EXHAUSTED,
+    FOUND,
+    RUNNING,
+    TargetSearch,
+    all_gather_objects,
+    clamp_constraint,
+)
 from sage_lightning.surrogate.classnames import class_synonyms
 from sage_lightning.targets import seeded_latent
 from sage_lightning.text import slot
@@ -172,6 +180,10 @@ class PromptSearch(TargetSearch):
     def method_callbacks(self) -> list[str]:
         """Token snapping is part of the method (added when the config has none; not for the baselines)."""
         return ["callbacks.token_snapping.TokenSnapping"] if self.automatic_optimization else []
+
+    def constraints(self) -> list[tuple[str, dict]]:
+        """e_x, e_y in [-2.5, 2.5] (SAGE_METHOD.md; none for the baselines, which have no slots to step)."""
+        return [clamp_constraint(EMBEDDING_BOX)] if self.automatic_optimization else []
 
     # ---------------------------------------------------------------------------------- prompts
     def prompt_of(self, target: int, extra: list[str] | tuple[str, ...] = ()) -> str:

@@ -28,7 +28,14 @@ from torch import Tensor, nn
 
 from sage_lightning.errors import SageError
 from sage_lightning.sampler import FullGradient
-from sage_lightning.searches.base import EXHAUSTED, TargetSearch, raise_on_every_rank, target_class_indices
+from sage_lightning.searches.base import (
+    EMBEDDING_BOX,
+    EXHAUSTED,
+    TargetSearch,
+    clamp_constraint,
+    raise_on_every_rank,
+    target_class_indices,
+)
 from sage_lightning.searches.latent import LatentSearch
 from sage_lightning.targets import Target, seeded_latent
 from sage_lightning.text import slot
@@ -155,6 +162,10 @@ class UniversalTokenSearch(TargetSearch):
         """The token's name when it is added to a tokenizer (``token.safetensors`` metadata)."""
         name = str(getattr(self, "target_name", self.target)).replace(" ", "-")
         return self._placeholder or f"<sage-{name}>"
+
+    def constraints(self) -> list[tuple[str, dict]]:
+        """The token's entries in [-2.5, 2.5], the prompt slots' range (SAGE_METHOD.md)."""
+        return [clamp_constraint(EMBEDDING_BOX)]
 
     def adversarial_rows(self) -> Tensor:
         """The token as one row, for ``callbacks.ClampPerturbation`` (``stepped_targets`` is ``[0]``)."""
