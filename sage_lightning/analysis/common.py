@@ -29,7 +29,7 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 # ------------------------------------------------------------------------------------------ statistics
-def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float | None, float | None]:
+def wilson_interval(successes: float, trials: float, z: float = Z95) -> tuple[float | None, float | None]:
     """Wilson score interval of a binomial proportion (95% by default); ``(None, None)`` for no trials."""
     if trials <= 0:
         return None, None
