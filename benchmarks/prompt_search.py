@@ -5,8 +5,8 @@ and the random-word baseline (``configs/prompt_random.yaml``: random whole words
 source, the same S seeds and rule, at the same forward-equivalent budget), one target per class, then prints:
 
 * the share of classes with a failing natural prompt (at least one appended word) found by D, and the
-  share also confirmed by ShapesWorld's geometric judge (a strict majority of the S images judged not
-  to show the class);
+  share also confirmed by ShapesWorld's geometric judge (a strict majority of the S images both failing D
+  and judged not to show the class);
 * classes whose bare template already fails (reported apart and left out of the two shares above);
 * the median cost per found failure, in forward-equivalents (a UNet forward = 1, a backward = 2, a
   checkpointed recompute = 1 more: sign steps and prompt evaluations), and the median number of words.

@@ -142,7 +142,7 @@ class FailureWriter(L.Callback):
         if found:
             self.write_gallery(found[: self.gallery_size])
         where = f"{self.run.root.resolve()}/results.jsonl, images/, gallery.png"
-        measures = f", NGR {summary['ngr']:.2f}" + agreement_note(summary)
+        measures = f", NGR {rate_text(summary['ngr'])}" + agreement_note(summary)
         print("\n" + summary_line(summary, "failures", measures, where))
 
     def write_gallery(self, found: list[dict]) -> None:
@@ -164,7 +164,7 @@ def summary_line(summary: dict, noun: str, measures: str, where: str) -> str:
     ssr = summary["ssr_discriminator"]
     line = (
         f"{summary['search']} summary: {summary['failures']} {noun} in {summary['searched']} searched targets "
-        f"(SSR {'n/a' if ssr is None else f'{ssr:.2f}'}{measures}); {summary['already_failing']} of "
+        f"(SSR {rate_text(ssr)}{measures}); {summary['already_failing']} of "
         f"{summary['targets']} targets already failing before any search, left out of SSR"
     )
     if summary["unfinished"]:
@@ -173,6 +173,11 @@ def summary_line(summary: dict, noun: str, measures: str, where: str) -> str:
             "stopped (counted as not found): resume with --ckpt_path last"
         )
     return f"{line}. Results: {where}"
+
+
+def rate_text(value: float | None) -> str:
+    """A rate as the summary lines print it: two decimals, ``n/a`` for None (nothing to take a share of)."""
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def agreement_note(summary: dict) -> str:

@@ -30,6 +30,16 @@ def grid_path(target: int, words: int) -> str:
     return f"images/{target:05d}_w{words}.png"
 
 
+def judge_verdict(decisions: list[bool], judged: list[str | None], class_name: str, found: bool) -> dict:
+    """The judge on a prompt's S seeds: per seed whether it misses the class (``failed``), and whether it confirms
+    D's failure on the same images: a strict majority of the S seeds fail for D *and* the judge (``confirmed``), the
+    rule D's own failure follows; D and the judge agreeing on different seeds confirms nothing."""
+    wrong = [shape != class_name for shape in judged]
+    both = [bool(d) and w for d, w in zip(decisions, wrong, strict=True)]
+    return {"shapes": judged, "failed": wrong, "failed_seeds": sum(wrong), "confirmed_seeds": sum(both),
+            "confirmed": found and majority(both)}
+
+
 class PromptResultWriter(FailureWriter):
     """The writer of :class:`~sage_lightning.searches.PromptSearch` (added by the search if missing)."""
 
@@ -62,11 +72,7 @@ class PromptResultWriter(FailureWriter):
             probs={n: last["probs"][m] for m, n in enumerate(names)},
         )
         if last["judged"] is not None:
-            wrong = [shape != t.class_name for shape in last["judged"]]
-            record["judge"] = {
-                "shapes": last["judged"], "failed": wrong, "failed_seeds": sum(wrong),
-                "confirmed": record["found"] and majority(wrong),
-            }
+            record["judge"] = judge_verdict(last["decisions"], last["judged"], t.class_name, record["found"])
         return record
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ import torch
 from torchvision.utils import make_grid
 
 from callbacks.clip_score import SCORE_KEYS
-from callbacks.failure_writer import FailureWriter, _gather, agreement_note
+from callbacks.failure_writer import FailureWriter, _gather, agreement_note, rate_text
 from sage_lightning.metrics import judge_agreement, success_rate
 from sage_lightning.surrogate.ensemble import member_names
 
@@ -119,8 +119,8 @@ class TokenWriter(FailureWriter):
         self.write_grid(results[: self.gallery_size])
         print(
             f"\n{type(pl_module).__name__} summary: token -> {summary['target_class']!r}: held-out hit rate (ensemble) "
-            f"{summary['hit_rate_ensemble']['with_token']:.2f} with the token, "
-            f"{summary['hit_rate_ensemble']['without_token']:.2f} without{agreement_note(summary)}. "
+            f"{rate_text(summary['hit_rate_ensemble']['with_token'])} with the token, "
+            f"{rate_text(summary['hit_rate_ensemble']['without_token'])} without{agreement_note(summary)}. "
             f"Results: {self.run.root.resolve()}/summary.json, {TOKEN_FILE}, grid.png"
         )
 
@@ -138,5 +138,5 @@ class TokenWriter(FailureWriter):
         self.run.save_image("grid.png", make_grid(tiles, nrow=len(rows), padding=2, pad_value=1.0))
 
 
-def _rates(results: list[dict], key: str) -> dict[str, float]:
+def _rates(results: list[dict], key: str) -> dict[str, float | None]:
     return {side: success_rate([bool(r[side][key]) for r in results]) for side in ("with_token", "without_token")}

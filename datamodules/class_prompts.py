@@ -37,6 +37,19 @@ class TargetQueue(IterableDataset):
             yield torch.tensor(chunk[self.rank :: self.world_size], dtype=torch.long)
 
 
+def class_targets(
+    known: list[str], classes: list[int], templates: list[str], seeds_per_class: int, base_seed: int,
+    distinct_seeds: bool = False,
+) -> list[Target]:
+    """Targets (class, template, seed) in that order, each carrying its class index into ``known``; with
+    ``distinct_seeds`` target i takes seed ``base_seed + i``, else every class the same ``seeds_per_class``."""
+    combos = itertools.product(classes, templates, range(seeds_per_class))
+    return [
+        Target(i, known[c], template.format(known[c]), base_seed + (i if distinct_seeds else s), class_index=c)
+        for i, (c, template, s) in enumerate(combos)
+    ]
+
+
 class ClassPromptDataModule(L.LightningDataModule):
     """Targets from class names and prompt templates, ``seeds_per_class`` seeds each.
 
@@ -74,8 +87,9 @@ class ClassPromptDataModule(L.LightningDataModule):
         self.seeds_per_class, self.base_seed, self.batch_size = seeds_per_class, base_seed, batch_size
         self.distinct_seeds = distinct_seeds
 
-    def class_list(self, known: list[str]) -> list[str]:
-        """The configured classes as names of ``known`` (the ensemble's classes); SageError if unknown."""
+    def class_indices(self, known: list[str]) -> list[int]:
+        """The configured classes as indices into ``known`` (the ensemble's classes; names can repeat there, so an
+        index, not a name, is the class); SageError if unknown."""
         from sage_lightning.surrogate import resolve_classes
 
         classes = self.classes
@@ -85,18 +99,15 @@ class ClassPromptDataModule(L.LightningDataModule):
                 raise SageError(f"classes={classes!r} is not a file: give a list of class names or a text file")
             classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if classes == "all":
-            return list(known)
+            return list(range(len(known)))
         if not classes:
             raise SageError("the target list is empty: give at least one class in data.classes")
-        return [known[i] for i in resolve_classes(classes, known)]
+        return resolve_classes(classes, known)
 
     def targets(self, known: list[str]) -> list[Target]:
         """All targets, in a fixed order: class, then template, then seed."""
-        combos = itertools.product(self.class_list(known), self.templates, range(self.seeds_per_class))
-        return [
-            Target(i, name, template.format(name), self.base_seed + (i if self.distinct_seeds else s))
-            for i, (name, template, s) in enumerate(combos)
-        ]
+        return class_targets(known, self.class_indices(known), self.templates, self.seeds_per_class, self.base_seed,
+                             self.distinct_seeds)
 
     def train_dataloader(self) -> DataLoader:
         search = self.trainer.lightning_module

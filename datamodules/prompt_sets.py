@@ -8,9 +8,7 @@ training is refused, so a hit rate measured on it is never a training number.
 
 from __future__ import annotations
 
-import itertools
-
-from datamodules.class_prompts import ClassPromptDataModule
+from datamodules.class_prompts import ClassPromptDataModule, class_targets
 from sage_lightning.errors import SageError
 from sage_lightning.targets import Target
 
@@ -55,15 +53,9 @@ class PromptSetDataModule(ClassPromptDataModule):
 
     def held_out(self, known: list[str]) -> list[Target]:
         """The held-out prompts, in a fixed order (class, template, seed); disjoint from training."""
-        if self.held_out_classes is None:
-            names = self.class_list(known)
-        else:
-            names = ClassPromptDataModule(self.held_out_classes).class_list(known)
-        combos = itertools.product(names, self.held_out_templates, range(self.held_out_seeds_per_class))
-        held_out = [
-            Target(i, name, template.format(name), self.held_out_base_seed + s)
-            for i, (name, template, s) in enumerate(combos)
-        ]
+        source = self if self.held_out_classes is None else ClassPromptDataModule(self.held_out_classes)
+        held_out = class_targets(known, source.class_indices(known), self.held_out_templates,
+                                 self.held_out_seeds_per_class, self.held_out_base_seed)
         training = {(t.prompt, t.seed) for t in self.targets(known)}
         shared = [t for t in held_out if (t.prompt, t.seed) in training]
         if shared:

@@ -559,9 +559,10 @@ def default_ensemble(source: str):
 
     if source in TINY_SOURCES:
         names = _tiny_shape_names()
-        torch.manual_seed(0)
-        members = [TimmMember("test_resnet", names), TimmMember("test_vit", names)]
-        members.append(CannyEdgeMember(TimmMember("test_resnet", names)))
+        with torch.random.fork_rng(devices=[]):  # fixed random weights; the caller's global state is left as it was
+            torch.manual_seed(0)
+            members = [TimmMember("test_resnet", names), TimmMember("test_vit", names)]
+            members.append(CannyEdgeMember(TimmMember("test_resnet", names)))
         return ClassifierEnsemble(members)
     if source == "shapesworld":
         folder = SHAPESWORLD_DIR / "classifiers"

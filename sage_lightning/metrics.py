@@ -34,14 +34,15 @@ def gaussianity(z: torch.Tensor, alpha: float = 0.01) -> dict[str, float | bool]
     }
 
 
-def success_rate(found: Sequence[bool]) -> float:
-    """SSR: share of targets with a failure found (by D, or by the judge for SSR(J))."""
-    return float(sum(bool(f) for f in found) / len(found)) if found else 0.0
+def success_rate(found: Sequence[bool]) -> float | None:
+    """SSR: share of targets with a failure found (by D, or by the judge for SSR(J)); None for no targets."""
+    return float(sum(bool(f) for f in found) / len(found)) if found else None
 
 
-def non_gaussian_rate(outliers: Sequence[bool]) -> float:
-    """NGR: share of found latents that fail the normality test."""
-    return float(sum(bool(o) for o in outliers) / len(outliers)) if outliers else 0.0
+def non_gaussian_rate(outliers: Sequence[bool]) -> float | None:
+    """NGR: share of found latents that fail the normality test; None when nothing was found (not 0: a run
+    without failures has no latents to be Gaussian or not)."""
+    return float(sum(bool(o) for o in outliers) / len(outliers)) if outliers else None
 
 
 def target_summary(

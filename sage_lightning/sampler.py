@@ -91,7 +91,9 @@ class ResidualGradient(GradientMode):
 
     ``step``: a step index (int >= 0) or a fraction of the steps (float in [0, 1)). A fraction ``w`` of
     ``N`` steps starts the graph at step ``floor(w * N)`` (floor, never round-half-to-even: 25 steps graph
-    13, 27 graph 14), so at least the share ``1 - w`` of the steps keeps a graph.
+    13, 27 graph 14), so at least the share ``1 - w`` of the steps keeps a graph. ``weight`` must be a finite
+    number > 0: 0 would give every latent a zero gradient (a search that never moves), a negative weight turns
+    the sign step into ascent.
     """
 
     def __init__(
@@ -100,6 +102,11 @@ class ResidualGradient(GradientMode):
         super().__init__(checkpoint, decoder_checkpoint)
         if step < 0 or (isinstance(step, float) and step >= 1):
             raise SageError(f"ResidualGradient step={step} must be an index >= 0 or a fraction in [0, 1)")
+        if not (math.isfinite(weight) and weight > 0):
+            raise SageError(
+                f"ResidualGradient weight={weight} must be a finite number > 0 (0 stalls the search, a negative "
+                "weight climbs the loss)"
+            )
         self.step, self.weight = step, weight
 
     def graph_start(self, num_steps: int) -> int:

@@ -9,12 +9,15 @@ import torch
 
 @dataclass(frozen=True)
 class Target:
-    """``index``: position in the run's target list (the id used everywhere in the run folder)."""
+    """``index``: position in the run's target list (the id used everywhere in the run folder). ``class_index``:
+    the class as an index into D's class list, carried from the config on (class names can repeat, e.g. open_clip's
+    ImageNet names "missile" 657 and 744, so a name never identifies the class); None: resolve ``class_name``."""
 
     index: int
     class_name: str
     prompt: str
     seed: int
+    class_index: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -74,6 +74,34 @@ def test_half_radius_interpolates_and_names_the_ladder_ends():
     assert region.half_radius(never_below) == (None, "above ladder")
 
 
+def test_median_half_radius_counts_the_latents_off_the_ladder():
+    """Issue 21 item 12: latents below the ladder (the smallest regions) and above it stay in the median, which is
+    the mean of the two middle values for an even count, and a bound where it falls among censored latents."""
+    def rows(*values):
+        how = {"below": "below ladder", "above": "above ladder"}
+        return [{"half_radius": None if v in how else v, "half_radius_is": how.get(v, "interpolated")} for v in values]
+
+    assert region.median_half_radius(rows("below", 0.1, 0.2, 0.3), 0.05, 0.8) == pytest.approx(0.15)
+    assert region.median_half_radius(rows(0.1, 0.2), 0.05, 0.8) == pytest.approx(0.15)  # not the upper one
+    assert region.median_half_radius(rows("below", "below", 0.3), 0.05, 0.8) == "< 0.05"
+    assert region.median_half_radius(rows("below", 0.25), 0.05, 0.8) == "< 0.15"
+    assert region.median_half_radius(rows(0.4, "above", "above"), 0.05, 0.8) == "> 0.8"
+    assert region.median_half_radius(rows("below", "above"), 0.05, 0.8).startswith("undetermined")
+    assert region.median_half_radius([], 0.05, 0.8) is None
+
+
+def test_pooled_interval_takes_the_latent_as_the_unit():
+    """Points around one latent are not independent draws of the pooled P(failure): two latents that disagree
+    (8 of 8 and 0 of 8) leave it nearly unknown, far wider than a Wilson interval over 16 independent points."""
+    split = [region.RadiusEstimate(0.1, 8, 8), region.RadiusEstimate(0.1, 0, 8)]
+    low, high = region.interval_by_latent(split)
+    naive_low, naive_high = wilson_interval(8, 16)
+    assert low < 0.5 < high and high - low > 0.8 > naive_high - naive_low
+    agree = [region.RadiusEstimate(0.1, 4, 8), region.RadiusEstimate(0.1, 4, 8)]
+    assert region.interval_by_latent(agree) == pytest.approx(wilson_interval(8, 16))  # no spread between latents
+    assert region.interval_by_latent(split[:1]) == wilson_interval(8, 8)
+
+
 # ---------------------------------------------------------------------------------- prompt-independence
 CLASSES = ["star", "ring", "heart", "cross"]
 PLANTED, FRAGILE, ORDINARY = 0.0, 2.0, 1.0  # latent values: fails everywhere / under styles only / nowhere
@@ -91,6 +119,9 @@ class ControlledRun(AnalysisRun):
     def noise_seed(self, record: dict) -> int:
         return int(record["seed"])
 
+    def class_index_of(self, record: dict) -> int:
+        return CLASSES.index(record["class"])
+
     def template_of(self, record: dict) -> str:
         return "a photo of a {}"
 
@@ -106,7 +137,7 @@ class ControlledRun(AnalysisRun):
 
     def decide(self, images, classes):
         drawn = (images[:, 0, 0, 0] * 10).round().long() - 1
-        wanted = torch.tensor([CLASSES.index(c) for c in classes])
+        wanted = torch.tensor(list(classes))
         return (images.flatten(1).amax(1) == 0) | (drawn != wanted)
 
 
@@ -228,7 +259,7 @@ def test_a_found_latent_re_rendered_under_its_own_prompt_reproduces_d_verdict(ti
     records = run.records
     z = torch.stack([run.latent(r) for r in records])
     images = run.render(z, [r["prompt"] for r in records], [run.noise_seed(r) for r in records])
-    decided = run.decide(images, [r["class"] for r in records])
+    decided = run.decide(images, [run.class_index_of(r) for r in records])
     assert decided.tolist() == [r["found"] for r in records]
     assert {r["found"] for r in records} == {True, False}  # the check sees both verdicts
     saved = torch.stack([load_image(run.run, r["image"]) for r in records])

@@ -71,3 +71,17 @@ def test_all_configs_are_covered():
     covered = {f for combo in COMBOS for f in combo} | {"trainer/cpu.yaml"}
     missing = {s for s in shipped - covered if s.startswith(("latent", "random", "models/", "trainer/"))}
     assert not missing, f"configs without a parse test: {sorted(missing)}"
+
+
+def test_model_groups_leave_the_searchs_data_alone(capsys):
+    """Issue 21 item 4: a model group sets model things (and the class list, in its ensemble's vocabulary), never
+    the search's batch or seeds: the universal token on Stable Diffusion keeps its batch of several classes."""
+    for group in sorted((CONFIGS / "models").glob("*.yaml")):
+        data = (yaml.safe_load(group.read_text()) or {}).get("data") or {}
+        assert set(data.get("init_args") or {}) <= {"classes"} and set(data) <= {"init_args"}, group.name
+    files = ["universal_token.yaml", "models/sd15.yaml", "models/clip_score_l14.yaml"]
+    with pytest.raises(SystemExit):
+        main(["fit"] + [a for f in files for a in ("--config", str(CONFIGS / f))] + ["--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    own = yaml.safe_load((CONFIGS / "universal_token.yaml").read_text())["data"]["init_args"]
+    assert (printed["batch_size"], printed["seeds_per_class"]) == (own["batch_size"], own["seeds_per_class"]) == (4, 2)

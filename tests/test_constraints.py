@@ -62,3 +62,51 @@ def test_inside_the_box_projection_is_the_plain_shell_scaling(search):
     free = _step(search, small, [LatentProjection()])
     assert torch.allclose(boxed, free, atol=1e-5)
     assert free.abs().max() < 1.0
+
+
+# ------------------------------------------------------------------------- the search owns its constraints
+def _added(search, given: list | None = None) -> dict[str, tuple]:
+    """The callbacks the search adds to a run that has ``given`` (name -> clamp range, or () for the others)."""
+    import lightning as L
+
+    if given is not None:
+        search.trainer = L.Trainer(callbacks=given, logger=False, enable_checkpointing=False,
+                                   enable_progress_bar=False, enable_model_summary=False)
+    return {type(c).__name__: (c.low, c.high) if isinstance(c, ClampPerturbation) else ()
+            for c in search.configure_callbacks()}
+
+
+def test_every_search_brings_its_constraints_and_a_config_changes_but_never_drops_them():
+    """Issue 21 item 2: LatentSearch(...) from Python, as its docstring shows, runs clamped and on the shell; the
+    token and prompt slots are clamped to [-2.5, 2.5]; a config's own clamp replaces the default one."""
+    from sage_lightning.candidates import WordListCandidates
+    from sage_lightning.searches import PromptSearch, RandomLatentSearch, RandomWordSearch, UniversalTokenSearch
+
+    latent = _added(LatentSearch(diffusion="tiny"))
+    assert latent["ClampPerturbation"] == (-1.0, 1.0) and "LatentProjection" in latent
+    assert _added(UniversalTokenSearch(diffusion="tiny"))["ClampPerturbation"] == (-2.5, 2.5)
+    prompt = PromptSearch(candidates=WordListCandidates(["red"]), diffusion="tiny")
+    assert list(_added(prompt)) == ["PromptResultWriter", "ClampPerturbation", "TokenSnapping"]  # clamp, then snap
+    assert _added(prompt)["ClampPerturbation"] == (-2.5, 2.5)
+    assert _added(LatentSearch(diffusion="tiny"), [ClampPerturbation(-0.5, 0.5)]) == {
+        "FailureWriter": (), "LatentProjection": ()}  # the config's box is the run's: no second, default clamp
+    for baseline in (RandomLatentSearch(diffusion="tiny"), RandomWordSearch(candidates=WordListCandidates(["red"]),
+                                                                             diffusion="tiny")):
+        assert not {"ClampPerturbation", "LatentProjection"} & set(_added(baseline))  # nothing to constrain
+
+
+def test_a_latent_search_from_python_stays_in_its_box_and_on_the_shell(tmp_path):
+    import lightning as L
+
+    search = LatentSearch(diffusion="tiny", num_steps=3, max_iterations=3, lr=0.6)  # large steps: past the box
+    data = ClassPromptDataModule(classes=["star", "heart"], seeds_per_class=1, batch_size=2)
+    trainer = L.Trainer(default_root_dir=str(tmp_path), max_epochs=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(search, datamodule=data)
+    delta = search.delta.detach()
+    assert float(delta.abs().max()) <= 1.0 + 1e-6 and float(delta.abs().max()) > 0.6
+    z = search.initial_latents(torch.arange(len(search.targets))) + delta
+    moved = delta.flatten(1).abs().sum(1) > 0
+    assert moved.any()
+    norms = z.flatten(1).norm(dim=1) / math.sqrt(z[0].numel())
+    assert torch.allclose(norms[moved], torch.ones_like(norms[moved]), atol=1e-4)

@@ -38,6 +38,26 @@ def _prepared(max_iterations=2, classes=("star", "ring")):
     return search
 
 
+def test_classes_given_by_index_keep_their_index_when_names_repeat():
+    """open_clip's ImageNet names repeat ("missile" 657 and 744): a class given by index is that class, never the
+    first class of the same name (issue 21 item 1); the ambiguous name itself is refused, naming the indices."""
+    from sage_lightning.errors import SageError
+    from sage_lightning.surrogate import ClassifierEnsemble, TimmMember
+
+    names = ["star", "missile", "ring", "missile"]
+    data = ClassPromptDataModule(classes=[3, 1, "ring"], seeds_per_class=1)
+    assert [(t.class_name, t.class_index) for t in data.targets(names)] == [("missile", 3), ("missile", 1),
+                                                                            ("ring", 2)]
+    with pytest.raises(SageError, match=r"'missile' is ambiguous \(indices \[1, 3\]\)"):
+        ClassPromptDataModule(classes=["missile"]).targets(names)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ensemble = ClassifierEnsemble([TimmMember("test_resnet", names)])
+    search = LatentSearch(diffusion="tiny", num_steps=2, max_iterations=1, ensemble=ensemble)
+    search.prepare(data.targets)
+    assert search.class_index.tolist() == [3, 1, 2]
+
+
 def test_only_trainable_parameters_are_the_perturbations_and_checkpoint_is_small():
     search = _prepared()
     names = [n for n, p in search.named_parameters() if p.requires_grad]
@@ -55,6 +75,36 @@ def test_gradient_reaches_only_the_targets_in_the_batch():
     search.frozen.ensemble(images, search.class_index[ids]).loss.backward()
     per_target = search.delta.grad.flatten(1).abs().sum(1)
     assert per_target[1] > 0 and per_target[2] > 0 and per_target[0] == 0 and per_target[3] == 0
+
+
+class _CountingBackwards(LatentSearch):
+    """Counts the backwards that reach the images (each one a backward through the graphed UNet steps)."""
+
+    backwards = 0
+
+    def generate(self, latents, cond, seeds=None):
+        images = super().generate(latents, cond, seeds)
+        if images.requires_grad:
+            images.register_hook(self._count)
+        return images
+
+    def _count(self, grad):
+        type(self).backwards += 1
+
+
+def test_backwards_run_are_the_backwards_charged(tmp_path):
+    """One backward per update, none for a target's last evaluation (it has just stopped: issue 21 item 5), so
+    forward_equivalents, which charges one backward per iteration, counts what ran (batch_size 1)."""
+    import lightning as L
+
+    search = _CountingBackwards(diffusion="tiny", num_steps=3, max_iterations=2)
+    data = ClassPromptDataModule(classes=["star", "heart"], seeds_per_class=1, batch_size=1)
+    trainer = L.Trainer(default_root_dir=str(tmp_path), max_epochs=10, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(search, datamodule=data)
+    rows = results(tmp_path)
+    assert len(rows) == 2 and sum(r["iterations"] for r in rows) > 0
+    assert _CountingBackwards.backwards == sum(r["iterations"] for r in rows)
 
 
 def test_initial_latents_depend_on_seed_only():
@@ -184,3 +234,15 @@ def test_distinct_seeds_give_every_target_its_own_z0():
                                 distinct_seeds=True).targets(["star", "ring"])
     assert [t.seed for t in own] == [100, 101, 102, 103, 104, 105]
     assert [(t.class_name, t.prompt) for t in own] == [(t.class_name, t.prompt) for t in shared]
+
+
+def test_default_ensemble_of_tiny_leaves_the_global_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = default_ensemble("tiny")
+    assert torch.equal(torch.rand(4), expected)  # the global stream goes on as if nothing had drawn from it
+    torch.manual_seed(7)
+    second = default_ensemble("tiny")  # and the weights do not depend on it: fixed random weights
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
+                                                    strict=True))

@@ -240,6 +240,21 @@ def test_run_folder_holds_prompt_records(reference_run):
     assert '"ssr_judge"' in summary
 
 
+def test_the_judge_confirms_a_prompt_on_the_seeds_d_failed_on():
+    """SSR(J) of a prompt (issue 21 item 13): the judge must miss the class on a strict majority of the S seeds on
+    which D failed too; a judge majority on other seeds (D and the judge failing different images) is no
+    confirmation."""
+    from callbacks.prompt_writer import judge_verdict
+
+    decisions = [True, True, True, False, False]  # D fails 3 of 5 seeds: the prompt fails
+    elsewhere = ["star", "ring", "ring", None, "heart"]  # the judge misses "ring" on seeds 0, 3, 4: 3 of 5
+    verdict = judge_verdict(decisions, elsewhere, "ring", found=True)
+    assert verdict["failed_seeds"] == 3 and verdict["confirmed_seeds"] == 1 and not verdict["confirmed"]
+    same = judge_verdict(decisions, ["star", None, "heart", "ring", "ring"], "ring", found=True)
+    assert same["confirmed_seeds"] == 3 and same["confirmed"]
+    assert not judge_verdict(decisions, ["star", None, "heart", "ring", "ring"], "ring", found=False)["confirmed"]
+
+
 def _checkpoint_state(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["sage_state"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, assert_fit_refused, kill_after_first_checkpoint, results, sage
+from helpers import REPO, kill_after_first_checkpoint, results, sage
 from safetensors.torch import load_file
 
 from datamodules import ClassPromptDataModule
@@ -250,11 +250,14 @@ def test_ddp_on_two_cpu_processes_equals_one_device(reference_run, tmp_path):
     _assert_same_run(reference_run, run)
 
 
-def test_a_run_without_the_clamp_box_is_refused(capsys, tmp_path):
-    assert_fit_refused(
-        TINY, tmp_path / "r",
-        ["--config", PERTURB, "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(tmp_path / "r")],
-        "ClampPerturbation", capsys,
-    )
+def test_a_config_that_lists_no_constraints_runs_under_the_searchs_own(reference_run, tmp_path):
+    """The box and the shell belong to the search (issue 21 item 2): a config without the ClampPerturbation and
+    LatentProjection callbacks gets SAGE's own ([-1, 1], the shell), the same run as the config that lists them."""
+    run = tmp_path / "r"
+    sage(*_args(run, "--trainer.callbacks", "[]", *ONE_DEVICE))
+    _assert_same_run(reference_run, run)
+
+
+def test_an_unknown_mode_is_refused():
     with pytest.raises(Exception, match="mode='edge'"):
         RandomPerturbationSearch(diffusion="tiny", mode="edge")

@@ -49,6 +49,29 @@ def test_random_token_has_the_reference_norm_and_a_seeded_random_direction(tmp_p
     assert float(_prepared(norm=0.5).token.detach().norm()) == pytest.approx(0.5, rel=1e-5)
 
 
+def test_random_token_stays_in_the_box_the_trained_token_is_clamped_to():
+    """Like with like (issue 21 item 10): at the norm of a trained token near its box's faces, a Gaussian direction
+    scaled to that norm has entries beyond [-2.5, 2.5]; the random token is bent along the box, norm kept."""
+    import lightning as L
+
+    from callbacks import ClampPerturbation
+
+    g = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    assert float((g * (12.0 / g.norm())).abs().max()) > 2.5  # the plain scaled draw leaves the box
+    token = _prepared(norm=12.0).token.detach()
+    assert float(token.abs().max()) <= 2.5 and float(token.norm()) == pytest.approx(12.0, rel=1e-5)
+    assert float(torch.nn.functional.cosine_similarity(token, g, dim=0)) > 0.9  # still the seeded direction
+    search = RandomTokenSearch(target="star", diffusion="tiny", num_steps=2, norm=4.0)
+    search.trainer = L.Trainer(callbacks=[ClampPerturbation(-1.0, 1.0)], logger=False, enable_checkpointing=False,
+                               enable_progress_bar=False, enable_model_summary=False)
+    data = PromptSetDataModule(classes=CLASSES, seeds_per_class=1, held_out_templates=["a drawing of a {}"])
+    search.prepare(data.targets, data.held_out)  # the run's own box: [-1, 1]
+    assert float(search.token.detach().abs().max()) <= 1.0 and float(search.token.detach().norm()) == pytest.approx(
+        4.0, rel=1e-5)
+    with pytest.raises(SageError, match=r"norm 15 does not fit the clamp box \[-2.5, 2.5\]"):
+        _prepared(norm=15.0)  # more than 2.5 * sqrt(32)
+
+
 def test_nothing_is_optimised():
     search = _prepared(norm=1.0)
     assert search.max_iterations == 0 and bool((search.status == EXHAUSTED).all()) and not search.running_targets()

@@ -212,6 +212,11 @@ def test_token_run_shows_hit_rates_and_clip_scores(tmp_path):
     assert "<td>21.5</td>" in page and "<td>24.2</td>" in page  # CLIP score with / without the token
     assert "<tr class=''><td>ring</td><td>2</td><td>0.5</td><td>0</td></tr>" in page  # hit rate per held-out class
     assert len(re.findall(r"class='target-row'", page)) == 3
+    summary = json.loads((run / "summary.json").read_text())
+    summary["hit_rate_ensemble"] = {"with_token": None, "without_token": None}  # no held-out prompt finished
+    (run / "summary.json").write_text(json.dumps(summary))
+    page = write_report(run).read_text()
+    assert "<td>hit rate, D&#x27;s ensemble</td><td>n/a</td><td>n/a</td>" in page
 
 
 # ------------------------------------------------------------------------------------ user errors

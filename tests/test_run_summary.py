@@ -94,3 +94,20 @@ def test_summary_line_names_ssr_j_and_the_agreement_once():
     assert agreement_note(judged) == ", SSR(J) 0.35, D and judge agree on 16 of 20 clean images"
     assert agreement_note({"ssr_judge": 0.5}) == ", SSR(J) 0.50"
     assert agreement_note({"ssr_judge": None}) == "" and agreement_note({}) == ""
+
+
+def test_rates_over_nothing_are_none_not_zero():
+    from sage_lightning.metrics import non_gaussian_rate, success_rate
+
+    assert success_rate([]) is None and non_gaussian_rate([]) is None
+    assert success_rate([True, False, False, False]) == 0.25 and non_gaussian_rate([False, True]) == 0.5
+
+
+def test_a_run_without_failures_says_ngr_n_a_in_its_line_summary_and_report(tmp_path):
+    """No failure found (max_iterations 0: every target ends at its clean image): NGR is over no latents, so the
+    line, summary.json and the report say n/a, never 0.00."""
+    rows, summary, line = _run(tmp_path / "none", "--config", LATENT, "--model.init_args.max_iterations", "0")
+    assert summary["failures"] == 0 and summary["ngr"] is None
+    assert "NGR n/a" in line and "NGR 0.00" not in line
+    page = (tmp_path / "none" / "report.html").read_text()
+    assert "<dt>NGR: share of found latents failing the KS normality test</dt><dd>n/a</dd>" in page

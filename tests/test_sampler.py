@@ -160,6 +160,12 @@ def test_sampler_input_errors(tiny):
         LastKGradient(k=0)
 
 
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf")])
+def test_residual_weight_must_be_positive_and_finite(weight):
+    with pytest.raises(SageError, match=f"weight={weight} must be a finite number > 0"):
+        ResidualGradient(step=0.5, weight=weight)
+
+
 # ------------------------------------------------- stochastic schedulers: noise from per-target generators
 STOCHASTIC = [("euler-a", 0.0), ("ddim", 0.5), ("dpm++-sde", 0.0)]
 SEEDS = [11, 12]

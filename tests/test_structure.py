@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 from helpers import ENV, REPO
 
-from callbacks import FailureWriter, PromptResultWriter, TokenSnapping, TokenWriter, missing_run_callbacks
+from callbacks import (
+    ClampPerturbation,
+    FailureWriter,
+    LatentProjection,
+    PromptResultWriter,
+    TokenSnapping,
+    TokenWriter,
+    missing_run_callbacks,
+)
 from sage_lightning.candidates import CausalLMCandidates, WordListCandidates
 from sage_lightning.searches import (
     LatentSearch,
@@ -76,13 +84,13 @@ WORDS = WordListCandidates(["red"])
 @pytest.mark.parametrize(
     ("search", "expected"),
     [
-        (LatentSearch(diffusion="tiny"), [FailureWriter]),
+        (LatentSearch(diffusion="tiny"), [FailureWriter, ClampPerturbation, LatentProjection]),
         (RandomLatentSearch(diffusion="tiny"), [FailureWriter]),
-        (PromptSearch(candidates=WORDS, diffusion="tiny"), [PromptResultWriter, TokenSnapping]),
+        (PromptSearch(candidates=WORDS, diffusion="tiny"), [PromptResultWriter, ClampPerturbation, TokenSnapping]),
         (RandomWordSearch(candidates=WORDS, diffusion="tiny"), [PromptResultWriter]),
-        (UniversalTokenSearch(diffusion="tiny"), [TokenWriter]),
-        (RandomPerturbationSearch(diffusion="tiny"), [FailureWriter]),
-        (RandomTokenSearch(diffusion="tiny", norm=1.0), [TokenWriter]),
+        (UniversalTokenSearch(diffusion="tiny"), [TokenWriter, ClampPerturbation]),
+        (RandomPerturbationSearch(diffusion="tiny"), [FailureWriter, ClampPerturbation, LatentProjection]),
+        (RandomTokenSearch(diffusion="tiny", norm=1.0), [TokenWriter, ClampPerturbation]),
     ],
     ids=["latent", "random_latent", "prompt", "random_word", "universal_token", "random_perturbation",
          "random_token"],

@@ -67,6 +67,16 @@ def test_prompt_sets_hold_out_and_drop_the_target_class():
 
 
 # ------------------------------------------------------------------------------------ the module
+def test_default_gradient_is_exact_through_every_step():
+    """SAGE_METHOD.md: the token conditions every denoising step, so it takes the exact gradient (checkpointed), as
+    configs/universal_token.yaml and the prompt search do; the residual shortcut is the latent search's device."""
+    from sage_lightning.sampler import FullGradient, ResidualGradient
+
+    assert UniversalTokenSearch(diffusion="tiny").grad_mode == FullGradient(checkpoint=True)
+    given = ResidualGradient(0.5)
+    assert UniversalTokenSearch(diffusion="tiny", grad_mode=given).grad_mode is given  # a config still chooses
+
+
 def test_gradient_reaches_the_token_and_nothing_else():
     search, _ = _prepared()
     assert [n for n, p in search.named_parameters() if p.requires_grad] == ["token"]

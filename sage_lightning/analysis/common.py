@@ -29,7 +29,7 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 # ------------------------------------------------------------------------------------------ statistics
-def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float | None, float | None]:
+def wilson_interval(successes: float, trials: float, z: float = Z95) -> tuple[float | None, float | None]:
     """Wilson score interval of a binomial proportion (95% by default); ``(None, None)`` for no trials."""
     if trials <= 0:
         return None, None
@@ -301,25 +301,31 @@ class AnalysisRun:
             out.append(search.generate(z, cond, list(seeds[part])).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
+    def class_index_of(self, record: dict) -> int:
+        """The class index into D's classes of the record's target, as the search carried it (a name can repeat in
+        D's class list, so the name never decides)."""
+        self.noise_seed(record)  # checks that config.yaml builds the record's target
+        return int(self.search.class_index[int(record["target"])])
+
     @torch.no_grad()
-    def decide(self, images: Tensor, classes: Sequence[str]) -> Tensor:
-        """D's decision: ``[B]`` bool, True where the image fails its class (every member misses it)."""
-        ensemble = self.ensemble
-        index = torch.tensor([ensemble.class_names.index(c) for c in classes], device=self.device)
-        return ensemble(images.to(self.device), index).failed.cpu()
+    def decide(self, images: Tensor, classes: Sequence[int]) -> Tensor:
+        """D's decision: ``[B]`` bool, True where the image fails its class (an index into D's classes; every
+        member misses it)."""
+        index = torch.tensor([int(c) for c in classes], dtype=torch.long, device=self.device)
+        return self.ensemble(images.to(self.device), index).failed.cpu()
 
     @torch.no_grad()
     def member_probs(self, images: Tensor) -> Tensor:
         """Every member's probabilities over all classes, ``[M, B, C]`` (CPU)."""
         return self.ensemble.member_probs(images.to(self.device)).cpu()
 
-    def fails_for(self, class_name: str, prompt: str, seed: int) -> Callable[[Tensor], Tensor]:
-        """``fails(z_batch) -> [B] bool``: D's decision on the images of ``z_batch`` under one target's class,
-        prompt and noise seed (the generic decision the region estimator takes)."""
+    def fails_for(self, class_index: int, prompt: str, seed: int) -> Callable[[Tensor], Tensor]:
+        """``fails(z_batch) -> [B] bool``: D's decision on the images of ``z_batch`` under one target's class
+        (index), prompt and noise seed (the generic decision the region estimator takes)."""
 
         def fails(z: Tensor) -> Tensor:
             n = z.shape[0]
-            return self.decide(self.render(z, [prompt] * n, [seed] * n), [class_name] * n)
+            return self.decide(self.render(z, [prompt] * n, [seed] * n), [class_index] * n)
 
         return fails
 

@@ -40,20 +40,22 @@ def style_prompts(class_name: str) -> list[str]:
     return [t.format(a=article(class_name), c=class_name) for t in STYLE_TEMPLATES]
 
 
-def prompt_set(class_name: str, template: str, classes: Sequence[str]) -> list[tuple[str, str, str]]:
-    """``(kind, class, prompt)`` for one latent: its own prompt, every other class's, three style variants."""
-    own = [("own", class_name, template.format(class_name))]
-    others = [("other_class", c, template.format(c)) for c in classes if c != class_name]
-    styles = [("style", class_name, p) for p in style_prompts(class_name)]
+def prompt_set(class_index: int, template: str, classes: Sequence[str]) -> list[tuple[str, int, str]]:
+    """``(kind, class index, prompt)`` for one latent of class ``classes[class_index]``: its own prompt, every
+    other class's (a class whose name repeats the latent's draws the same prompt: left out), three style variants."""
+    name = classes[class_index]
+    own = [("own", class_index, template.format(name))]
+    others = [("other_class", i, template.format(c)) for i, c in enumerate(classes) if c != name]
+    styles = [("style", class_index, p) for p in style_prompts(name)]
     return own + others + styles
 
 
 @dataclass
 class LatentVerdict:
-    """One latent under its prompt set: D's decision per prompt."""
+    """One latent under its prompt set: D's decision per prompt (classes as indices into D's classes)."""
 
     kinds: list[str]
-    classes: list[str]
+    classes: list[int]
     prompts: list[str]
     failed: list[bool]
 
@@ -64,9 +66,9 @@ class LatentVerdict:
 
 
 def judge_latent(
-    z: Tensor, prompts: list[tuple[str, str, str]], render_fails: Callable[[Tensor, list[str], list[str]], Tensor]
+    z: Tensor, prompts: list[tuple[str, int, str]], render_fails: Callable[[Tensor, list[str], list[int]], Tensor]
 ) -> LatentVerdict:
-    """D's decision for ``z`` under each prompt; ``render_fails(z_batch, prompts, classes) -> [B] bool``."""
+    """D's decision for ``z`` under each prompt; ``render_fails(z_batch, prompts, class indices) -> [B] bool``."""
     kinds, classes, texts = (list(x) for x in zip(*prompts, strict=True))
     failed = render_fails(z.unsqueeze(0).expand(len(texts), *z.shape), texts, classes)
     return LatentVerdict(kinds, classes, texts, [bool(f) for f in failed])
@@ -82,14 +84,14 @@ def analyze(run: AnalysisRun, max_latents: int | None = None, threshold: float =
     for record in progress(found, total=len(found), desc="prompt-independence"):
         noise = run.noise_seed(record)
 
-        def render_fails(z: Tensor, texts: list[str], cls: list[str], noise: int = noise) -> Tensor:
+        def render_fails(z: Tensor, texts: list[str], cls: list[int], noise: int = noise) -> Tensor:
             images = run.render(z, texts, [noise] * len(texts))
             if len(shown) < EXEMPLARS:
                 shown.append(images[:EXEMPLARS])
             return run.decide(images, cls)
 
-        verdict = judge_latent(run.latent(record), prompt_set(record["class"], run.template_of(record), classes),
-                               render_fails)
+        verdict = judge_latent(run.latent(record), prompt_set(run.class_index_of(record), run.template_of(record),
+                                                              classes), render_fails)
         k, n = verdict.share()
         k_other, n_other = verdict.share(("other_class",))
         k_style, n_style = verdict.share(("style",))

@@ -117,20 +117,56 @@ def half_radius(estimates: Sequence[RadiusEstimate], level: float = 0.5) -> tupl
     return None, "above ladder"
 
 
+def median_half_radius(rows: Sequence[dict], lowest: float, highest: float) -> float | str | None:
+    """The median of every latent's half radius (rows of :func:`analyze`), the censored ones included: a latent below
+    the ladder (P(failure) < 0.5 already at ``lowest``) counts as smaller than every rung, one above it as larger
+    than ``highest``. Two middle values (even count) are averaged; where the median falls among censored latents,
+    the bound is reported (``"< 0.02"``), never the median of the others alone. None without latents."""
+    keys = sorted(-math.inf if r["half_radius_is"] == "below ladder" else
+                  math.inf if r["half_radius_is"] == "above ladder" else float(r["half_radius"]) for r in rows)
+    if not keys:
+        return None
+    lower, upper = keys[(len(keys) - 1) // 2], keys[len(keys) // 2]
+    if math.isfinite(lower) and math.isfinite(upper):
+        return (lower + upper) / 2
+    if lower == -math.inf and upper == math.inf:
+        return f"undetermined: as many latents below the ladder (< {lowest:g}) as above it (> {highest:g})"
+    if lower == -math.inf:
+        return f"< {lowest:g}" if upper == -math.inf else f"< {(lowest + upper) / 2:.3g}"
+    return f"> {highest:g}" if lower == math.inf else f"> {(lower + highest) / 2:.3g}"
+
+
+def interval_by_latent(estimates: Sequence[RadiusEstimate]) -> tuple[float | None, float | None]:
+    """95% interval of P(failure) pooled over latents (one estimate per latent, all at one radius), with the latent
+    as the unit: the points around one latent are not independent draws of the pooled rate. The variance of the mean
+    of the latents' shares over latents gives an effective number of trials (Korn and Graubard), at most the points
+    drawn, for a Wilson interval at the pooled share; a single latent gives its own binomial interval."""
+    total = sum(e.samples for e in estimates)
+    if not total:
+        return None, None
+    if len(estimates) < 2:
+        return wilson_interval(sum(e.failures for e in estimates), total)
+    shares = [e.p for e in estimates]
+    p = sum(shares) / len(shares)
+    variance = sum((x - p) ** 2 for x in shares) / (len(shares) - 1) / len(shares)
+    trials = total if variance == 0 else min(total, p * (1 - p) / variance)
+    return wilson_interval(p * trials, trials)
+
+
 def prior_seeds(seed: int, draws: int) -> list[int]:
     """Seeds of the fresh N(0, I) draws (latent and scheduler noise), a function of the analysis seed only."""
     return [PRIOR_SEED_BASE + seed * PRIOR_SEED_STRIDE + k for k in range(draws)]
 
 
 def prior_failure(
-    run: AnalysisRun, class_name: str, prompt: str, seeds: list[int], shape: tuple[int, ...]
+    run: AnalysisRun, class_index: int, prompt: str, seeds: list[int], shape: tuple[int, ...]
 ) -> tuple[int, int]:
-    """(failures, draws) of D on fresh N(0, I) latents under ``prompt``."""
+    """(failures, draws) of D on fresh N(0, I) latents under ``prompt``, for the class of index ``class_index``."""
     failed = 0
     for part in chunks(len(seeds), run.batch_size):
         z = torch.stack([seeded_latent(s, shape) for s in seeds[part]])
         images = run.render(z, [prompt] * len(z), seeds[part])
-        failed += int(run.decide(images, [class_name] * len(z)).sum())
+        failed += int(run.decide(images, [class_index] * len(z)).sum())
     return failed, len(seeds)
 
 
@@ -154,7 +190,7 @@ def analyze(
         z = run.latent(record)
         root_d = math.sqrt(z.numel())
         generator = torch.Generator().manual_seed((seed * PRIOR_SEED_STRIDE + int(record["target"])) ^ SALT)
-        fails = run.fails_for(record["class"], record["prompt"], run.noise_seed(record))
+        fails = run.fails_for(run.class_index_of(record), record["prompt"], run.noise_seed(record))
         estimates = failure_by_radius(fails, z, [rho * root_d for rho in rhos], samples, generator, run.batch_size,
                                       shell)
         r50, how = half_radius(estimates)
@@ -171,27 +207,25 @@ def analyze(
     if prior_draws > 0 and found:
         shape = tuple(run.latent(found[0]).shape)
         seeds = prior_seeds(seed, prior_draws)
-        classes = sorted({r["class"] for r in found})
-        for name in progress(classes, total=len(classes), desc="prior draws"):
-            record = next(r for r in found if r["class"] == name)
-            priors[name] = prior_failure(run, name, record["prompt"], seeds, shape)
-    for row in rows:
-        k, n = priors.get(row["class"], (0, 0))
+        classes = sorted({run.class_index_of(r) for r in found})
+        for index in progress(classes, total=len(classes), desc="prior draws"):
+            record = next(r for r in found if run.class_index_of(r) == index)
+            priors[index] = prior_failure(run, index, record["prompt"], seeds, shape)
+    for row, record in zip(rows, found, strict=True):
+        k, n = priors.get(run.class_index_of(record), (0, 0))
         row["prior_p_fail"] = k / n if n else None
     summary: dict = {
         "search": run.search_name, "latents": len(rows), "samples_per_radius": samples, "prior_draws": prior_draws,
         "seed": seed, "radii": ",".join(f"{r:g}" for r in rhos), "on_shell": shell,
     }
-    half = sorted(r["half_radius"] for r in rows if r["half_radius"] is not None)
-    summary["median_half_radius"] = half[len(half) // 2] if half else None
+    summary["median_half_radius"] = median_half_radius(rows, rhos[0], rhos[-1])
     summary["half_radius_below_ladder"] = sum(r["half_radius_is"] == "below ladder" for r in rows)
     summary["half_radius_above_ladder"] = sum(r["half_radius_is"] == "above ladder" for r in rows)
     for k, rho in enumerate(rhos):
-        hits = sum(c[k].failures for c in curves)
-        total = sum(c[k].samples for c in curves)
-        low, high = wilson_interval(hits, total)
-        summary[f"pooled_p_fail@{rho:g}"] = hits / total if total else None
-        summary[f"pooled_ci95@{rho:g}"] = f"[{low:.2f}, {high:.2f}]" if total else None
+        at_rho = [c[k] for c in curves]
+        low, high = interval_by_latent(at_rho)
+        summary[f"pooled_p_fail@{rho:g}"] = sum(e.p for e in at_rho) / len(at_rho) if at_rho else None
+        summary[f"pooled_ci95@{rho:g}"] = f"[{low:.2f}, {high:.2f}]" if at_rho else None
     hits, total = sum(k for k, _ in priors.values()), sum(n for _, n in priors.values())
     low, high = wilson_interval(hits, total)
     summary["prior_p_fail"] = hits / total if total else None
@@ -206,9 +240,12 @@ def analyze(
         notes=f"""Around each found z, {samples} points per radius are drawn uniformly on the sphere of radius
         r = rho * sqrt(d) (d = latent dimension; sqrt(d) is the norm of a typical N(0, I) latent, so rho = 0.1
         is a step a tenth as long as the latent itself); {shell_note}. p_fail@rho is the share whose image D
-        declares a failure (run's sampler, prompt and noise seed); pooled values carry Wilson 95% intervals.
+        declares a failure (run's sampler, prompt and noise seed); pooled values are the mean over latents, with
+        95% intervals that take the latent as the unit (points around one latent are not independent draws).
         half_radius: the rho where P(failure) falls
-        below 0.5 (log-linear interpolation), 'below ladder' if it is already below at the smallest rho.
+        below 0.5 (log-linear interpolation), 'below ladder' if it is already below at the smallest rho;
+        median_half_radius counts those as below every rung and the 'above ladder' ones as above, and reports a
+        bound where the median falls among them.
         distance_from_z0: how far the search moved from its seed, in the same unit. prior_p_fail: D's failure
         rate on {prior_draws} fresh N(0, I) latents under the class prompt (the chance of meeting a failure by
         sampling). A region with P(failure) near 1 well beyond the search's step is not an isolated point.""",
@@ -225,11 +262,10 @@ def _figure(rhos: list[float], curves: list[list[RadiusEstimate]], prior: float 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for estimates in curves:
         ax.plot(rhos, [e.p for e in estimates], color="tab:blue", alpha=0.25, lw=1)
-    hits = [sum(c[k].failures for c in curves) for k in range(len(rhos))]
-    total = [sum(c[k].samples for c in curves) for k in range(len(rhos))]
-    pooled = [h / t for h, t in zip(hits, total, strict=True)]
-    low, high = zip(*(wilson_interval(h, t) for h, t in zip(hits, total, strict=True)), strict=True)
-    ax.fill_between(rhos, low, high, color="tab:blue", alpha=0.2, label="pooled, Wilson 95%")
+    at_rho = [[c[k] for c in curves] for k in range(len(rhos))]
+    pooled = [sum(e.p for e in estimates) / len(estimates) for estimates in at_rho]
+    low, high = zip(*(interval_by_latent(estimates) for estimates in at_rho), strict=True)
+    ax.fill_between(rhos, low, high, color="tab:blue", alpha=0.2, label="pooled, 95% by latent")
     ax.plot(rhos, pooled, color="tab:blue", lw=2, marker="o", label="pooled over latents")
     if prior is not None:
         ax.axhline(prior, color="tab:red", ls="--", label="N(0, I) prior, same classes")

@@ -20,6 +20,7 @@ from sage_lightning.report.numbers import (
     class_rows,
     failure_kind_of,
     judge_confirms,
+    measure,
     run_summary,
     searched_failures,
     summary_items,
@@ -205,11 +206,9 @@ def token_summary(summary: dict) -> str:
     for label, key in (("hit rate, D's ensemble", "hit_rate_ensemble"), ("hit rate, judge", "hit_rate_judge"),
                        ("CLIP score against the original prompt", "clip_score")):
         value = summary.get(key)
-        if isinstance(value, dict):
-            rows.append({"measure": label, "without token": value.get("without_token"),
-                         "with token": value.get("with_token")})
-        else:
-            rows.append({"measure": label, "without token": None, "with token": None})
+        value = value if isinstance(value, dict) else {}
+        rows.append({"measure": label, "without token": measure(value.get("without_token")),
+                     "with token": measure(value.get("with_token"))})
     return table(rows)
 
 

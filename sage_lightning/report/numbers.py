@@ -94,16 +94,24 @@ SUMMARY_LABELS = {
 }
 
 
+NOT_APPLICABLE = "n/a"  # a measure over nothing (no failures, no searched targets): never shown as 0
+
+
+def measure(value: object) -> object:
+    """A summary value as the page shows it: None (a rate or median over nothing) as ``n/a``."""
+    return NOT_APPLICABLE if value is None else value
+
+
 def summary_items(run: RunData, summary: dict) -> list[tuple[str, object]]:
     """``(label, value)`` pairs of the summary list: the model first, then the paper's measures in order."""
     items: list[tuple[str, object]] = [("search", run.search), ("model (diffusion)", run.model)]
     if run.kind == TOKEN:
         shown_apart = ("search", "clean_agreement", "hit_rate_ensemble", "hit_rate_judge", "clip_score")  # table
         keys = [k for k in summary if k not in shown_apart]
-        return items + [(k.replace("_", " "), summary[k]) for k in keys]
+        return items + [(k.replace("_", " "), measure(summary[k])) for k in keys]
     for key, label in SUMMARY_LABELS.items():
         if key in summary and key != "search":
-            items.append((label, summary[key]))
+            items.append((label, measure(summary[key])))
     agreement = summary.get("clean_agreement")
     if isinstance(agreement, dict) and agreement.get("images"):
         items.append(("D and judge agree on clean images", f"{agreement['agree']} of {agreement['images']}"))
@@ -121,18 +129,18 @@ def class_rows(run: RunData) -> list[dict]:
         records = groups[name]
         if run.kind == TOKEN:
             rows.append({"class": name, "held-out prompts": len(records),
-                         **{f"hit rate {side.split('_')[0]} token": _share([r[side]["hit"] for r in records])
+                         **{f"hit rate {side.split('_')[0]} token": measure(_share([r[side]["hit"] for r in records]))
                             for side in ("with_token", "without_token")}})
             continue
         already = sum(bool(r.get("already_failing")) for r in records)
         found = searched_failures(records)
         searched = len(records) - already
         row = {"class": name, "targets": len(records), "already failing": already, "searched": searched,
-               "failures": len(found), "SSR(A)": len(found) / searched if searched else None}
+               "failures": len(found), "SSR(A)": measure(len(found) / searched if searched else None)}
         if records and all("clean_judge" in r for r in records):
-            row["SSR(J)"] = judged_summary(records, searched)["ssr_judge"]
+            row["SSR(J)"] = measure(judged_summary(records, searched)["ssr_judge"])
         elif any(r.get("judge") is not None for r in records):
-            row["SSR(J)"] = sum(bool(judge_confirms(r)) for r in found) / searched if searched else None
+            row["SSR(J)"] = measure(sum(bool(judge_confirms(r)) for r in found) / searched if searched else None)
         key = "iterations" if run.kind != PROMPT else "words"
         row[f"median {key} per failure"] = _median(
             [r["iterations"] if key == "iterations" else len(r.get("words") or []) for r in found])

@@ -80,6 +80,16 @@ def default_max_iterations(diffusion: str) -> int:
     return CPU_WORLD_ITERATIONS if diffusion == "shapesworld" or diffusion in TINY_SOURCES else PAPER_ITERATIONS
 
 
+LATENT_BOX = (-1.0, 1.0)  # SAGE_METHOD.md: the latent perturbation delta is clamped to [-1, 1]
+EMBEDDING_BOX = (-2.5, 2.5)  # SAGE's pseudo-code: the prompt slots' (and the token's) embeddings in [-2.5, 2.5]
+
+
+def clamp_constraint(box: tuple[float, float]) -> tuple[str, dict]:
+    """The constraint that keeps the adversarial rows in ``box`` (``callbacks.ClampPerturbation``), for
+    :meth:`TargetSearch.constraints`."""
+    return "callbacks.clamp.ClampPerturbation", {"low": box[0], "high": box[1]}
+
+
 def import_class(path: str) -> type:
     """The class at ``module.Name`` (a search names its callbacks this way: no import of an upper layer)."""
     module, _, name = path.rpartition(".")
@@ -131,12 +141,22 @@ def with_micro_conditioning(model: DiffusionModel, values: dict[str, tuple[int, 
     return dataclasses.replace(model, **values)
 
 
+def target_class_indices(targets: list[Target], known: list[str]) -> list[int]:
+    """Each target's class as an index into ``known``: the index it carries (never looked up by name: names can
+    repeat), else its name resolved (SageError when the name is unknown or ambiguous)."""
+    from sage_lightning.surrogate import resolve_classes
+
+    return [t.class_index if t.class_index is not None else resolve_classes([t.class_name], known)[0]
+            for t in targets]
+
+
 class TargetSearch(L.LightningModule):
     """Base of the searches. Subclasses define the adversarial parameters and ``training_step``.
 
-    A search names its result writer (``result_writer``) and the callbacks its method needs
-    (:meth:`method_callbacks`) by class path; :meth:`configure_callbacks` adds those a run lacks, so the CLI
-    and a plain ``Trainer`` get the same run folder.
+    A search names its result writer (``result_writer``), the callbacks its method needs
+    (:meth:`method_callbacks`) and its constraints (:meth:`constraints`: the clamp box, the Gaussian shell) by
+    class path; :meth:`configure_callbacks` adds those a run lacks, so the CLI and a plain ``Trainer`` get the same
+    run folder and the same constrained search.
 
     Args:
         diffusion: model source for :func:`sage_lightning.loading.load_diffusion` (``shapesworld``,
@@ -208,11 +228,20 @@ class TargetSearch(L.LightningModule):
         """Class paths of the callbacks that are part of this search's method (beyond its writer)."""
         return []
 
+    def constraints(self) -> list[tuple[str, dict]]:
+        """The constraints on this search's adversarial parameters, as ``(callback class path, init args)``: each is
+        added to a run that has none of its class, so a search used from Python is as constrained as from its
+        config. A config changes one by listing its own (e.g. another clamp range); it cannot drop it."""
+        return []
+
     def configure_callbacks(self):
-        """The result writer and the method's callbacks, each added when the run has none of its class."""
+        """The result writer, the constraints and the method's callbacks, each added when the run has none of its
+        class (constraints before the method's callbacks: token snapping sees the clamped slots)."""
         have = list(self.trainer.callbacks) if self._trainer is not None else []
-        needed = [import_class(path) for path in (self.result_writer, *self.method_callbacks())]
-        return [cls() for cls in needed if not any(isinstance(c, cls) for c in have)]
+        needed = [(path, {}) for path in (self.result_writer,)] + self.constraints()
+        needed += [(path, {}) for path in self.method_callbacks()]
+        classes = [(import_class(path), args) for path, args in needed]
+        return [cls(**args) for cls, args in classes if not any(isinstance(c, cls) for c in have)]
 
     @property
     def frozen(self) -> _Frozen:
@@ -253,7 +282,7 @@ class TargetSearch(L.LightningModule):
         ensemble.requires_grad_(False).eval()
         self._frozen = _Frozen(model, ensemble, prompt_encoder(model))
         self.targets = targets
-        self.class_index = torch.tensor([ensemble.class_names.index(t.class_name) for t in targets])
+        self.class_index = torch.tensor(target_class_indices(targets, ensemble.class_names))
         self.status = torch.zeros(len(targets), dtype=torch.long)
         self.iterations = torch.zeros(len(targets), dtype=torch.long)
         self.init_parameters()
@@ -388,6 +417,16 @@ class TargetSearch(L.LightningModule):
         self.log("failures", float((self.status == FOUND).sum()), prog_bar=True, batch_size=len(ids))
         return active.to(images.device)
 
+    def step_loss(self, per_sample_loss: Tensor, active: Tensor) -> Tensor:
+        """The loss this rank's backward runs on: the sum of the active rows' losses. When no row is active (every
+        target of the batch has just stopped), a zero that reaches the parameters without the denoising graph, so
+        no backward runs through the UNet that :meth:`forward_equivalents` does not charge (a target is charged
+        one backward per update, none for its last evaluation). Under DDP the rank still gives its all-reduce a
+        (zero) gradient."""
+        if bool(active.any()):
+            return (per_sample_loss * active).sum()
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
     def on_train_start(self) -> None:
         if not self.running_targets():
             self.trainer.should_stop = True
@@ -413,7 +452,10 @@ class TargetSearch(L.LightningModule):
         made_by = state.get("search", type(self).__name__)  # checkpoints before 0.1.1 do not name their search
         if made_by != type(self).__name__:
             raise SageError(f"the checkpoint was made by {made_by}, this config runs {type(self).__name__}: {resume}")
-        if state["targets"] != [t.to_dict() for t in self.targets]:
+        given = [t.to_dict() for t in self.targets]
+        if state["targets"] and "class_index" not in state["targets"][0]:  # checkpoints before class indices
+            given = [{k: v for k, v in t.items() if k != "class_index"} for t in given]
+        if state["targets"] != given:
             raise SageError(f"the checkpoint was made for other targets than this config gives: {resume}")
         saved = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
         mine = {k: tuple(v.shape) for k, v in self.state_dict().items()}

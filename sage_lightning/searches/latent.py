@@ -2,7 +2,9 @@
 
 For each target (class c, prompt p, seed s): z0 = N(0, I) from s; find delta so that the image of
 z = z0 + delta under prompt p fails the discriminator D, by sign-gradient steps on
-``loss = mean_m (2 p_m(c) - 1)``; clamping and the Gaussian-shell projection are callbacks.
+``loss = mean_m (2 p_m(c) - 1)``; after each step delta is clamped to its box and z projected onto the Gaussian
+shell, by the search's own constraints (:meth:`LatentSearch.constraints`: ``callbacks.ClampPerturbation(-1, 1)``,
+``callbacks.LatentProjection``; a config changes them by listing its own).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sage_lightning.searches.base import TargetSearch
+from sage_lightning.searches.base import LATENT_BOX, TargetSearch, clamp_constraint
 from sage_lightning.targets import seeded_latent
 
 
@@ -22,6 +24,10 @@ class LatentSearch(TargetSearch):
         search = LatentSearch(diffusion="shapesworld", max_iterations=20)
         trainer.fit(search, datamodule=ClassPromptDataModule(classes=["star"], seeds_per_class=4))
     """
+
+    def constraints(self) -> list[tuple[str, dict]]:
+        """delta in the box [-1, 1], z on the Gaussian shell |z| = sqrt(d) (SAGE_METHOD.md, "Latent-space search")."""
+        return [clamp_constraint(LATENT_BOX), ("callbacks.projection.LatentProjection", {})]
 
     def latent_shape(self) -> tuple[int, int, int]:
         unet = self.frozen.model.unet
@@ -47,4 +53,4 @@ class LatentSearch(TargetSearch):
         output = self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device))
         active = self.advance(ids, images, z, output)
         self.log("loss", output.loss, prog_bar=True, batch_size=len(ids))
-        return (output.per_sample_loss * active).sum()
+        return self.step_loss(output.per_sample_loss, active)

@@ -31,7 +31,15 @@ from torch import Tensor, nn
 from sage_lightning.candidates import Candidate, CandidateSource, WordFilter
 from sage_lightning.errors import SageError
 from sage_lightning.sampler import FullGradient
-from sage_lightning.searches.base import EXHAUSTED, FOUND, RUNNING, TargetSearch, all_gather_objects
+from sage_lightning.searches.base import (
+    EMBEDDING_BOX,
+    EXHAUSTED,
+    FOUND,
+    RUNNING,
+    TargetSearch,
+    all_gather_objects,
+    clamp_constraint,
+)
 from sage_lightning.surrogate.classnames import class_synonyms
 from sage_lightning.targets import seeded_latent
 from sage_lightning.text import slot
@@ -172,6 +180,10 @@ class PromptSearch(TargetSearch):
     def method_callbacks(self) -> list[str]:
         """Token snapping is part of the method (added when the config has none; not for the baselines)."""
         return ["callbacks.token_snapping.TokenSnapping"] if self.automatic_optimization else []
+
+    def constraints(self) -> list[tuple[str, dict]]:
+        """e_x, e_y in [-2.5, 2.5] (SAGE_METHOD.md; none for the baselines, which have no slots to step)."""
+        return [clamp_constraint(EMBEDDING_BOX)] if self.automatic_optimization else []
 
     # ---------------------------------------------------------------------------------- prompts
     def prompt_of(self, target: int, extra: list[str] | tuple[str, ...] = ()) -> str:
@@ -369,7 +381,7 @@ class PromptSearch(TargetSearch):
         self.log("loss", output.loss, prog_bar=True, batch_size=len(ids))
         self.log("targets_done", float((self.status != RUNNING).sum()), prog_bar=True, batch_size=len(ids))
         self.log("failures", float((self.status == FOUND).sum()), prog_bar=True, batch_size=len(ids))
-        return (output.per_sample_loss * active.to(output.per_sample_loss.device)).sum()
+        return self.step_loss(output.per_sample_loss, active.to(output.per_sample_loss.device))
 
     def count_steps(self, rows: Tensor, active: Tensor) -> None:
         """One more sign step for the active rows (summed over ranks); sets ``stepped_targets`` for the clamp."""

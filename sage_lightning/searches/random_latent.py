@@ -47,6 +47,10 @@ class RandomLatentSearch(LatentSearch):
     def init_parameters(self) -> None:
         """Nothing to optimise: every draw is a fresh latent."""
 
+    def constraints(self) -> list[tuple[str, dict]]:
+        """None: a fresh latent is a draw of N(0, I) itself, with no delta to clamp or project."""
+        return []
+
     def draw_cost(self) -> int:
         """Forward-equivalents of one draw: one sampling call (``loop_length`` UNet forwards, x2 with guidance)."""
         return self.loop_length * (2 if self.guidance_scale > 1.0 else 1)

@@ -55,7 +55,8 @@ class RandomPerturbationSearch(RandomLatentSearch):
         **kwargs: :class:`LatentSearch` (diffusion, ensemble, num_steps, guidance_scale, grad_mode, ...).
 
     The box is the run's ``callbacks.ClampPerturbation`` range (their intersection if several, as
-    ``LatentProjection`` takes it), so the baseline cannot drift from the SAGE config it is compared with.
+    ``LatentProjection`` takes it; SAGE's own [-1, 1] when the config lists none, :meth:`constraints`), so the
+    baseline cannot drift from the SAGE config it is compared with.
     Example (the same as ``sage fit --config configs/latent_search.yaml --config configs/random_perturbation.yaml``)::
 
         search = RandomPerturbationSearch(diffusion="shapesworld", mode="corners", match_sage_iterations=20)
@@ -72,6 +73,10 @@ class RandomPerturbationSearch(RandomLatentSearch):
 
     def init_parameters(self) -> None:
         LatentSearch.init_parameters(self)  # delta = 0: the first evaluation is z0 itself, as SAGE's
+
+    def constraints(self) -> list[tuple[str, dict]]:
+        """SAGE's own (the latent search's box and shell): a draw is constrained exactly as a SAGE step."""
+        return LatentSearch.constraints(self)
 
     def setup(self, stage: str) -> None:
         LatentSearch.setup(self, stage)  # DDP is fine here (module docstring), unlike fresh seeds

@@ -2,20 +2,25 @@
 
 A trained universal token ``e`` ``[D]`` makes the model draw the target class t for many prompts. Is that
 the optimisation, or would any appended embedding that large do it? This baseline appends a *random*
-token ``r`` of the same norm, ``r = g * |e| / |g|`` with ``g ~ N(0, I_D)`` from its own seeded generator
-(a uniformly random direction), to the same held-out prompts with the same seeds, and reports the same
-hit rate against t (D, and ShapesWorld's judge) and CLIP score, through the same writer. Nothing is
-optimised: the run only renders and judges.
+token ``r`` of the same norm, in the same box as the trained token (the run's ``ClampPerturbation``, the search's
+[-2.5, 2.5] by default): ``r = clamp(s g)`` with ``g ~ N(0, I_D)`` from its own seeded generator (a uniformly
+random direction) and the scale ``s`` that gives ``|r| = |e|`` (``g * |e| / |g|`` itself when no entry meets the
+box; like with like: a token of that norm drawn outside the box is one the trained token could never be), to the
+same held-out prompts with the same seeds, and reports the same hit rate against t (D, and ShapesWorld's judge)
+and CLIP score, through the same writer. Nothing is optimised: the run only renders and judges.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sage_lightning.constraints import run_box, sphere_in_box
 from sage_lightning.errors import SageError
+from sage_lightning.searches.base import EMBEDDING_BOX
 from sage_lightning.searches.universal_token import UniversalTokenSearch
 
 TOKEN_FILE = "token.safetensors"
@@ -39,7 +44,7 @@ def reference_token(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
 
 
 class RandomTokenSearch(UniversalTokenSearch):
-    """Parameter: ``token`` ``[D]``, a random direction scaled to the reference token's norm; never trained.
+    """Parameter: ``token`` ``[D]``, a random direction at the reference token's norm, in its box; never trained.
 
     Args:
         reference: a universal-token run's ``token.safetensors`` (or its run folder); its norm is matched
@@ -83,7 +88,21 @@ class RandomTokenSearch(UniversalTokenSearch):
             )
         return float(embedding.norm())
 
+    def token_box(self) -> tuple[float, float]:
+        """The box the trained token was clamped to: the run's clamp, else the search's own (:meth:`constraints`)."""
+        box = run_box(self.trainer) if self._trainer is not None else None
+        return box if box is not None else EMBEDDING_BOX
+
     def init_parameters(self) -> None:
         super().init_parameters()  # max_iterations = 0: every prompt starts exhausted, nothing is optimised
-        g = torch.randn(self.frozen.encoder.embed_dim, generator=torch.Generator().manual_seed(self.draw_seed))
-        self.token = nn.Parameter(g * (self.target_norm() / g.norm()))
+        dim = self.frozen.encoder.embed_dim
+        g = torch.randn(dim, generator=torch.Generator().manual_seed(self.draw_seed))
+        (low, high), norm = self.token_box(), self.target_norm()
+        reach = math.sqrt(dim) * max(-low, high)
+        if not (low < 0 < high and norm <= reach):
+            raise SageError(
+                f"a token of norm {norm:g} does not fit the clamp box [{low:g}, {high:g}] (at most {reach:g} in "
+                f"{dim} dimensions): give the box the reference token was trained in"
+            )
+        inside = g * (min(-low, high) / float(g.abs().max()))  # g's direction, every entry in the box
+        self.token = nn.Parameter(sphere_in_box(torch.zeros(1, dim), inside.view(1, -1), low, high, norm)[0])

@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sage_lightning.errors import SageError
-from sage_lightning.searches.base import EXHAUSTED, TargetSearch, raise_on_every_rank
+from sage_lightning.sampler import FullGradient
+from sage_lightning.searches.base import (
+    EMBEDDING_BOX,
+    EXHAUSTED,
+    TargetSearch,
+    clamp_constraint,
+    raise_on_every_rank,
+    target_class_indices,
+)
 from sage_lightning.searches.latent import LatentSearch
 from sage_lightning.targets import Target, seeded_latent
 from sage_lightning.text import slot
@@ -58,7 +66,10 @@ class UniversalTokenSearch(TargetSearch):
         include_target_class: keep prompts of the target class itself (default: dropped, they hit trivially).
         eval_batch_size: prompts per generation call when the held-out set is rendered.
         **kwargs: :class:`TargetSearch` (diffusion, ensemble, num_steps, guidance_scale, scheduler,
-            grad_mode, ``max_iterations`` = passes over the training prompts, ``lr``, dtype, ...).
+            grad_mode, ``max_iterations`` = passes over the training prompts, ``lr``, dtype, ...). ``grad_mode``
+            defaults to the exact gradient through every denoising step, checkpointed (SAGE_METHOD.md: the token
+            conditions every step; the residual shortcut is the latent search's device), as for
+            :class:`PromptSearch`.
 
     Example (the same as ``sage fit --config configs/universal_token.yaml``)::
 
@@ -78,6 +89,8 @@ class UniversalTokenSearch(TargetSearch):
         eval_batch_size: int = 8,
         **kwargs,
     ) -> None:
+        if kwargs.get("grad_mode") is None:
+            kwargs["grad_mode"] = FullGradient(checkpoint=True)
         super().__init__(**kwargs)
         if text_weight < 0:
             raise SageError(f"text_weight={text_weight} must be >= 0")
@@ -112,7 +125,8 @@ class UniversalTokenSearch(TargetSearch):
     def _drop_target_class(self, targets: list[Target], known: list[str]) -> list[Target]:
         (index,) = self._resolve_target(known)
         self.target_name = known[index]
-        kept = [t for t in targets if self.include_target_class or t.class_name != self.target_name]
+        classes = target_class_indices(targets, known)
+        kept = [t for t, c in zip(targets, classes, strict=True) if self.include_target_class or c != index]
         if targets and not kept:
             raise SageError(
                 f"every prompt is of the target class {self.target_name!r}: add other classes to data.classes"
@@ -148,6 +162,10 @@ class UniversalTokenSearch(TargetSearch):
         """The token's name when it is added to a tokenizer (``token.safetensors`` metadata)."""
         name = str(getattr(self, "target_name", self.target)).replace(" ", "-")
         return self._placeholder or f"<sage-{name}>"
+
+    def constraints(self) -> list[tuple[str, dict]]:
+        """The token's entries in [-2.5, 2.5], the prompt slots' range (SAGE_METHOD.md)."""
+        return [clamp_constraint(EMBEDDING_BOX)]
 
     def adversarial_rows(self) -> Tensor:
         """The token as one row, for ``callbacks.ClampPerturbation`` (``stepped_targets`` is ``[0]``)."""
@@ -234,7 +252,7 @@ class UniversalTokenSearch(TargetSearch):
             member_probs = ensemble.member_probs(batch)  # [M, b, C]
             probs.append(member_probs[..., int(self.target_index)].cpu())
             top1.append(member_probs.argmax(-1).cpu())
-            own = torch.tensor([ensemble.class_names.index(t.class_name) for t in chunk])
+            own = torch.tensor(target_class_indices(chunk, ensemble.class_names))
             failed.append(ensemble.from_probs(member_probs, own).failed.cpu())
             images += [torch.from_numpy(to_uint8(image)).permute(2, 0, 1) for image in batch]
         members = len(self.frozen.ensemble.members)
