@@ -110,4 +110,4 @@ def test_a_run_without_failures_says_ngr_n_a_in_its_line_summary_and_report(tmp_
     assert summary["failures"] == 0 and summary["ngr"] is None
     assert "NGR n/a" in line and "NGR 0.00" not in line
     page = (tmp_path / "none" / "report.html").read_text()
-    assert "<dt>NGR: share of found latents failing the KS normality test</dt><dd>n/a</dd>" in page
+    assert "<dt>NGR: share of found latents failing the KS or the chi-norm test (alpha 0.01)</dt><dd>n/a</dd>" in page
