@@ -20,7 +20,7 @@ import torch
 from torchvision.utils import make_grid
 
 from callbacks.failure_writer import FailureWriter, _median, agreement_note, summary_line
-from sage_lightning.metrics import judge_agreement, target_summary
+from sage_lightning.metrics import judge_agreement, judged_summary, target_summary
 from sage_lightning.searches.base import FOUND
 from sage_lightning.searches.prompt import majority
 from sage_lightning.surrogate.ensemble import member_names
@@ -38,6 +38,21 @@ def judge_verdict(decisions: list[bool], judged: list[str | None], class_name: s
     both = [bool(d) and w for d, w in zip(decisions, wrong, strict=True)]
     return {"shapes": judged, "failed": wrong, "failed_seeds": sum(wrong), "confirmed_seeds": sum(both),
             "confirmed": found and majority(both)}
+
+
+def judged_form(record: dict) -> dict | None:
+    """A prompt target in the form :func:`~sage_lightning.metrics.judged_summary` counts: its bare template's
+    images stand for the clean image (the judge accepts it when a strict majority of the S seeds show the
+    class), the final prompt's verdict for the final image (``confirmed``: rejected on the seeds D failed on).
+    None when the bare template was not judged."""
+    first = (record.get("rounds") or [{}])[0]
+    if first.get("judged") is None:
+        return None
+    accepted = majority([shape == record["class"] for shape in first["judged"]])
+    confirmed = bool(record["judge"] and record["judge"]["confirmed"])
+    return {"class": record["class"], "found": record["found"], "already_failing": record["already_failing"],
+            "clean_judge": record["class"] if accepted else None,
+            "final_judge": None if confirmed else record["class"]}
 
 
 class PromptResultWriter(FailureWriter):
@@ -98,15 +113,15 @@ class PromptResultWriter(FailureWriter):
         found = [r for r in results if r["found"] and not r["already_failing"]]
         counts = target_summary([r["found"] for r in results], [r["already_failing"] for r in results],
                                 len(pl_module.targets))
-        confirmed = sum(bool(r["judge"] and r["judge"]["confirmed"]) for r in found)
-        judged = any(r["judge"] is not None for r in results)
         summary = {
             "search": type(pl_module).__name__, **counts,
-            "ssr_judge": confirmed / counts["searched"] if judged and counts["searched"] else None,
             "median_words_per_failure": _median([len(r["words"]) for r in found]),
             "median_unet_evaluations_per_failure": _median([r["unet_evaluations"] for r in found]),
             "median_forward_equivalents_per_failure": _median([r["forward_equivalents"] for r in found]),
         }
+        judged = [judged_form(r) for r in results]
+        if judged and all(j is not None for j in judged):  # SSR(J) gated on the bare template, as the latent's
+            summary.update(judged_summary(judged, counts["searched"]))
         clean = [(r, rnd) for r in results for rnd in r["rounds"][:1] if rnd.get("judged") is not None]
         if clean:  # per seed of each bare template
             summary["clean_agreement"] = judge_agreement(

@@ -102,6 +102,30 @@ def test_prompt_search_reports_agreement_on_every_template_image(tmp_path):
     template = [r["rounds"][0] for r in results]
     assert all(len(t["judged"]) == len(t["decisions"]) == 3 for t in template)
     assert summary["clean_agreement"]["images"] == 6
+    # SSR(J) gated as the latent search's: only templates the judge accepts (majority of their seeds) count
+    accepted = [r for r, t in zip(results, template, strict=True) if not r["already_failing"]
+                and sum(j == r["class"] for j in t["judged"]) * 2 > len(t["judged"])]
+    searched = sum(not r["already_failing"] for r in results)
+    assert summary["already_failing_judge"] == searched - len(accepted)
+    confirmed = sum(r["found"] and r["judge"]["confirmed"] for r in accepted)
+    assert summary["failures_confirmed_by_judge"] == confirmed
+    assert summary["ssr_judge"] == (confirmed / len(accepted) if accepted else None)
+
+
+def test_prompt_records_take_the_template_as_the_clean_image():
+    from callbacks.prompt_writer import judged_form
+
+    def record(template_shapes, confirmed, found=True):
+        return {"class": "star", "found": found, "already_failing": False, "judge": {"confirmed": confirmed},
+                "rounds": [{"judged": template_shapes}]}
+
+    assert judged_form(record(["star", "star", None], True))["clean_judge"] == "star"
+    assert judged_form(record(["star", None, None], True))["clean_judge"] is None  # the judge rejects the template
+    kinds = [failure_kind(f["class"], f["clean_judge"], f["final_judge"]) for f in (
+        judged_form(record(["star"] * 3, True)), judged_form(record(["star"] * 3, False)),
+        judged_form(record([None] * 3, True)))]
+    assert kinds == ["confirmed", "d_only", "pre_existing"]
+    assert judged_form({"class": "star", "rounds": [{}]}) is None
 
 
 @pytest.mark.parametrize("judge", ["shapesworld", None])
