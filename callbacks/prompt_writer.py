@@ -46,7 +46,7 @@ def judged_form(record: dict) -> dict | None:
     class), the final prompt's verdict for the final image (``confirmed``: rejected on the seeds D failed on).
     None when the bare template was not judged."""
     first = (record.get("rounds") or [{}])[0]
-    if first.get("judged") is None:
+    if first.get("words") != 0 or first.get("judged") is None:  # no bare-template round (check_template off)
         return None
     accepted = majority([shape == record["class"] for shape in first["judged"]])
     confirmed = bool(record["judge"] and record["judge"]["confirmed"])
@@ -121,7 +121,11 @@ class PromptResultWriter(FailureWriter):
         }
         judged = [judged_form(r) for r in results]
         if judged and all(j is not None for j in judged):  # SSR(J) gated on the bare template, as the latent's
-            summary.update(judged_summary(judged, counts["searched"]))
+            summary.update(judged_summary(judged, counts["searched"]), ssr_judge_gated=True)
+        elif any(r["judge"] is not None for r in results):  # templates never judged: SSR(J) cannot be gated
+            confirmed = sum(bool(r["judge"] and r["judge"]["confirmed"]) for r in found)
+            summary.update(failures_confirmed_by_judge=confirmed, ssr_judge_gated=False,
+                           ssr_judge=confirmed / counts["searched"] if counts["searched"] else None)
         clean = [(r, rnd) for r in results for rnd in r["rounds"][:1] if rnd.get("judged") is not None]
         if clean:  # per seed of each bare template
             summary["clean_agreement"] = judge_agreement(

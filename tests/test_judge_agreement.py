@@ -106,7 +106,7 @@ def test_prompt_search_reports_agreement_on_every_template_image(tmp_path):
     accepted = [r for r, t in zip(results, template, strict=True) if not r["already_failing"]
                 and sum(j == r["class"] for j in t["judged"]) * 2 > len(t["judged"])]
     searched = sum(not r["already_failing"] for r in results)
-    assert summary["already_failing_judge"] == searched - len(accepted)
+    assert summary["ssr_judge_gated"] and summary["already_failing_judge"] == searched - len(accepted)
     confirmed = sum(r["found"] and r["judge"]["confirmed"] for r in accepted)
     assert summary["failures_confirmed_by_judge"] == confirmed
     assert summary["ssr_judge"] == (confirmed / len(accepted) if accepted else None)
@@ -117,7 +117,7 @@ def test_prompt_records_take_the_template_as_the_clean_image():
 
     def record(template_shapes, confirmed, found=True):
         return {"class": "star", "found": found, "already_failing": False, "judge": {"confirmed": confirmed},
-                "rounds": [{"judged": template_shapes}]}
+                "rounds": [{"words": 0, "judged": template_shapes}]}
 
     assert judged_form(record(["star", "star", None], True))["clean_judge"] == "star"
     assert judged_form(record(["star", None, None], True))["clean_judge"] is None  # the judge rejects the template
@@ -126,6 +126,7 @@ def test_prompt_records_take_the_template_as_the_clean_image():
         judged_form(record([None] * 3, True)))]
     assert kinds == ["confirmed", "d_only", "pre_existing"]
     assert judged_form({"class": "star", "rounds": [{}]}) is None
+    assert judged_form({"class": "star", "rounds": [{"words": 1, "judged": ["star"] * 3}]}) is None  # a word round
 
 
 @pytest.mark.parametrize("judge", ["shapesworld", None])
