@@ -124,14 +124,15 @@ def test_gpt2_style_tokenizer_words_start_after_a_space(tmp_path):
 
 def test_prompt_grows_by_one_word_per_round_and_slots_restart():
     search = _prepared()
-    before = search.prompt_of(0)
+    before, first = search.prompt_of(0), search.slots[0].detach().clone()
     with torch.no_grad():
         search.slots[0] += 1.0
     evaluation = search.evaluate(0, ["red"])
     assert evaluation.images.shape[0] == 3 and evaluation.decisions.shape == (3,) and evaluation.words == 1
     search.conclude({0: ("red", evaluation, 7)})
     assert search.prompt_of(0) == before + " red" and search.words[0] == ["red"]
-    assert torch.equal(search.slots[0], search.init_embedding.repeat(2, 1))
+    assert torch.equal(search.slots[0], search.slot_starts(0))  # a fresh draw for the next word
+    assert not torch.equal(search.slots[0], first)
     assert search.spent[0] == 7 and search.rounds[0] == [{"words": 1, "failed_seeds": int(evaluation.decisions.sum())}]
     assert search.status[0] == (FOUND if evaluation.failed else RUNNING)
 
@@ -304,7 +305,11 @@ def test_random_word_baseline_runs_in_the_same_units(tmp_path):
         (["--model.init_args.max_words", "0"], "max_words=0 (L) must be at least 1"),
         (["--model.init_args.steps_per_word", "0"], "steps_per_word=0 (K) must be at least 1"),
         (["--data.init_args.templates", "[a photo of a thing]"], "must contain exactly one '{}'"),
-        (["--model.init_args.init_word", "hexagon"], "init_word='hexagon' is 2 CLIP tokens"),
+        (["--model.init_args.init", "word", "--model.init_args.init_word", "hexagon"],
+         "init_word='hexagon' is 2 CLIP tokens"),
+        (["--model.init_args.init_word", "the"], "init_word='the' is only used with init: word"),
+        (["--model.init_args.loss", "hinge"], "loss='hinge': use one of paper, log, margin"),
+        (["--model.init_args.box", "ball"], "box='ball': use one of range, norm, none"),
     ],
 )
 def test_bad_input_is_one_clear_line(extra, needle, capsys, tmp_path):

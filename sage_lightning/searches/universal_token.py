@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sage_lightning.errors import SageError
-from sage_lightning.searches.base import EXHAUSTED, TargetSearch, raise_on_every_rank
+from sage_lightning.searches.base import EXHAUSTED, raise_on_every_rank
+from sage_lightning.searches.embedding_search import EmbeddingSearch, resolve_init
 from sage_lightning.searches.latent import LatentSearch
 from sage_lightning.targets import Target, seeded_latent
 from sage_lightning.text import slot
@@ -47,18 +48,21 @@ class HeldOutEvaluation:
     failed: Tensor  # [n] bool: D declares a failure for each prompt's own class
 
 
-class UniversalTokenSearch(TargetSearch):
+class UniversalTokenSearch(EmbeddingSearch):
     """Trainable parameter: ``token`` ``[D]``, one input embedding of the text encoder.
 
     Args:
         target: the class the token should make the model draw (name or index of the ensemble's classes).
         text_weight: lambda of the text-similarity term.
-        init_word: a one-token word whose embedding starts ``e`` (None: zeros).
+        init: how ``e`` starts (:class:`EmbeddingSearch`; default ``mean_noise``: the table's mean row plus
+            noise of each dimension's std, drawn from ``init_seed``; ``word`` when ``init_word`` is given).
+        init_word: a one-token word whose embedding starts ``e`` (``init: word``).
         placeholder: the token's name for export into a tokenizer (default ``<sage-TARGET>``).
         include_target_class: keep prompts of the target class itself (default: dropped, they hit trivially).
         eval_batch_size: prompts per generation call when the held-out set is rendered.
-        **kwargs: :class:`TargetSearch` (diffusion, ensemble, num_steps, guidance_scale, scheduler,
-            grad_mode, ``max_iterations`` = passes over the training prompts, ``lr``, dtype, ...).
+        **kwargs: :class:`EmbeddingSearch` (step_units, box, loss, init_seed) and :class:`TargetSearch`
+            (diffusion, ensemble, num_steps, guidance_scale, scheduler, grad_mode, ``max_iterations`` = passes
+            over the training prompts, ``lr``, dtype, ...).
 
     Example (the same as ``sage fit --config configs/universal_token.yaml``)::
 
@@ -72,13 +76,14 @@ class UniversalTokenSearch(TargetSearch):
         self,
         target: str | int = "star",
         text_weight: float = 0.1,
+        init: str | None = None,
         init_word: str | None = None,
         placeholder: str | None = None,
         include_target_class: bool = False,
         eval_batch_size: int = 8,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(init=resolve_init(init, init_word, "mean_noise"), **kwargs)
         if text_weight < 0:
             raise SageError(f"text_weight={text_weight} must be >= 0")
         if eval_batch_size < 1:
@@ -131,14 +136,7 @@ class UniversalTokenSearch(TargetSearch):
             ) from err
 
     def init_parameters(self) -> None:
-        encoder = self.frozen.encoder
-        init = torch.zeros(encoder.embed_dim)
-        if self.init_word is not None:
-            ids = encoder.word_ids(self.init_word)
-            if len(ids) != 1:
-                raise SageError(f"init_word {self.init_word!r} is {len(ids)} tokens: give a word that is one token")
-            init = encoder.embedding_rows(ids)[0].detach().float().cpu().clone()
-        self.token = nn.Parameter(init)
+        self.token = nn.Parameter(self.draw_start(self.init_seed, self.init_word, [self.target_name]))
         self.target_index = torch.tensor(self._resolve_target(self.frozen.ensemble.class_names))
         if self.max_iterations == 0:  # evaluation only: nothing to optimise
             self.status.fill_(EXHAUSTED)
@@ -186,7 +184,7 @@ class UniversalTokenSearch(TargetSearch):
         real = ids >= 0
         targets = [self.targets[int(i)] for i in ids.clamp(min=0)]
         images = self.render(targets, with_token=True)
-        output = self.frozen.ensemble.targeted_loss(images, self.target_index.expand(len(targets)).to(self.device))
+        output = self.surrogate(images, self.target_index.expand(len(targets)).to(self.device), towards=True)
         similarity = self.text_similarity([t.prompt for t in targets])
         per_sample = output.per_sample_loss + self.text_weight * (1 - similarity)
         self.stop_if_not_finite(
