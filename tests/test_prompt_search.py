@@ -94,6 +94,33 @@ def test_candidates_are_whole_words_and_never_the_class_name_or_synonyms():
         WordListCandidates(["on", "two words", "x1"])
 
 
+def test_natural_words_never_name_a_shape_its_plural_or_a_synonym():
+    """Issue 20: candidates from wordfreq's English list; every shape name, plural, synonym (the shipped table) and,
+    for the target's class, any word of the name's stem is excluded."""
+    from sage_lightning.candidates import WordFrequencyCandidates, stem
+    from sage_lightning.shapesworld.synonyms import SHAPE_SYNONYMS
+
+    source = WordFrequencyCandidates(top_n=20000)
+    words = [c.word for c in source.propose("a photo of a star")]
+    assert {"water", "music", "people"} <= set(words) and all(is_whole_word(w) and len(w) >= 3 for w in words)
+    banned = {"circle", "circles", "round", "square", "squares", "box", "star", "stars", "heart", "hearts", "love",
+              "cross", "plus", "ring", "rings", "moon", "arrow", "arrows", "circular", "triangular", "ball"}
+    assert banned <= set(words)  # they are common English words: the filter, not the list, must drop them
+    search = _prepared(candidates=source, classes=("star", "circle"))
+    assert search.frozen.ensemble.class_names == list(SHAPE_SYNONYMS)  # the tiny stack's D: the ten shapes
+    kept = {}
+    for target, own in ((0, "star"), (1, "circle")):
+        accepted = kept[own] = {c.word.lower() for c in search.proposals(target)[0]}
+        assert len(accepted) > 1000 and not accepted & banned
+        for shape, synonyms in SHAPE_SYNONYMS.items():
+            assert not accepted & {f for w in (shape, *synonyms) for f in (w, w + "s", w + "es")}
+        assert not [w for w in accepted if w.startswith(stem(own))]  # "starry", "starred"; "circulate"
+    assert stem("triangle") == "triang" and stem("star") == "star"
+    assert "started" not in kept["star"] and "circus" in kept["star"] and "circus" not in kept["circle"]
+    with pytest.raises(SageError, match="no language 'xx'"):
+        WordFrequencyCandidates(language="xx")
+
+
 def test_gpt2_style_tokenizer_words_start_after_a_space(tmp_path):
     """GPT-2's convention (a leading-space marker starts a word) on a small byte-level BPE and random GPT-2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
