@@ -361,5 +361,11 @@ def test_prompt_configs_parse(files, capsys):
     model = yaml.safe_load(capsys.readouterr().out)["model"]
     expected = "RandomWordSearch" if "prompt_random.yaml" in files else "PromptSearch"
     assert model["class_path"].endswith(expected)
-    lm = model["init_args"]["candidates"]["init_args"]["model_name_or_path"]
-    assert lm == ("gpt2" if "models/gpt2_candidates.yaml" in files else "shapesworld")
+    candidates = model["init_args"]["candidates"]
+    if "models/gpt2_candidates.yaml" in files:
+        assert candidates["init_args"]["model_name_or_path"] == "gpt2"
+    elif "prompt_search_tiny.yaml" in files:
+        assert candidates["init_args"]["model_name_or_path"] == "shapesworld"
+    else:  # issue 20: natural English words on the world
+        assert candidates["class_path"].endswith("WordFrequencyCandidates") and "model_name_or_path" not in candidates[
+            "init_args"]
