@@ -4,10 +4,10 @@ For each target (class c, template prompt p, seed s) the prompt grows one word a
 
 1. ``p + words + " [x] [y]"`` (:meth:`PromptSearch.slotted_prompt`; slots are written with ``text.slot``, so
    no word of a prompt is ever taken for one): the adversarial slot [x] and the look-ahead slot [y] take free
-   embeddings ``e_x, e_y`` (the module's only trainable parameter, ``slots [N, 2, D]``), initialised
-   to the token embedding of ``init_word``. K sign-gradient steps (lr, clamped by
-   :class:`callbacks.ClampPerturbation`) minimise D's loss ``mean_m (2 p_m(c) - 1)``; step i of a
-   target generates from the latent of seed ``s + i * STEP_SEED_STRIDE``.
+   embeddings ``e_x, e_y`` (the module's only trainable parameter, ``slots [N, 2, D]``), drawn from the
+   token table (``init``; :class:`~sage_lightning.searches.embedding_search.EmbeddingSearch`). K sign-gradient
+   steps in the table's units, kept in the table's box, minimise D's loss (``mean_m (2 p_m(c) - 1)``, or a
+   non-saturating ``loss``); step i of a target generates from the latent of seed ``s + i * STEP_SEED_STRIDE``.
 2. After K steps :class:`callbacks.TokenSnapping` asks the candidate source for whole next words of
    ``p + words``, picks the one whose token embedding is nearest to ``e_x`` (cosine; optionally the
    best real loss among the few nearest), appends it and re-initialises the slots.

@@ -6,7 +6,9 @@ of (prompt p, seed s) of many classes,
 
     mean_m (1 - 2 p_m(t))  +  lambda * (1 - cos(text(p + e), text(p)))
 
-so that the images turn into the target class t while the prompt's pooled text feature moves little.
+so that the images turn into the target class t while the prompt's pooled text feature moves little
+(``loss: log`` or ``margin`` replace the first term by one that does not saturate at p_t near 0; steps, box
+and start are in the text encoder's own units: :class:`~sage_lightning.searches.embedding_search.EmbeddingSearch`).
 The held-out prompts (``PromptSetDataModule.held_out``) are never used by the optimisation; they are
 rendered with and without the token for the CLIP score and the hit rate (``callbacks.ClipScoreLogger``,
 ``callbacks.TokenWriter``).
