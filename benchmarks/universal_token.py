@@ -11,6 +11,9 @@ the optimisation never sees; prompts of the target shape itself excluded):
   with and without the token.
 * with ``--random-tokens K`` (default 3): the same hit rates for K random tokens of the trained token's norm
   on the same held-out prompts and seeds (``configs/random_token.yaml``): the chance level (issue 14).
+* the obvious baseline (issue 20): the target's own word appended instead of the token (its embedding
+  through the same slot, nothing optimised), with its hit rates, CLIP score and text similarity.
+* text similarity: mean ``cos(text(p + e), text(p))`` over the held-out prompts (pooled text features).
 
 Examples::
 
@@ -18,6 +21,7 @@ Examples::
     python benchmarks/universal_token.py --targets star --passes 2 --num-steps 10 --out runs/bench_ut
     python benchmarks/universal_token.py --accelerator gpu --passes 10
     python benchmarks/universal_token.py --config configs/universal_token_tiny.yaml --targets star --passes 1
+    python benchmarks/universal_token.py --set loss=paper --set step_units=absolute --lr 0.05   # an ablation
 
 Each target's run folder (token, grid, results, summary; ``random_token_K/``) stays under ``--out``.
 """
@@ -49,7 +53,6 @@ def run_target(target: str, args: argparse.Namespace) -> dict:
         "--model.init_args.target": target,
         "--model.init_args.max_iterations": args.passes,
         "--model.init_args.num_steps": args.num_steps,
-        "--model.init_args.lr": args.lr,
         "--model.init_args.text_weight": args.text_weight,
         "--data.init_args.seeds_per_class": args.seeds,
         "--data.init_args.held_out_seeds_per_class": args.held_out_seeds,
@@ -57,6 +60,8 @@ def run_target(target: str, args: argparse.Namespace) -> dict:
         "--trainer.accelerator": args.accelerator,
         "--trainer.default_root_dir": str(run),
         "--trainer.enable_progress_bar": "false",
+        **({"--model.init_args.lr": args.lr} if args.lr is not None else {}),
+        **{f"--model.init_args.{k}": v for k, v in (item.split("=", 1) for item in args.set)},
     }
     unet_steps = world_stages().get("unet", {}).get("steps")  # the world may still be training: say which UNet
     start = time.perf_counter()
@@ -66,7 +71,18 @@ def run_target(target: str, args: argparse.Namespace) -> dict:
     summary["run"] = str(run)
     summary["unet_steps"] = unet_steps
     summary["random"] = [random_token(run, seed, overrides, args) for seed in range(args.random_tokens)]
+    summary["word"] = target_word(run, target, overrides, args) if args.target_word else None
     return summary
+
+
+def target_word(run: Path, target: str, overrides: dict, args: argparse.Namespace) -> dict:
+    """Issue 20's obvious baseline: the target's own word appended through the slot (``init: word``, no
+    optimisation) on the same held-out prompts and seeds; returns its ``summary.json``."""
+    folder = run / "target_word"
+    extra = {**overrides, "--trainer.default_root_dir": str(folder), "--model.init_args.max_iterations": 0,
+             "--model.init_args.init": "word", "--model.init_args.init_word": target}
+    sage_main(["fit", "--config", args.config, *[str(x) for kv in extra.items() for x in kv]])
+    return json.loads((folder / "summary.json").read_text())
 
 
 def random_token(run: Path, seed: int, overrides: dict, args: argparse.Namespace) -> dict:
@@ -89,8 +105,15 @@ def table(rows: list[dict]) -> str:
     def pct(x) -> str:
         return "n/a" if x is None else f"{100 * x:.0f}%"
 
-    def clip(s: dict | None, side: str) -> str:
-        return "n/a" if s is None else f"{s[side]:.2f}"
+    def judged(r: dict | None) -> float | None:
+        return None if r is None or r.get("hit_rate_judge") is None else r["hit_rate_judge"]["with_token"]
+
+    def clip_change(r: dict | None) -> str:
+        s = None if r is None else r.get("clip_score")
+        return "n/a" if s is None else f"{s['with_token'] - s['without_token']:+.2f}"
+
+    def sim(r: dict | None) -> str:
+        return "n/a" if r is None or r.get("text_similarity") is None else f"{r['text_similarity']:.3f}"
 
     def random(r: dict, key: str) -> str:  # mean hit rate of the random tokens of the same norm, and their spread
         rates = [(x[key] or {}).get("with_token") for x in r["random"]]
@@ -98,19 +121,21 @@ def table(rows: list[dict]) -> str:
         return "n/a" if not rates else f"{pct(sum(rates) / len(rates))} ({pct(min(rates))}-{pct(max(rates))})"
 
     lines = [
-        "| target | held-out prompts | hit, judge, with token | base rate, judge, without | hit, judge, random "
-        "token (same norm) | hit, D, with | base, D, without | hit, D, random token | CLIP with | CLIP without | "
-        "steps | minutes | UNet training steps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| target | held-out prompts | hit, judge: token | random tokens, same norm | target word | base (no token) | "
+        "hit, D: token | random | word | CLIP change: token | word | text sim.: token | word | token norm | steps "
+        "| minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         judge = r["hit_rate_judge"] or {"with_token": None, "without_token": None}
+        word = r.get("word")
         lines.append(
             f"| {r['target_class']} | {r['held_out_prompts']} | {pct(judge['with_token'])} | "
-            f"{pct(judge['without_token'])} | {random(r, 'hit_rate_judge')} | "
-            f"{pct(r['hit_rate_ensemble']['with_token'])} | {pct(r['hit_rate_ensemble']['without_token'])} | "
-            f"{random(r, 'hit_rate_ensemble')} | {clip(r['clip_score'], 'with_token')} | "
-            f"{clip(r['clip_score'], 'without_token')} | {r['steps']} | {r['seconds'] / 60:.1f} | {r['unet_steps']} |"
+            f"{random(r, 'hit_rate_judge')} | {pct(judged(word))} | {pct(judge['without_token'])} | "
+            f"{pct(r['hit_rate_ensemble']['with_token'])} | {random(r, 'hit_rate_ensemble')} | "
+            f"{pct(None if word is None else word['hit_rate_ensemble']['with_token'])} | {clip_change(r)} | "
+            f"{clip_change(word)} | {sim(r)} | {sim(word)} | {r['token_norm']:.3f} | {r['steps']} | "
+            f"{r['seconds'] / 60:.1f} |"
         )
     return "\n".join(lines)
 
@@ -123,7 +148,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per (class, template)")
     parser.add_argument("--held-out-seeds", type=int, default=2, help="held-out seeds per (class, template)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=None, help="the config's when left out (its step_units)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another model.init_args value, e.g. loss=paper, init=random_row, box=norm")
+    parser.add_argument("--no-target-word", dest="target_word", action="store_false",
+                        help="skip the target-word baseline")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--text-weight", type=float, default=0.1)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--out", default="runs/bench_universal_token")
@@ -132,15 +162,17 @@ def main() -> None:
                         help="random tokens of the trained token's norm per target (issue 14's chance level)")
     args = parser.parse_args()
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    torch.set_num_threads(args.threads)
     rows = [run_target(t.strip(), args) for t in args.targets.split(",") if t.strip()]
     print(f"\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {args.accelerator}; ShapesWorld stages: "
           + ", ".join(f"{k} {v.get('steps', '?')} steps" for k, v in sorted(world_stages().items())))
     print(f"config {args.config}: {args.passes} passes, {args.num_steps} denoising steps, "
-          f"lr {args.lr}, lambda {args.text_weight}, batch {args.batch_size}, seeds {args.seeds} "
+          f"lr {args.lr or 'of the config'}, {', '.join(args.set) or 'config values'}, lambda {args.text_weight}, "
+          f"batch {args.batch_size}, seeds {args.seeds} "
           f"(held-out {args.held_out_seeds})\n")
     print(table(rows))
+    (Path(args.out) / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ class TokenWriter(FailureWriter):
             "clip_score": {k.split("/")[1]: float(trainer.callback_metrics[k]) for k in SCORE_KEYS.values()}
             if all(k in trainer.callback_metrics for k in SCORE_KEYS.values()) else None,
             "token_norm": float(pl_module.token.detach().norm()),
+            "text_similarity": _held_out_similarity(pl_module),
             "token": TOKEN_FILE,
         }
         if results and results[0]["without_token"]["judge_hit"] is not None:
@@ -140,3 +141,13 @@ class TokenWriter(FailureWriter):
 
 def _rates(results: list[dict], key: str) -> dict[str, float | None]:
     return {side: success_rate([bool(r[side][key]) for r in results]) for side in ("with_token", "without_token")}
+
+
+def _held_out_similarity(pl_module) -> float | None:
+    """Mean ``cos(text(p + e), text(p))`` over the held-out prompts (the text term of the loss; SAGE's "the CLIP
+    score moves little" on the text side)."""
+    prompts = [t.prompt for t in pl_module.held_out]
+    if not prompts:
+        return None
+    with torch.no_grad():
+        return float(pl_module.text_similarity(prompts).mean())

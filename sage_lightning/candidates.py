@@ -7,6 +7,9 @@ model's probability of the word; uniform for a word list). Prompt search then ke
 * :class:`CausalLMCandidates`: any Hugging Face ``AutoModelForCausalLM`` + tokenizer (GPT-2 for Stable
   Diffusion, ``"shapesworld"`` for ShapesWorld's own tiny LM). Never ``trust_remote_code``.
 * :class:`WordListCandidates`: a fixed list of words (ablations, tests).
+* :class:`WordFrequencyCandidates`: the most frequent words of a natural language, from the frequency lists
+  the ``wordfreq`` package ships (no download): candidates that can say what the world's own caption LM
+  never proposes (issue 20: ShapesWorld's LM only continues its caption grammar).
 
 Whole words: a proposal is the text the LM writes from a token that starts a new word up to the next
 word boundary (greedy completion of each top first token, at most ``max_word_tokens`` tokens), and must
@@ -67,6 +70,37 @@ class WordListCandidates(CandidateSource):
 
     def propose(self, prompt: str) -> list[Candidate]:
         return [Candidate(w, 1.0 / len(self.words)) for w in self.words]
+
+
+class WordFrequencyCandidates(CandidateSource):
+    """The ``top_n`` most frequent whole words of ``language`` (``wordfreq.top_n_list``), scored by frequency.
+
+    Args:
+        top_n: how many of the most frequent words to draw from (before the whole-word and length filters).
+        language: a ``wordfreq`` language code.
+        min_length: shorter words are dropped ("a", "of": grammar, not content).
+
+    Example::
+
+        WordFrequencyCandidates(top_n=5000)   # "the", "people", "water", "music", ... for every prompt
+    """
+
+    def __init__(self, top_n: int = 5000, language: str = "en", min_length: int = 3) -> None:
+        if top_n < 1:
+            raise SageError(f"top_n={top_n} must be at least 1")
+        try:
+            import wordfreq
+        except ImportError as err:
+            raise SageError("WordFrequencyCandidates needs the wordfreq package: pip install wordfreq") from err
+        if language not in wordfreq.available_languages():
+            raise SageError(f"wordfreq has no language {language!r}: use e.g. 'en'")
+        words = [w for w in wordfreq.top_n_list(language, top_n) if is_whole_word(w) and len(w) >= min_length]
+        if not words:
+            raise SageError(f"no whole word of at least {min_length} letters among wordfreq's top {top_n}")
+        self.candidates = [Candidate(w, float(wordfreq.word_frequency(w, language))) for w in words]
+
+    def propose(self, prompt: str) -> list[Candidate]:
+        return list(self.candidates)
 
 
 class CausalLMCandidates(CandidateSource):
@@ -170,7 +204,9 @@ class WordFilter:
     Args:
         tokenizer: the diffusion model's CLIP tokenizer.
         excluded: words never allowed (the class's names and synonyms); their plurals (+s, +es) and each
-            word of a multi-word name are excluded too.
+            word of a multi-word name are excluded too, and so is every word that begins with the stem of one
+            of them (:func:`stem`: its first ``max(4, len - 2)`` letters, so "circular" for circle, "triangular"
+            for triangle, "hexagonal" for hexagon): the rule for class lists without a synonym table.
         excluded_whole: names never allowed as a whole (other classes' names and synonyms) and their
             plurals; the words inside a multi-word name stay allowed ("great" of "great white shark").
         multi_token: ``"drop"`` (a candidate must be one CLIP token) or ``"mean"`` (multi-token words are
@@ -183,8 +219,10 @@ class WordFilter:
         if multi_token not in ("drop", "mean"):
             raise SageError(f"multi_token={multi_token!r}: use 'drop' or 'mean'")
         self.tokenizer, self.multi_token = tokenizer, multi_token
+        excluded = list(excluded)
         self.excluded = {f.lower() for w in excluded for f in _forms(w)}
         self.excluded |= {f.lower() for w in excluded_whole for f in _forms(w)[:3]}
+        self.stems = tuple(sorted({stem(w) for w in excluded for w in w.split() if len(w) >= 4}))
 
     def token_ids(self, word: str) -> list[int]:
         return list(self.tokenizer(word, add_special_tokens=False).input_ids)
@@ -193,12 +231,19 @@ class WordFilter:
         """Accepted candidates (order kept) with their CLIP token ids."""
         kept = []
         for c in candidates:
-            if not is_whole_word(c.word) or c.word.lower() in self.excluded:
+            if not is_whole_word(c.word) or c.word.lower() in self.excluded or c.word.lower().startswith(self.stems):
                 continue
             ids = self.token_ids(c.word)
             if ids and (len(ids) == 1 or self.multi_token == "mean"):
                 kept.append((c, ids))
         return kept
+
+
+def stem(word: str) -> str:
+    """The beginning of ``word`` that its inflections and adjectives share: its first ``max(4, len - 2)`` letters,
+    lower case ("circle" -> "circ", "triangle" -> "triang", "star" -> "star")."""
+    word = word.strip().lower()
+    return word[: max(4, len(word) - 2)]
 
 
 def _forms(word: str) -> list[str]:

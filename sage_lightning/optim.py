@@ -21,11 +21,16 @@ def check_lr(lr: float, who: str = "lr") -> None:
 class SignSGD(Optimizer):
     """Projected-gradient-descent step (SAGE_METHOD.md): each element moves by exactly ``lr`` against
     the sign of its gradient; elements with zero gradient (targets not in the batch) do not move.
-    Clamping and projection are separate callbacks."""
+    Clamping and projection are separate callbacks.
 
-    def __init__(self, params, lr: float = 0.05) -> None:
+    ``scale`` (optional, ``[D]``, broadcast over a parameter's last dimension): each entry moves by
+    ``lr * scale`` instead, e.g. a fraction ``lr`` of its token table's entry std (:mod:`sage_lightning.embedding`)."""
+
+    def __init__(self, params, lr: float = 0.05, scale: torch.Tensor | None = None) -> None:
         check_lr(lr, "SignSGD lr")
-        super().__init__(params, {"lr": lr, "steps": 0})  # steps: in the checkpoint with the param groups
+        if scale is not None and not (bool(torch.isfinite(scale).all()) and bool((scale > 0).all())):
+            raise SageError("SignSGD scale must be finite and > 0 in every entry")
+        super().__init__(params, {"lr": lr, "steps": 0, "scale": scale})  # steps: in the checkpoint
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -44,5 +49,8 @@ class SignSGD(Optimizer):
                         f"the gradient holds {bad} at optimizer step {group['steps']}: the search diverged (lower lr "
                         "or guidance_scale); nothing of this step was written"
                     )
-                p.add_(p.grad.sign(), alpha=-group["lr"])
+                step = p.grad.sign()
+                if group.get("scale") is not None:
+                    step = step * group["scale"].to(p.device, p.dtype)
+                p.add_(step, alpha=-group["lr"])
         return loss

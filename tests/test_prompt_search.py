@@ -94,6 +94,33 @@ def test_candidates_are_whole_words_and_never_the_class_name_or_synonyms():
         WordListCandidates(["on", "two words", "x1"])
 
 
+def test_natural_words_never_name_a_shape_its_plural_or_a_synonym():
+    """Issue 20: candidates from wordfreq's English list; every shape name, plural, synonym (the shipped table) and,
+    for the target's class, any word of the name's stem is excluded."""
+    from sage_lightning.candidates import WordFrequencyCandidates, stem
+    from sage_lightning.shapesworld.synonyms import SHAPE_SYNONYMS
+
+    source = WordFrequencyCandidates(top_n=20000)
+    words = [c.word for c in source.propose("a photo of a star")]
+    assert {"water", "music", "people"} <= set(words) and all(is_whole_word(w) and len(w) >= 3 for w in words)
+    banned = {"circle", "circles", "round", "square", "squares", "box", "star", "stars", "heart", "hearts", "love",
+              "cross", "plus", "ring", "rings", "moon", "arrow", "arrows", "circular", "triangular", "ball"}
+    assert banned <= set(words)  # they are common English words: the filter, not the list, must drop them
+    search = _prepared(candidates=source, classes=("star", "circle"))
+    assert search.frozen.ensemble.class_names == list(SHAPE_SYNONYMS)  # the tiny stack's D: the ten shapes
+    kept = {}
+    for target, own in ((0, "star"), (1, "circle")):
+        accepted = kept[own] = {c.word.lower() for c in search.proposals(target)[0]}
+        assert len(accepted) > 1000 and not accepted & banned
+        for shape, synonyms in SHAPE_SYNONYMS.items():
+            assert not accepted & {f for w in (shape, *synonyms) for f in (w, w + "s", w + "es")}
+        assert not [w for w in accepted if w.startswith(stem(own))]  # "starry", "starred"; "circulate"
+    assert stem("triangle") == "triang" and stem("star") == "star"
+    assert "started" not in kept["star"] and "circus" in kept["star"] and "circus" not in kept["circle"]
+    with pytest.raises(SageError, match="no language 'xx'"):
+        WordFrequencyCandidates(language="xx")
+
+
 def test_gpt2_style_tokenizer_words_start_after_a_space(tmp_path):
     """GPT-2's convention (a leading-space marker starts a word) on a small byte-level BPE and random GPT-2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -124,14 +151,15 @@ def test_gpt2_style_tokenizer_words_start_after_a_space(tmp_path):
 
 def test_prompt_grows_by_one_word_per_round_and_slots_restart():
     search = _prepared()
-    before = search.prompt_of(0)
+    before, first = search.prompt_of(0), search.slots[0].detach().clone()
     with torch.no_grad():
         search.slots[0] += 1.0
     evaluation = search.evaluate(0, ["red"])
     assert evaluation.images.shape[0] == 3 and evaluation.decisions.shape == (3,) and evaluation.words == 1
     search.conclude({0: ("red", evaluation, 7)})
     assert search.prompt_of(0) == before + " red" and search.words[0] == ["red"]
-    assert torch.equal(search.slots[0], search.init_embedding.repeat(2, 1))
+    assert torch.equal(search.slots[0], search.slot_starts(0))  # a fresh draw for the next word
+    assert not torch.equal(search.slots[0], first)
     assert search.spent[0] == 7 and search.rounds[0] == [{"words": 1, "failed_seeds": int(evaluation.decisions.sum())}]
     assert search.status[0] == (FOUND if evaluation.failed else RUNNING)
 
@@ -319,7 +347,11 @@ def test_random_word_baseline_runs_in_the_same_units(tmp_path):
         (["--model.init_args.max_words", "0"], "max_words=0 (L) must be at least 1"),
         (["--model.init_args.steps_per_word", "0"], "steps_per_word=0 (K) must be at least 1"),
         (["--data.init_args.templates", "[a photo of a thing]"], "must contain exactly one '{}'"),
-        (["--model.init_args.init_word", "hexagon"], "init_word='hexagon' is 2 CLIP tokens"),
+        (["--model.init_args.init", "word", "--model.init_args.init_word", "hexagon"],
+         "init_word='hexagon' is 2 CLIP tokens"),
+        (["--model.init_args.init_word", "the"], "init_word='the' is only used with init: word"),
+        (["--model.init_args.loss", "hinge"], "loss='hinge': use one of paper, log, margin"),
+        (["--model.init_args.box", "ball"], "box='ball': use one of range, norm, none"),
     ],
 )
 def test_bad_input_is_one_clear_line(extra, needle, capsys, tmp_path):
@@ -344,5 +376,11 @@ def test_prompt_configs_parse(files, capsys):
     model = yaml.safe_load(capsys.readouterr().out)["model"]
     expected = "RandomWordSearch" if "prompt_random.yaml" in files else "PromptSearch"
     assert model["class_path"].endswith(expected)
-    lm = model["init_args"]["candidates"]["init_args"]["model_name_or_path"]
-    assert lm == ("gpt2" if "models/gpt2_candidates.yaml" in files else "shapesworld")
+    candidates = model["init_args"]["candidates"]
+    if "models/gpt2_candidates.yaml" in files:
+        assert candidates["init_args"]["model_name_or_path"] == "gpt2"
+    elif "prompt_search_tiny.yaml" in files:
+        assert candidates["init_args"]["model_name_or_path"] == "shapesworld"
+    else:  # issue 20: natural English words on the world
+        assert candidates["class_path"].endswith("WordFrequencyCandidates") and "model_name_or_path" not in candidates[
+            "init_args"]

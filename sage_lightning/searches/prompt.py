@@ -4,10 +4,10 @@ For each target (class c, template prompt p, seed s) the prompt grows one word a
 
 1. ``p + words + " [x] [y]"`` (:meth:`PromptSearch.slotted_prompt`; slots are written with ``text.slot``, so
    no word of a prompt is ever taken for one): the adversarial slot [x] and the look-ahead slot [y] take free
-   embeddings ``e_x, e_y`` (the module's only trainable parameter, ``slots [N, 2, D]``), initialised
-   to the token embedding of ``init_word``. K sign-gradient steps (lr, clamped by
-   :class:`callbacks.ClampPerturbation`) minimise D's loss ``mean_m (2 p_m(c) - 1)``; step i of a
-   target generates from the latent of seed ``s + i * STEP_SEED_STRIDE``.
+   embeddings ``e_x, e_y`` (the module's only trainable parameter, ``slots [N, 2, D]``), drawn from the
+   token table (``init``; :class:`~sage_lightning.searches.embedding_search.EmbeddingSearch`). K sign-gradient
+   steps in the table's units, kept in the table's box, minimise D's loss (``mean_m (2 p_m(c) - 1)``, or a
+   non-saturating ``loss``); step i of a target generates from the latent of seed ``s + i * STEP_SEED_STRIDE``.
 2. After K steps :class:`callbacks.TokenSnapping` asks the candidate source for whole next words of
    ``p + words``, picks the one whose token embedding is nearest to ``e_x`` (cosine; optionally the
    best real loss among the few nearest), appends it and re-initialises the slots.
@@ -40,6 +40,7 @@ from sage_lightning.searches.base import (
     all_gather_objects,
     clamp_constraint,
 )
+from sage_lightning.searches.embedding_search import EmbeddingSearch, resolve_init
 from sage_lightning.surrogate.classnames import class_synonyms
 from sage_lightning.targets import seeded_latent
 from sage_lightning.text import slot
@@ -65,7 +66,7 @@ class PromptEvaluation:
         return majority(self.decisions.tolist())
 
 
-class PromptSearch(TargetSearch):
+class PromptSearch(EmbeddingSearch):
     """SAGE's prompt search; trainable parameter ``slots [N_targets, 2, D]`` (e_x, e_y per target).
 
     Args:
@@ -73,7 +74,10 @@ class PromptSearch(TargetSearch):
         max_words: L, words appended at most per target.
         steps_per_word: K, sign-gradient steps on the slots before each snap.
         eval_seeds: S, fresh seeds a prompt is judged on (strict majority decides).
-        init_word: the slots start (and restart after each snap) at this word's token embedding.
+        init: how e_x, e_y start, and restart after each snap (:class:`EmbeddingSearch`; default
+            ``random_row``: a fresh row of the token table per target and word, never a class name or synonym;
+            ``word`` when ``init_word`` is given).
+        init_word: with ``init: word``, the slots start (and restart) at this word's token embedding.
         synonyms: ``{class: [words]}`` never proposed for that class (the class name never is, nor, for
             ImageNet, any WordNet lemma of its synset: :func:`~sage_lightning.surrogate.classnames.class_synonyms`).
         exclude_class_names: also never propose any other class name of D or its synonyms (a prompt that
@@ -83,9 +87,10 @@ class PromptSearch(TargetSearch):
         judge: ``auto`` (ShapesWorld's geometric judge for ``diffusion: shapesworld``), ``shapesworld`` or
             None. The judge never decides anything in the search; it is recorded for SSR(J).
         eval_batch_size: images per generation call when evaluating a prompt.
-        kwargs: :class:`TargetSearch`'s arguments (diffusion, ensemble, num_steps, guidance_scale, scheduler,
-            grad_mode, lr, dtype, local_files_only); ``max_iterations`` is ``max_words * steps_per_word``.
-            ``grad_mode`` defaults to the exact gradient through every denoising step, checkpointed
+        kwargs: :class:`EmbeddingSearch`'s (step_units, box, loss, init_seed) and :class:`TargetSearch`'s
+            (diffusion, ensemble, num_steps, guidance_scale, scheduler, grad_mode, lr, dtype, local_files_only);
+            ``max_iterations`` is ``max_words * steps_per_word``. ``grad_mode`` defaults to the exact gradient
+            through every denoising step, checkpointed
             (SAGE_METHOD.md: the words condition every step, the early ones set the layout; the residual
             shortcut is the latent search's device and would hide them).
 
@@ -102,7 +107,8 @@ class PromptSearch(TargetSearch):
         max_words: int = 4,
         steps_per_word: int = 10,
         eval_seeds: int = 8,
-        init_word: str = "the",
+        init: str | None = None,
+        init_word: str | None = None,
         synonyms: dict[str, list[str]] | None = None,
         exclude_class_names: bool = True,
         multi_token: str = "drop",
@@ -130,7 +136,8 @@ class PromptSearch(TargetSearch):
             raise SageError(f"judge={judge!r}: use 'auto', 'shapesworld' or null")
         if kwargs.get("grad_mode") is None:
             kwargs["grad_mode"] = FullGradient(checkpoint=True)
-        super().__init__(max_iterations=max_words * steps_per_word, **kwargs)
+        init = resolve_init(init, init_word, "random_row")
+        super().__init__(max_iterations=max_words * steps_per_word, init=init, **kwargs)
         self.candidates = candidates  # a plain object: never part of the module tree or the checkpoint
         self.max_words, self.steps_per_word, self.eval_seeds = max_words, steps_per_word, eval_seeds
         self.init_word, self.synonyms = init_word, dict(synonyms or {})
@@ -151,17 +158,27 @@ class PromptSearch(TargetSearch):
         self.spent = torch.zeros(n, dtype=torch.long)  # UNet evaluations outside the sign steps
         self.reason: list[str | None] = [None] * n  # why a finished target ended
         self.last: list[dict | None] = [None] * n  # each target's latest evaluation (decisions, probs, judge)
-        ids = self.frozen.encoder.word_ids(self.init_word)
-        if len(ids) != 1:
-            raise SageError(f"init_word={self.init_word!r} is {len(ids)} CLIP tokens: give a word that is one token")
-        self.init_embedding = self.frozen.encoder.embedding_rows(ids)[0].detach().float().cpu().clone()
-        self.slots = nn.Parameter(self.init_embedding.repeat(n, 2, 1))
+        if self.init == "word" and self.init_word:
+            ids = self.frozen.encoder.word_ids(self.init_word)
+            if len(ids) != 1:
+                raise SageError(
+                    f"init_word={self.init_word!r} is {len(ids)} CLIP tokens: give a word that is one token"
+                )
+        self.slots = nn.Parameter(torch.stack([self.slot_starts(t) for t in range(n)]))
         self.filters: dict[str, WordFilter] = {}
+
+    def slot_starts(self, target: int) -> Tensor:
+        """Starting e_x, e_y ``[2, D]`` of ``target``'s next word: drawn from a generator seeded with the target's
+        seed, its word count and the slot (so a resumed run draws the same), never its class name or a synonym."""
+        t = self.targets[target]
+        base = (self.init_seed * 1_000_003 + t.seed) * 1009 + 2 * len(self.words[target])
+        names = [t.class_name, *self.synonyms.get(t.class_name, [])]
+        return torch.stack([self.draw_start(base + k, self.init_word, names) for k in range(2)])
 
     @torch.no_grad()
     def reset_slots(self, target: int) -> None:
-        """e_x, e_y of ``target`` back to the embedding of ``init_word`` (after each snapped word)."""
-        self.slots[target] = self.init_embedding.to(self.slots.device, self.slots.dtype)
+        """e_x, e_y of ``target`` restart (after each snapped word): :meth:`slot_starts`."""
+        self.slots[target] = self.slot_starts(target).to(self.slots.device, self.slots.dtype)
 
     def adversarial_rows(self) -> nn.Parameter:
         """The parameter whose rows (one per target: ``[2, D]`` = e_x, e_y) the clamp callback acts on."""
@@ -372,7 +389,7 @@ class PromptSearch(TargetSearch):
         prompts = [self.slotted_prompt(t) for t in targets]
         cond = self.frozen.encoder(prompts, {"x": self.slots[rows, 0], "y": self.slots[rows, 1]}).to(self.device)
         images = self.generate(self.step_latents(targets), cond, self.step_seeds(targets))
-        output = self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device))
+        output = self.surrogate(images, self.class_index[rows.cpu()].to(self.device), towards=False)
         slots = self.slots[rows]
         self.stop_if_not_finite(
             ids, {"slot embedding": slots, "loss": output.per_sample_loss, "probability": output.probs.transpose(0, 1)}

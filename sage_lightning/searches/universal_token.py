@@ -6,7 +6,9 @@ of (prompt p, seed s) of many classes,
 
     mean_m (1 - 2 p_m(t))  +  lambda * (1 - cos(text(p + e), text(p)))
 
-so that the images turn into the target class t while the prompt's pooled text feature moves little.
+so that the images turn into the target class t while the prompt's pooled text feature moves little
+(``loss: log`` or ``margin`` replace the first term by one that does not saturate at p_t near 0; steps, box
+and start are in the text encoder's own units: :class:`~sage_lightning.searches.embedding_search.EmbeddingSearch`).
 The held-out prompts (``PromptSetDataModule.held_out``) are never used by the optimisation; they are
 rendered with and without the token for the CLIP score and the hit rate (``callbacks.ClipScoreLogger``,
 ``callbacks.TokenWriter``).
@@ -31,11 +33,11 @@ from sage_lightning.sampler import FullGradient
 from sage_lightning.searches.base import (
     EMBEDDING_BOX,
     EXHAUSTED,
-    TargetSearch,
     clamp_constraint,
     raise_on_every_rank,
     target_class_indices,
 )
+from sage_lightning.searches.embedding_search import EmbeddingSearch, resolve_init
 from sage_lightning.searches.latent import LatentSearch
 from sage_lightning.targets import Target, seeded_latent
 from sage_lightning.text import slot
@@ -55,21 +57,23 @@ class HeldOutEvaluation:
     failed: Tensor  # [n] bool: D declares a failure for each prompt's own class
 
 
-class UniversalTokenSearch(TargetSearch):
+class UniversalTokenSearch(EmbeddingSearch):
     """Trainable parameter: ``token`` ``[D]``, one input embedding of the text encoder.
 
     Args:
         target: the class the token should make the model draw (name or index of the ensemble's classes).
         text_weight: lambda of the text-similarity term.
-        init_word: a one-token word whose embedding starts ``e`` (None: zeros).
+        init: how ``e`` starts (:class:`EmbeddingSearch`; default ``mean_noise``: the table's mean row plus
+            noise of each dimension's std, drawn from ``init_seed``; ``word`` when ``init_word`` is given).
+        init_word: a one-token word whose embedding starts ``e`` (``init: word``).
         placeholder: the token's name for export into a tokenizer (default ``<sage-TARGET>``).
         include_target_class: keep prompts of the target class itself (default: dropped, they hit trivially).
         eval_batch_size: prompts per generation call when the held-out set is rendered.
-        **kwargs: :class:`TargetSearch` (diffusion, ensemble, num_steps, guidance_scale, scheduler,
-            grad_mode, ``max_iterations`` = passes over the training prompts, ``lr``, dtype, ...). ``grad_mode``
-            defaults to the exact gradient through every denoising step, checkpointed (SAGE_METHOD.md: the token
-            conditions every step; the residual shortcut is the latent search's device), as for
-            :class:`PromptSearch`.
+        **kwargs: :class:`EmbeddingSearch` (step_units, box, loss, init_seed) and :class:`TargetSearch`
+            (diffusion, ensemble, num_steps, guidance_scale, scheduler, grad_mode, ``max_iterations`` = passes
+            over the training prompts, ``lr``, dtype, ...). ``grad_mode`` defaults to the exact gradient through
+            every denoising step, checkpointed (SAGE_METHOD.md: the token conditions every step; the residual
+            shortcut is the latent search's device), as for :class:`PromptSearch`.
 
     Example (the same as ``sage fit --config configs/universal_token.yaml``)::
 
@@ -83,6 +87,7 @@ class UniversalTokenSearch(TargetSearch):
         self,
         target: str | int = "star",
         text_weight: float = 0.1,
+        init: str | None = None,
         init_word: str | None = None,
         placeholder: str | None = None,
         include_target_class: bool = False,
@@ -91,7 +96,7 @@ class UniversalTokenSearch(TargetSearch):
     ) -> None:
         if kwargs.get("grad_mode") is None:
             kwargs["grad_mode"] = FullGradient(checkpoint=True)
-        super().__init__(**kwargs)
+        super().__init__(init=resolve_init(init, init_word, "mean_noise"), **kwargs)
         if text_weight < 0:
             raise SageError(f"text_weight={text_weight} must be >= 0")
         if eval_batch_size < 1:
@@ -145,14 +150,7 @@ class UniversalTokenSearch(TargetSearch):
             ) from err
 
     def init_parameters(self) -> None:
-        encoder = self.frozen.encoder
-        init = torch.zeros(encoder.embed_dim)
-        if self.init_word is not None:
-            ids = encoder.word_ids(self.init_word)
-            if len(ids) != 1:
-                raise SageError(f"init_word {self.init_word!r} is {len(ids)} tokens: give a word that is one token")
-            init = encoder.embedding_rows(ids)[0].detach().float().cpu().clone()
-        self.token = nn.Parameter(init)
+        self.token = nn.Parameter(self.draw_start(self.init_seed, self.init_word, [self.target_name]))
         self.target_index = torch.tensor(self._resolve_target(self.frozen.ensemble.class_names))
         if self.max_iterations == 0:  # evaluation only: nothing to optimise
             self.status.fill_(EXHAUSTED)
@@ -204,7 +202,7 @@ class UniversalTokenSearch(TargetSearch):
         real = ids >= 0
         targets = [self.targets[int(i)] for i in ids.clamp(min=0)]
         images = self.render(targets, with_token=True)
-        output = self.frozen.ensemble.targeted_loss(images, self.target_index.expand(len(targets)).to(self.device))
+        output = self.surrogate(images, self.target_index.expand(len(targets)).to(self.device), towards=True)
         similarity = self.text_similarity([t.prompt for t in targets])
         per_sample = output.per_sample_loss + self.text_weight * (1 - similarity)
         self.stop_if_not_finite(
