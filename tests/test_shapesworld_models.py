@@ -177,3 +177,18 @@ def test_lm_perplexity(lm):
     from sage_lightning.shapesworld.lm import perplexity
 
     assert perplexity(lm, captions(200, seed=4242)) < 4.0
+
+
+def test_training_set_says_where_each_image_came_from(tmp_path):
+    """The shipped training record counts what a member trained on (drawings, rejects, judged generator images
+    repeated), from the set itself, whether it was built or read from a cache."""
+    import numpy as np
+
+    from sage_lightning.shapesworld.classifiers import NONE_ID, SOURCES, training_set
+
+    extra = tmp_path / "extra.npz"
+    np.savez(extra, images=np.zeros((2, 64, 64, 3), np.uint8), labels=np.array([3, NONE_ID]))
+    images, labels, sources = training_set(4, 4, seed=0, extra=extra, extra_repeat=3)
+    assert len(images) == len(labels) == len(sources) == 14
+    assert np.bincount(sources, minlength=len(SOURCES)).tolist() == [4, 4, 6]
+    assert (labels[sources == 1] == NONE_ID).all() and labels[sources == 2].tolist() == [3, NONE_ID] * 3

@@ -260,20 +260,24 @@ def style_augment(x: Tensor, gen: torch.Generator, strength: float = 1.0) -> Ten
 
 # ---------------------------------------------------------------------------------------- training
 NONE_ID = len(SHAPES)  # the reject output's label
+SOURCES = ("drawings", "rejects", "extra")  # where a training image came from (``training_set``'s ``sources``)
 
 
 def training_set(n_train: int, n_reject: int, seed: int, extra: str | Path | None = None,
-                 extra_repeat: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images ``[N, 64, 64, 3]`` and labels (0-9 the shapes, 10 ``none``): ``n_train`` generator
-    drawings, ``n_reject`` reject drawings, and the images of ``extra`` (an ``.npz`` with ``images`` and
-    ``labels``: the generator model's images on training seeds, labelled by the judge) ``extra_repeat`` times."""
+                 extra_repeat: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 images ``[N, 64, 64, 3]``, labels (0-9 the shapes, 10 ``none``) and sources (indices into
+    ``SOURCES``): ``n_train`` generator drawings, ``n_reject`` reject drawings, and the images of ``extra`` (an
+    ``.npz`` with ``images`` and ``labels``: the generator model's images on training seeds, labelled by the
+    judge) ``extra_repeat`` times."""
     images, _, ids, _ = make_batch(n_train, seed=1000 + seed)
     rejects = make_rejects(n_reject, seed=2000 + seed)
     parts = [(images, ids), (rejects, np.full(len(rejects), NONE_ID))]
     if extra:
         data = np.load(extra)
         parts += [(data["images"], data["labels"].astype(np.int64))] * extra_repeat
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.int64)
+    sources = np.concatenate([np.full(len(p[0]), min(i, 2)) for i, p in enumerate(parts)])
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.int64),
+            sources.astype(np.int64))
 
 
 class ClassifierModule(L.LightningModule):
@@ -345,18 +349,18 @@ def train(name: str, steps: int = 1500, batch_size: int = 128, n_train: int = 24
     """Train member ``name`` (seeded), measure it on ``n_test`` fresh drawings and rejects, and ship it.
 
     ``data_cache``: an ``.npz`` path where the training set is saved once and reloaded (several members'
-    trainings share one)."""
+    trainings share one); the record counts the images the run trained on, from the set's ``sources``."""
     torch.set_num_threads(1)
     L.seed_everything(seed, workers=True)
     t0 = time.time()
     cache = Path(data_cache) if data_cache else None
     if cache is not None and cache.exists():
         data = np.load(cache)
-        images, labels = data["images"], data["labels"]
+        images, labels, sources = data["images"], data["labels"], data["sources"]
     else:
-        images, labels = training_set(n_train, n_reject, seed, extra)
+        images, labels, sources = training_set(n_train, n_reject, seed, extra)
         if cache is not None:
-            np.savez(cache, images=images, labels=labels)
+            np.savez(cache, images=images, labels=labels, sources=sources)
     ds = torch.utils.data.TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(seed))
@@ -368,8 +372,10 @@ def train(name: str, steps: int = 1500, batch_size: int = 128, n_train: int = 24
     test_images, _, test_ids, _ = make_batch(n_test, seed=987_654 + seed)
     acc = accuracy(net, test_images, test_ids)
     reject_acc = accuracy(net, make_rejects(n_test // 4, seed=3000 + seed), np.full(n_test // 4, NONE_ID))
-    record = {"steps": steps, "batch_size": batch_size, "n_train_images": n_train, "n_reject_images": n_reject,
-              "extra_images": int(len(images) - n_train - n_reject), "seed": seed, "train_data_seed": 1000 + seed,
+    counts = np.bincount(sources, minlength=len(SOURCES))  # what was trained on, cached or built here
+    record = {"steps": steps, "batch_size": batch_size, "n_train_images": int(counts[0]),
+              "n_reject_images": int(counts[1]), "extra_images": int(counts[2]), "seed": seed,
+              "train_data_seed": 1000 + seed,
               "test_seed": 987_654 + seed, "fresh_accuracy": acc, "reject_accuracy": reject_acc, "n_test": n_test,
               "params": params_of(net.model), "init_from": init_from, "train_seconds": round(time.time() - t0, 1)}
     print(f"[{name}] fresh accuracy {acc:.4f} on {n_test}; rejects {reject_acc:.4f}; {record['params']} params; "
