@@ -538,7 +538,8 @@ def shapesworld_member(folder: Path):
                         model_kwargs=cfg["model_kwargs"], reject_names=cfg.get("reject_names"))
     if cfg["input"] == "canny":
         c = cfg["canny"]
-        return CannyEdgeMember(member, c["low_threshold"], c["high_threshold"], c["l2_gradient"], c["black_on_white"])
+        return CannyEdgeMember(member, c["low_threshold"], c["high_threshold"], c["l2_gradient"], c["black_on_white"],
+                               c.get("stretch_contrast", False))
     return member
 
 

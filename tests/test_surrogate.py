@@ -307,3 +307,24 @@ def test_ngr_flags_a_norm_outlier_that_passes_ks():
     assert not typical["outlier"] and typical["norm_pvalue"] > 0.01
     on_shell = torch.randn(d, generator=torch.Generator().manual_seed(8))
     assert not gaussianity(on_shell / on_shell.norm() * d**0.5)["norm_outlier"]  # the Gaussian shell passes
+
+
+def test_contrast_stretch_keeps_a_faint_shape_s_edges_and_stays_exact_canny():
+    """A shape a person still sees at low contrast keeps its Canny edges when the member stretches contrast
+    (issue 19: D must hold there); a flat field stays flat; the stretched map is still exactly cv2.Canny."""
+    from sage_lightning.surrogate.members import stretch_of
+
+    img = np.full((64, 64, 3), 120, np.uint8)
+    cv2.circle(img, (32, 32), 16, (150, 150, 150), -1)  # 30 grey levels of contrast: faint but plain
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255)
+    x = torch.cat([x, torch.full((1, 3, 64, 64), 0.5)]).requires_grad_(True)
+    plain = CannyEdgeMember(FixedProbsMember([[0.1] * 10] * 2), 100, 200)
+    stretched = CannyEdgeMember(FixedProbsMember([[0.1] * 10] * 2), 100, 200, stretch_contrast=True)
+    assert plain.canny(x)[0].sum() == 0 and stretched.canny(x)[0].sum() > 50
+    assert stretched.canny(x)[1].sum() == 0  # flat: below the least range, not stretched
+    gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    shift, scale = stretch_of(gray)
+    ref = cv2.Canny(np.clip(np.round((gray - shift) * scale), 0, 255).astype(np.uint8), 100, 200)
+    assert np.array_equal(stretched.canny(x)[0, 0].detach().numpy(), (ref > 0).astype(np.float32))
+    stretched.edge_map(x).sum().backward()
+    assert x.grad[0].abs().sum() > 0

@@ -37,7 +37,6 @@ import math
 import time
 from pathlib import Path
 
-import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -47,10 +46,12 @@ from torch import Tensor, nn
 from sage_lightning.loading import SHAPESWORLD_DIR, shapesworld_member
 from sage_lightning.shapesworld.generator import IMAGE_SIZE, SHAPES, make_batch
 from sage_lightning.shapesworld.rejects import REJECT_NAME, make_rejects
+from sage_lightning.surrogate.members import canny_edges
 
 CLASSIFIERS_DIR = SHAPESWORLD_DIR / "classifiers"
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-CANNY = {"low_threshold": 100.0, "high_threshold": 200.0, "l2_gradient": False, "black_on_white": True}
+CANNY = {"low_threshold": 100.0, "high_threshold": 200.0, "l2_gradient": False, "black_on_white": True,
+         "stretch_contrast": True}
 _OVERLAY = {"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "mean": list(MEAN), "std": list(STD)}
 
 SPECS: dict[str, dict] = {
@@ -89,7 +90,8 @@ def full_config(name: str) -> dict:
     }
     if spec["input"] == "canny":
         cfg["canny"] = dict(CANNY)
-        cfg["images"] = ("RGB in [0, 1] -> (x*255).round() uint8 -> cv2 RGB2GRAY -> cv2.Canny(low, high) 0/1 -> "
+        cfg["images"] = ("RGB in [0, 1] -> (x*255).round() uint8 -> cv2 RGB2GRAY -> if stretch_contrast: 1st..99th "
+                         "percentile to 0..255 (unless closer than 8 levels) -> cv2.Canny(low, high) 0/1 -> "
                          "1 - edges if black_on_white -> 3 channels -> (x - mean) / std")
     return cfg
 
@@ -101,12 +103,12 @@ def create_model(cfg: dict) -> nn.Module:
 
 
 # -------------------------------------------------------------------------------------- edge maps
-def canny_maps(images01: Tensor, low: float = 100.0, high: float = 200.0, l2_gradient: bool = False) -> Tensor:
+def canny_maps(images01: Tensor, low: float = 100.0, high: float = 200.0, l2_gradient: bool = False,
+               stretch_contrast: bool = False) -> Tensor:
     """Exact Canny maps as 0/1 floats ``[B, 1, H, W]`` (the surrogate's ``CannyEdgeMember.canny``)."""
     u8 = (images01.detach().float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    maps = [cv2.Canny(cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2GRAY), low, high, L2gradient=l2_gradient)
-            for im in u8]
-    return (torch.from_numpy(np.stack(maps)).unsqueeze(1) > 0).to(device=images01.device, dtype=images01.dtype)
+    maps = canny_edges(u8, low, high, l2_gradient, stretch_contrast)
+    return (torch.from_numpy(maps).unsqueeze(1) > 0).to(device=images01.device, dtype=images01.dtype)
 
 
 def draw_edges(edges01: Tensor, black_on_white: bool = True) -> Tensor:
@@ -143,7 +145,8 @@ class ShapesClassifier(nn.Module):
             raise ValueError(f"images have shape {tuple(images01.shape)}; pass RGB [B, 3, H, W] in [0, 1]")
         if self.is_edge:  # as CannyEdgeMember: Canny at the image's own size, then the classifier's resize
             c = self.config["canny"]
-            edges = canny_maps(images01, c["low_threshold"], c["high_threshold"], c["l2_gradient"])
+            edges = canny_maps(images01, c["low_threshold"], c["high_threshold"], c["l2_gradient"],
+                               c.get("stretch_contrast", False))
             images01 = draw_edges(edges, c["black_on_white"])
         if tuple(images01.shape[-2:]) != self.input_size:
             images01 = F.interpolate(images01, size=self.input_size, mode="bilinear", align_corners=False)

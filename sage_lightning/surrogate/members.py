@@ -24,6 +24,36 @@ from sage_lightning.surrogate.classnames import class_names_from_spec
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
+# Contrast stretch before Canny (ours, METHOD: "The edge member"): these grayscale percentiles map to 0 and 255,
+# unless they lie closer than STRETCH_MIN_RANGE levels (a flat field stays flat, its noise is not amplified).
+STRETCH_PERCENTILES = (1.0, 99.0)
+STRETCH_MIN_RANGE = 8.0
+
+
+def stretch_of(gray: np.ndarray) -> tuple[float, float]:
+    """``(low, scale)`` of the contrast stretch of one uint8 grayscale image: ``(gray - low) * scale``
+    maps its 1st..99th percentiles onto 0..255; ``(0, 1)`` (no stretch) when they are closer than
+    ``STRETCH_MIN_RANGE`` levels."""
+    low, high = (float(v) for v in np.percentile(gray, STRETCH_PERCENTILES))
+    if high - low < STRETCH_MIN_RANGE:
+        return 0.0, 1.0
+    return low, 255.0 / (high - low)
+
+
+def canny_edges(images_u8: np.ndarray, low: float, high: float, l2_gradient: bool = False,
+                stretch_contrast: bool = False) -> np.ndarray:
+    """Exact ``cv2.Canny`` maps ``[B, H, W]`` (0 or 255) of RGB uint8 images ``[B, H, W, 3]``: grayscale by
+    ``cv2.cvtColor(RGB2GRAY)``, optionally contrast-stretched (:func:`stretch_of`, rounded back to uint8)."""
+    maps = []
+    for img in images_u8:
+        gray = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)
+        if stretch_contrast:
+            shift, scale = stretch_of(gray)
+            gray = np.clip(np.round((gray.astype(np.float64) - shift) * scale), 0, 255).astype(np.uint8)
+        maps.append(cv2.Canny(gray, low, high, L2gradient=l2_gradient))
+    return np.stack(maps)
+
+
 def _check_images(images: Tensor) -> None:
     if images.ndim != 4 or images.shape[1] != 3:
         raise SageError(f"images have shape {tuple(images.shape)}; pass RGB images [B, 3, H, W] in [0, 1]")
@@ -314,6 +344,9 @@ class CannyEdgeMember(EnsembleMember):
         low_threshold, high_threshold: Canny hysteresis thresholds.
         l2_gradient: Canny's ``L2gradient`` flag (the surrogate uses the same norm).
         black_on_white: draw edges black on white (True) or white on black (False).
+        stretch_contrast: stretch each image's grayscale range to 0..255 before Canny (ours, off by default:
+            the paper's Canny has fixed thresholds), so that a faint shape a person still sees keeps its edges;
+            the surrogate's gradient is scaled by the same (constant) stretch.
 
     Shape:
         - images01: :math:`(B, 3, H, W)` in [0, 1]. Output: :math:`(B, C)` logits of ``classifier``.
@@ -326,6 +359,7 @@ class CannyEdgeMember(EnsembleMember):
         high_threshold: float = 200,
         l2_gradient: bool = False,
         black_on_white: bool = True,
+        stretch_contrast: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(classifier, EnsembleMember):
@@ -344,26 +378,32 @@ class CannyEdgeMember(EnsembleMember):
         self.high_threshold = float(high_threshold)
         self.l2_gradient = bool(l2_gradient)
         self.black_on_white = bool(black_on_white)
+        self.stretch_contrast = bool(stretch_contrast)
         sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
         self.register_buffer("sobel", torch.stack([sobel_x, sobel_x.T]).unsqueeze(1), persistent=False)
         self.register_buffer("gray_weights", torch.tensor(_GRAY_WEIGHTS).view(1, 3, 1, 1), persistent=False)
         self.freeze()
 
+    @staticmethod
+    def _u8(images01: Tensor) -> np.ndarray:
+        u8 = (images01.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+        return u8.permute(0, 2, 3, 1).cpu().numpy()
+
     def canny(self, images01: Tensor) -> Tensor:
         """Exact ``cv2.Canny`` maps as 0/1 floats, :math:`(B, 1, H, W)`, no gradient."""
         _check_images(images01)
-        u8 = (images01.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
-        u8 = u8.permute(0, 2, 3, 1).cpu().numpy()
-        maps = []
-        for img in u8:
-            gray = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)
-            maps.append(cv2.Canny(gray, self.low_threshold, self.high_threshold, L2gradient=self.l2_gradient))
-        edges = torch.from_numpy(np.stack(maps)).unsqueeze(1)
+        maps = canny_edges(self._u8(images01), self.low_threshold, self.high_threshold, self.l2_gradient,
+                           self.stretch_contrast)
+        edges = torch.from_numpy(maps).unsqueeze(1)
         return (edges > 0).to(device=images01.device, dtype=images01.dtype)
 
     def edge_surrogate(self, images01: Tensor) -> Tensor:
         """Differentiable edge strength in [0, 1), :math:`(B, 1, H, W)`: tanh(Sobel magnitude / high)."""
         gray = (images01 * self.gray_weights.to(images01.dtype)).sum(1, keepdim=True) * 255
+        if self.stretch_contrast:  # the forward's stretch, held constant
+            grays = [cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY) for img in self._u8(images01)]
+            shift, scale = torch.tensor([stretch_of(g) for g in grays], dtype=gray.dtype, device=gray.device).T
+            gray = (gray - shift.view(-1, 1, 1, 1)) * scale.view(-1, 1, 1, 1)
         g = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), self.sobel.to(gray.dtype))
         if self.l2_gradient:
             mag = g.pow(2).sum(1, keepdim=True).add(1e-6).sqrt()
