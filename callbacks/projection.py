@@ -18,6 +18,15 @@ def shell_in_box(z0: Tensor, delta: Tensor, low: float, high: float) -> Tensor:
     return sphere_in_box(z0, delta, low, high, math.sqrt(delta[0].numel()))
 
 
+def bound_channel_means(z: Tensor, sigmas: float) -> Tensor:
+    """``z`` ``[B, C, ...]`` with each channel's mean moved (by a constant over the channel) into
+    ``+/- sigmas / sqrt(n)``, ``n`` entries per channel: the spread of a channel mean of N(0, I)."""
+    flat = z.flatten(2)
+    bound = sigmas / math.sqrt(flat.shape[-1])
+    means = flat.mean(-1, keepdim=True)
+    return (flat - (means - means.clamp(-bound, bound))).view_as(z)
+
+
 class LatentProjection(L.Callback):
     """After each step, for stepped targets: z onto the shell |z| = sqrt(d), delta kept in the run's box.
 
@@ -25,7 +34,27 @@ class LatentProjection(L.Callback):
     run also has a :class:`~callbacks.ClampPerturbation`, the projection moves along the box
     (:func:`shell_in_box`) instead of scaling z freely, so the step's result satisfies both constraints
     whatever the order of the two callbacks (the clamp then finds delta already inside its box).
+
+    Args:
+        channel_mean_sigmas: (ours, off by default) also keep each latent channel's mean within this many
+            standard deviations of a N(0, I) channel mean (``bound_channel_means``), alternated twice with the
+            shell projection (the result is on the shell exactly, the channel means within the bound up to
+            the shell's small rescaling). A sign-step search drifts whole channels (a global colour or
+            brightness shift of the image): a channel mean of 5 sigma is an outlier of N(0, I) that the norm
+            does not see, and the entries' KS test does.
     """
+
+    def __init__(self, channel_mean_sigmas: float | None = None) -> None:
+        if channel_mean_sigmas is not None and not channel_mean_sigmas > 0:
+            raise ValueError(f"channel_mean_sigmas={channel_mean_sigmas} must be > 0 (e.g. 3.0), or null for none")
+        self.channel_mean_sigmas = channel_mean_sigmas
+
+    def _onto_shell(self, z0: Tensor, delta: Tensor, box: tuple[float, float] | None) -> Tensor:
+        if box is None:
+            z = z0 + delta
+            norms = z.flatten(1).norm(dim=1).view(-1, *([1] * (z.dim() - 1)))
+            return z * (math.sqrt(z[0].numel()) / norms) - z0
+        return shell_in_box(z0, delta, *box)
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -35,9 +64,9 @@ class LatentProjection(L.Callback):
         delta = pl_module.adversarial_rows()
         z0 = pl_module.initial_latents(rows)
         box = run_box(trainer)
-        if box is None:
-            z = z0 + delta[rows]
-            norms = z.flatten(1).norm(dim=1).view(-1, *([1] * (z.dim() - 1)))
-            delta[rows] = z * (math.sqrt(z[0].numel()) / norms) - z0
-        else:
-            delta[rows] = shell_in_box(z0, delta[rows], *box)
+        step = delta[rows]
+        for _ in range(2 if self.channel_mean_sigmas else 1):
+            if self.channel_mean_sigmas:
+                step = bound_channel_means(z0 + step, self.channel_mean_sigmas) - z0
+            step = self._onto_shell(z0, step, box)
+        delta[rows] = step

@@ -110,3 +110,24 @@ def test_a_latent_search_from_python_stays_in_its_box_and_on_the_shell(tmp_path)
     assert moved.any()
     norms = z.flatten(1).norm(dim=1) / math.sqrt(z[0].numel())
     assert torch.allclose(norms[moved], torch.ones_like(norms[moved]), atol=1e-4)
+
+
+def test_channel_mean_bound_pulls_a_drifted_channel_back_and_stays_on_the_shell(search):
+    """A step that shifts a whole latent channel (a global colour drift) is an outlier the norm does not see:
+    with ``channel_mean_sigmas`` the projection brings that channel's mean back near the N(0, I) spread,
+    leaves z on the shell and delta in the box; without it the drift stays."""
+    drift = torch.zeros(search.delta.shape)
+    drift[:, 1] = 0.4  # channel 1 moved by +0.4: ~6 sigma for a channel of 256 entries
+    z0 = search.initial_latents(torch.arange(len(search.targets)))
+    n = z0[0, 0].numel()
+    bound = 3.0 / math.sqrt(n)
+    clamp = ClampPerturbation(-1.0, 1.0)
+    plain = _step(search, drift, [clamp, LatentProjection()])
+    bounded = _step(search, drift, [clamp, LatentProjection(channel_mean_sigmas=3.0)])
+    assert ((z0 + plain)[:, 1].flatten(1).mean(1) > 2 * bound).all()
+    means = (z0 + bounded).flatten(2).mean(-1)
+    assert (means.abs() <= bound * 1.05).all(), means
+    ratio = (z0 + bounded).flatten(1).norm(dim=1) / math.sqrt(z0[0].numel())
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5) and bounded.abs().max() <= 1.0
+    with pytest.raises(ValueError, match="channel_mean_sigmas"):
+        LatentProjection(channel_mean_sigmas=0.0)

@@ -313,7 +313,10 @@ class ClassifierModule(L.LightningModule):
             return self.net.prepare(x)
         x = geometric_augment(x, self.gen)
         if self.net.is_edge:
-            # mild photometric change only: Canny's fixed thresholds see luminance contrast
+            # mild photometric change only: Canny's fixed thresholds see luminance contrast; with the
+            # contrast stretch the member also sees shapes washed out as far as the RGB members do
+            if self.net.config["canny"].get("stretch_contrast", False):
+                x = contrast_augment(x, self.gen)
             x = style_augment(x, self.gen, strength=0.35)
             return self.net.prepare(x)
         return style_augment(contrast_augment(x, self.gen), self.gen)
