@@ -549,10 +549,15 @@ def _tiny_shape_names() -> list[str]:
     return list(SHAPES)
 
 
+# The world's D looks at every image in six nuisance views (surrogate/views.py): SAGE must change what each shows.
+SHAPESWORLD_VIEWS = ("image", "gbr", "brg", "gray", "blur", "half")
+
+
 def default_ensemble(source: str):
     """The discriminator D that goes with a model source when the config names none.
 
-    ``shapesworld``: the world's own classifiers (two timm architectures and the Canny-edge member).
+    ``shapesworld``: the world's own classifiers (two timm architectures and the Canny-edge member), in the
+    nuisance views ``SHAPESWORLD_VIEWS``.
     ``tiny``, ``tiny-xl``: random timm test models on the ShapesWorld class names (debugging only: meaningless).
     Other sources have no default: a config must list the members (see configs/models/).
     """
@@ -570,7 +575,7 @@ def default_ensemble(source: str):
         shipped = [name for name in SHAPESWORLD_MEMBERS if (folder / name / "config.json").exists()]
         if not shipped:
             raise SageError(f"ShapesWorld classifiers are missing in {folder}: rebuild them (`sage-shapesworld build`)")
-        return ClassifierEnsemble([shapesworld_member(folder / name) for name in shipped])
+        return ClassifierEnsemble([shapesworld_member(folder / name) for name in shipped], views=SHAPESWORLD_VIEWS)
     raise SageError(
         f"model {source!r} has no default ensemble: list the members under model.ensemble in the config "
         "(see configs/models/sd15.yaml)"

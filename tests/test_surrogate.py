@@ -328,3 +328,42 @@ def test_contrast_stretch_keeps_a_faint_shape_s_edges_and_stays_exact_canny():
     assert np.array_equal(stretched.canny(x)[0, 0].detach().numpy(), (ref > 0).astype(np.float32))
     stretched.edge_map(x).sum().backward()
     assert x.grad[0].abs().sum() > 0
+
+
+class RedMember(EnsembleMember):
+    """Class 0 in proportion to the red channel's share of the image: colour is all it looks at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.class_names = NAMES[:2]
+
+    def logits(self, images01: torch.Tensor) -> torch.Tensor:
+        red = images01[:, 0].mean((1, 2)) / images01.mean((1, 2, 3)).clamp_min(1e-6) / 3
+        return torch.stack([10 * red, 10 * (1 - red)], -1)
+
+
+def test_views_average_each_member_over_nuisance_views_and_carry_the_gradient():
+    """D in views (ours): probabilities are the mean over the views, so a member fooled by colour alone cannot
+    make D fail on a red image (two of the three colour views are not red); the gradient reaches the image."""
+    from sage_lightning.surrogate.views import VIEWS, stack_views
+
+    red = torch.zeros(2, 3, 16, 16)
+    red[:, 0] = 0.9
+    red.requires_grad_(True)
+    plain = ClassifierEnsemble([RedMember()], top_k=1)
+    viewed = ClassifierEnsemble([RedMember()], top_k=1, views=["image", "gbr", "brg"])
+    assert plain(red.detach(), torch.tensor([1, 1])).failed.all()  # fooled: "class0" on the image alone
+    p_views = viewed.member_probs(red.detach())
+    per_view = torch.stack([RedMember()(VIEWS[v](red.detach())).softmax(-1) for v in viewed.views]).mean(0)
+    torch.testing.assert_close(p_views[0], per_view)
+    assert not viewed(red.detach(), torch.tensor([1, 1])).failed.any()  # the views disagree: no failure
+    viewed(red, torch.tensor([0, 0])).loss.backward()
+    assert red.grad.abs().sum() > 0
+    assert stack_views(red.detach(), ["image", "half"]).shape == (4, 3, 16, 16)
+
+
+def test_unknown_or_empty_views_are_refused_in_one_line():
+    with pytest.raises(SageError, match="unknown view 'grey'.*did you mean 'gray'"):
+        ClassifierEnsemble([RedMember()], views=["image", "grey"])
+    with pytest.raises(SageError, match="views is empty"):
+        ClassifierEnsemble([RedMember()], views=[])

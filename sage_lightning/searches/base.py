@@ -32,6 +32,7 @@ from sage_lightning.loading import (
 from sage_lightning.optim import SignSGD, check_lr
 from sage_lightning.sampler import DiffusionSampler, GradientMode, ResidualGradient, loop_length
 from sage_lightning.surrogate import ClassifierEnsemble, EnsembleOutput
+from sage_lightning.surrogate.views import check_views
 from sage_lightning.targets import Target, noise_generator
 from sage_lightning.text import PromptEncoder, XLConditioning, XLPromptEncoder, prompt_encoder
 
@@ -162,6 +163,8 @@ class TargetSearch(L.LightningModule):
         diffusion: model source for :func:`sage_lightning.loading.load_diffusion` (``shapesworld``,
             ``tiny``, a folder or a hub id).
         ensemble: the discriminator D; None takes the source's default ensemble.
+        views: D's nuisance views (ours; :class:`~sage_lightning.surrogate.ClassifierEnsemble`); None keeps the
+            ensemble's own (ShapesWorld's default D: six views; a config's ensemble: its ``views``).
         num_steps, guidance_scale, scheduler: sampling of the text-to-image model.
         eta: DDIM's eta (0: deterministic; > 0 adds noise at every step, drawn from each target's own
             generator, :func:`~sage_lightning.targets.noise_generator`).
@@ -188,8 +191,10 @@ class TargetSearch(L.LightningModule):
         local_files_only: bool = False,
         eta: float = 0.0,
         micro_conditioning: dict[str, list[int]] | None = None,
+        views: list[str] | None = None,
     ) -> None:
         super().__init__()
+        self.views = None if views is None else check_views(views)
         self.micro_conditioning = check_micro_conditioning(micro_conditioning)
         if not 0.0 <= eta <= 1.0:
             raise SageError(f"eta={eta} must be in [0, 1] (DDIM: 0 is deterministic, 1 is DDPM-like)")
@@ -280,6 +285,8 @@ class TargetSearch(L.LightningModule):
         if self.micro_conditioning:
             model = with_micro_conditioning(model, self.micro_conditioning)
         ensemble.requires_grad_(False).eval()
+        if self.views is not None:
+            ensemble.views = self.views
         self._frozen = _Frozen(model, ensemble, prompt_encoder(model))
         self.targets = targets
         self.class_index = torch.tensor(target_class_indices(targets, ensemble.class_names))

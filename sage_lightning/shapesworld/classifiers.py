@@ -9,13 +9,15 @@ smear; ``rejects.py``), so that D can say "nothing of the kind is drawn" (issue 
   connectivity, no residual sums), on RGB images.
 - ``edge``: timm ``resnet10t`` at reduced width, on the image's Canny edge map drawn exactly as the
   surrogate's :class:`~sage_lightning.surrogate.members.CannyEdgeMember` draws it (``(img*255).round()``
-  -> uint8, ``cv2.cvtColor(RGB2GRAY)``, ``cv2.Canny(gray, 100, 200)``, 0/1, ``1 - edges``: black edges
-  on white, replicated to 3 channels).
+  -> uint8, ``cv2.cvtColor(RGB2GRAY)``, the grayscale's 1st-99th percentiles stretched to 0-255
+  (``stretch_contrast``: a faint shape keeps its edges), ``cv2.Canny(gray, 100, 200)``, 0/1, ``1 - edges``:
+  black edges on white, replicated to 3 channels).
 
 Training data (``train``): the generator's drawings (label: their shape), reject drawings (label ``none``),
 and, when given (``--extra``), images of the generator model itself on training seeds labelled by the judge
 (``none`` where it sees no clean shape), including the hard examples SAGE found against the previous D on
-training seeds (``hard_examples.py``; never the seeds evaluation uses). The RGB members are trained with
+training seeds (``hard_examples.py``: its D-only failures; never the seeds evaluation uses). The RGB members
+are trained with
 heavy style augmentation (channel permutations, per-channel gains and offsets, inversion, grayscale, colour
 mixing, smooth colour fields, noise, blur), contrast lowered towards the image's border colour down to a
 tenth, and shapes shrunk to half or enlarged, so they follow shape rather than colour, contrast or size.

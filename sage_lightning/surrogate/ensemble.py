@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from sage_lightning.errors import SageError
 from sage_lightning.surrogate.classnames import resolve_classes
 from sage_lightning.surrogate.members import EnsembleMember, _check_images
+from sage_lightning.surrogate.views import check_views, stack_views
 
 
 @dataclass
@@ -59,6 +60,9 @@ class ClassifierEnsemble(nn.Module):
         members: the classifiers, all with the same class list.
         top_k: k of the failure test; None: :func:`default_top_k` of the class count.
         tau: probability threshold of the failure test.
+        views: (ours) nuisance views of each image (:mod:`sage_lightning.surrogate.views`: ``image``, ``gbr``,
+            ``brg``, ``gray``, ``blur``, ``half``); each member's probabilities are averaged over them before the
+            loss and the failure test. ``["image"]`` (default): D on the image alone, as in the paper.
 
     Shape:
         - images: :math:`(B, 3, H, W)` in [0, 1], any size (members resize).
@@ -66,8 +70,10 @@ class ClassifierEnsemble(nn.Module):
         - output: :class:`EnsembleOutput`.
     """
 
-    def __init__(self, members: list[EnsembleMember], top_k: int | None = None, tau: float = 0.1) -> None:
+    def __init__(self, members: list[EnsembleMember], top_k: int | None = None, tau: float = 0.1,
+                 views: Sequence[str] = ("image",)) -> None:
         super().__init__()
+        self.views = check_views(views)
         members = list(members)
         if not members:
             raise SageError("the ensemble has no members; give at least one EnsembleMember")
@@ -128,10 +134,14 @@ class ClassifierEnsemble(nn.Module):
 
     def member_probs(self, images: Tensor) -> Tensor:
         """Softmax probabilities of every member, :math:`(M, B, C + R)` (float32): each member's softmax over its
-        own outputs (classes and rejects); a member with fewer reject outputs has probability 0 in the others."""
-        probs = [m(images).float().softmax(-1) for m in self.members]
+        own outputs (classes and rejects), averaged over the ensemble's ``views``; a member with fewer reject
+        outputs has probability 0 in the others."""
+        batch, n_views = images.shape[0], len(self.views)
+        viewed = images if self.views == ["image"] else stack_views(images, self.views)
+        probs = [m(viewed).float().softmax(-1) for m in self.members]
         width = len(self.output_names)
-        return torch.stack([F.pad(p, (0, width - p.shape[-1])) for p in probs])
+        probs = torch.stack([F.pad(p, (0, width - p.shape[-1])) for p in probs])  # [M, V * B, C + R]
+        return probs.view(len(self.members), n_views, batch, width).mean(1)
 
     def forward(self, images: Tensor, target: Tensor, towards: bool = False) -> EnsembleOutput:
         target = self._check_target(images, target)
