@@ -5,7 +5,7 @@ the last attempt), ``latents/NNNNN.safetensors`` (z, z0) and a line in ``results
 ``summary.json`` (SSR(A), NGR, cost per failure) and ``gallery.png`` (every failure as a clean | failure pair,
 labelled with its class, seed and iteration).
 A target whose clean image (z0, iteration 0) already fails D is recorded with ``already_failing``: SAGE
-searches from samples the model gets right, so it is left out of SSR (:func:`target_summary`).
+searches from samples the model gets right, so it is left out of SSR (:func:`sage_lightning.summary.run_summary`).
 Where the model has a judge (ShapesWorld), each line holds the judge's verdict on the clean image
 (``clean_judge``) and ``summary.json`` how often D and the judge agree on the clean images
 (``clean_agreement``, :func:`~sage_lightning.metrics.judge_agreement`).
@@ -20,9 +20,10 @@ import lightning as L
 import torch
 
 from sage_lightning.errors import SageError
-from sage_lightning.metrics import gaussianity, judge_agreement, judged_summary, non_gaussian_rate, target_summary
+from sage_lightning.metrics import gaussianity
 from sage_lightning.results import RunFolder
 from sage_lightning.searches.base import all_gather_objects
+from sage_lightning.summary import LATENT, run_summary, searched_failures
 from sage_lightning.surrogate.ensemble import member_names
 
 _gather = all_gather_objects  # every rank's records, in rank order
@@ -120,24 +121,8 @@ class FailureWriter(L.Callback):
         if not trainer.is_global_zero:
             return
         results = self.run.read_results()
-        found = [r for r in results if r["found"] and not r["already_failing"]]
-        summary = {
-            "search": type(pl_module).__name__,
-            **target_summary([r["found"] for r in results], [r["already_failing"] for r in results],
-                             len(pl_module.targets)),
-            "ngr": non_gaussian_rate([r["ngr"]["outlier"] for r in found]),
-            "median_iterations_per_failure": _median([r["iterations"] for r in found]),
-            "median_unet_evaluations_per_failure": _median([r["unet_evaluations"] for r in found]),
-            "median_forward_equivalents_per_failure": _median([r["forward_equivalents"] for r in found]),
-        }
-        judged = [r for r in results if "clean_judge" in r]  # D's clean decision: failing at iteration 0
-        if judged:
-            # SSR(J): failures the judge confirms, over targets whose clean image it accepts (judged_summary)
-            summary.update(judged_summary(judged, summary["searched"]))
-            summary["clean_judged_as_class"] = sum(r["clean_judge"] == r["class"] for r in judged)
-            summary["clean_agreement"] = judge_agreement(
-                [r["already_failing"] for r in judged], [r["clean_judge"] for r in judged], [r["class"] for r in judged]
-            )
+        found = searched_failures(results)
+        summary = run_summary(type(pl_module).__name__, results, len(pl_module.targets), LATENT)
         (self.run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if found:
             self.write_gallery(found[: self.gallery_size])
@@ -190,6 +175,3 @@ def agreement_note(summary: dict) -> str:
         return confirmed
     return f"{confirmed}, D and judge agree on {agreement['agree']} of {agreement['images']} clean images"
 
-
-def _median(values: list[float]) -> float | None:
-    return float(torch.tensor(values, dtype=torch.float64).median()) if values else None

@@ -28,15 +28,8 @@ def _is_terminal() -> bool:
 
 def spent_forward_equivalents(module) -> float:
     """Forward-equivalents the search has used so far, over all targets (SAGE_METHOD.md's cost unit)."""
-    if hasattr(module, "target_forward_equivalents"):  # prompt searches: steps plus prompt evaluations
-        return float(sum(module.target_forward_equivalents(t) for t in range(len(module.targets))))
-    if not hasattr(module, "forward_equivalents"):
-        return 0.0
-    # forward_equivalents(i) is affine in the iterations i: a * (i + 1) + b * i
-    a = module.forward_equivalents(0)
-    b = module.forward_equivalents(1) - 2 * a
-    iterations = module.iterations.double()
-    return float((a * (iterations + 1) + b * iterations).sum())
+    spent = getattr(module, "forward_equivalents_spent", None)  # the search's own count (sage_lightning.cost)
+    return float(spent()) if spent is not None else 0.0
 
 
 def eta_seconds(elapsed: float, done_iterations: int, remaining_iterations: int) -> float | None:

@@ -19,10 +19,9 @@ import json
 import torch
 from torchvision.utils import make_grid
 
-from callbacks.failure_writer import FailureWriter, _median, agreement_note, summary_line
-from sage_lightning.metrics import judge_agreement, judged_summary, target_summary
+from callbacks.failure_writer import FailureWriter, agreement_note, summary_line
 from sage_lightning.searches.base import FOUND
-from sage_lightning.searches.prompt import majority
+from sage_lightning.summary import PROMPT, majority, run_summary, searched_failures
 from sage_lightning.surrogate.ensemble import member_names
 
 
@@ -40,21 +39,6 @@ def judge_verdict(decisions: list[bool], judged: list[str | None], class_name: s
             "confirmed": found and majority(both)}
 
 
-def judged_form(record: dict) -> dict | None:
-    """A prompt target in the form :func:`~sage_lightning.metrics.judged_summary` counts: its bare template's
-    images stand for the clean image (the judge accepts it when a strict majority of the S seeds show the
-    class), the final prompt's verdict for the final image (``confirmed``: rejected on the seeds D failed on).
-    None when the bare template was not judged."""
-    first = (record.get("rounds") or [{}])[0]
-    if first.get("words") != 0 or first.get("judged") is None:  # no bare-template round (check_template off)
-        return None
-    accepted = majority([shape == record["class"] for shape in first["judged"]])
-    confirmed = bool(record["judge"] and record["judge"]["confirmed"])
-    return {"class": record["class"], "found": record["found"], "already_failing": record["already_failing"],
-            "clean_judge": record["class"] if accepted else None,
-            "final_judge": None if confirmed else record["class"]}
-
-
 class PromptResultWriter(FailureWriter):
     """The writer of :class:`~sage_lightning.searches.PromptSearch` (added by the search if missing)."""
 
@@ -67,7 +51,7 @@ class PromptResultWriter(FailureWriter):
             "found": int(pl_module.status[target]) == FOUND, "reason": pl_module.reason[target],
             "already_failing": pl_module.reason[target] == "template fails",
             "iterations": int(pl_module.iterations[target]),
-            "unet_evaluations": pl_module.unet_evaluations(target),
+            "unet_evaluations": pl_module.target_unet_evaluations(target),
             "forward_equivalents": pl_module.target_forward_equivalents(target),
             "rounds": list(pl_module.rounds[target]),
             "clean_image": grid_path(target, 0) if pl_module.check_template else None,
@@ -110,29 +94,8 @@ class PromptResultWriter(FailureWriter):
         if not trainer.is_global_zero:
             return
         results = self.run.read_results()
-        found = [r for r in results if r["found"] and not r["already_failing"]]
-        counts = target_summary([r["found"] for r in results], [r["already_failing"] for r in results],
-                                len(pl_module.targets))
-        summary = {
-            "search": type(pl_module).__name__, **counts,
-            "median_words_per_failure": _median([len(r["words"]) for r in found]),
-            "median_unet_evaluations_per_failure": _median([r["unet_evaluations"] for r in found]),
-            "median_forward_equivalents_per_failure": _median([r["forward_equivalents"] for r in found]),
-        }
-        judged = [judged_form(r) for r in results]
-        if judged and all(j is not None for j in judged):  # SSR(J) gated on the bare template, as the latent's
-            summary.update(judged_summary(judged, counts["searched"]), ssr_judge_gated=True)
-        elif any(r["judge"] is not None for r in results):  # templates never judged: SSR(J) cannot be gated
-            confirmed = sum(bool(r["judge"] and r["judge"]["confirmed"]) for r in found)
-            summary.update(failures_confirmed_by_judge=confirmed, ssr_judge_gated=False,
-                           ssr_judge=confirmed / counts["searched"] if counts["searched"] else None)
-        clean = [(r, rnd) for r in results for rnd in r["rounds"][:1] if rnd.get("judged") is not None]
-        if clean:  # per seed of each bare template
-            summary["clean_agreement"] = judge_agreement(
-                [d for _, rnd in clean for d in rnd["decisions"]],
-                [j for _, rnd in clean for j in rnd["judged"]],
-                [r["class"] for r, rnd in clean for _ in rnd["decisions"]],
-            )
+        found = searched_failures(results)
+        summary = run_summary(type(pl_module).__name__, results, len(pl_module.targets), PROMPT)
         (self.run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         pairs = [r for r in found if r["clean_image"] and r["image"] and r["words"]]
         if pairs:

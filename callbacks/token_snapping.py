@@ -35,12 +35,12 @@ class TokenSnapping(L.Callback):
         few = [candidates[i].word for i in order[: self.rerank_top]]
         losses = pl_module.real_loss(target, few)
         best = int(torch.sort(losses, stable=True).indices[0])
-        return few[best], len(few) * pl_module.sample_cost()
+        return few[best], len(few) * pl_module.cost.image()
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         rounds = {}
-        eval_cost = pl_module.eval_seeds * pl_module.sample_cost()
+        eval_cost = pl_module.eval_cost()
         for target in pl_module.snap_due(batch):
             word, cost = self.choose(pl_module, target)
             evaluation = None if word is None else pl_module.evaluate(target, [word])

@@ -29,6 +29,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from sage_lightning.cost import SamplingCost, guidance_branches
 from sage_lightning.errors import SageError
 from sage_lightning.loading import DiffusionModel
 from sage_lightning.text import XLConditioning, split_conditioning
@@ -168,11 +169,16 @@ class DiffusionSampler:
     @property
     def guided(self) -> bool:
         """Classifier-free guidance on (as diffusers: guidance_scale > 1)."""
-        return self.guidance_scale > 1.0
+        return guidance_branches(self.guidance_scale) > 1
+
+    @property
+    def cost(self) -> SamplingCost:
+        """What one image of this sampler costs (:mod:`sage_lightning.cost`)."""
+        return SamplingCost.of(self.loop_length, self.guidance_scale, self.grad_mode)
 
     def unet_evaluations(self, batch_size: int) -> int:
         """UNet forward evaluations of one call (conditional and unconditional counted apart)."""
-        return batch_size * self.loop_length * (2 if self.guided else 1)
+        return batch_size * self.cost.image()
 
     @property
     def loop_length(self) -> int:
@@ -181,7 +187,7 @@ class DiffusionSampler:
 
     def graphed_steps(self) -> int:
         """Steps that keep an autograd graph (each costs a backward through the UNet)."""
-        return self.grad_mode.graphed_steps(self.loop_length)
+        return self.cost.graphed_steps
 
     def fresh_scheduler(self, device: torch.device):
         scheduler = type(self.model.scheduler).from_config(self.model.scheduler.config)

@@ -113,7 +113,7 @@ def test_prompt_search_reports_agreement_on_every_template_image(tmp_path):
 
 
 def test_prompt_records_take_the_template_as_the_clean_image():
-    from callbacks.prompt_writer import judged_form
+    from sage_lightning.summary import judged_form
 
     def record(template_shapes, confirmed, found=True):
         return {"class": "star", "found": found, "already_failing": False, "judge": {"confirmed": confirmed},

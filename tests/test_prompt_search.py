@@ -22,6 +22,7 @@ from sage_lightning.candidates import (
     nearest,
 )
 from sage_lightning.cli import main
+from sage_lightning.cost import UNET_EVALUATIONS
 from sage_lightning.errors import SageError
 from sage_lightning.sampler import FullGradient, GradientMode, ResidualGradient
 from sage_lightning.searches import PromptSearch, RandomWordSearch, TargetSearch
@@ -65,7 +66,7 @@ def test_rerank_chooses_the_lowest_real_loss_among_the_nearest():
     few = [candidates[i].word for i in nearest(search.slots[0, 0].detach(), embeddings)[:3].tolist()]
     losses = search.real_loss(0, few)
     word, cost = TokenSnapping(rerank_top=3).choose(search, 0)
-    assert word == few[int(losses.argmin())] and cost == 3 * search.sample_cost()
+    assert word == few[int(losses.argmin())] and cost == 3 * search.cost.image()
 
 
 def test_candidates_are_whole_words_and_never_the_class_name_or_synonyms():
@@ -175,16 +176,16 @@ def test_a_target_without_candidates_ends_exhausted():
 def test_costs_are_forward_equivalents_and_the_baseline_fits_the_budget():
     """Issue 10 item 9: a backward through the UNet costs two forwards, three with checkpointing."""
     search = _prepared(steps_per_word=5, max_words=4)  # 2 guided steps: 4 forwards a sample
-    assert search.step_cost() == TargetSearch.unet_evaluations(search, 1) - search.sampler.unet_evaluations(1)
-    assert search.sample_cost() == 4
-    assert search.step_forward_equivalents() == 4 + 4 * 3  # default: exact, checkpointed backward
-    assert _prepared(grad_mode=FullGradient()).step_forward_equivalents() == 4 + 4 * 2
-    assert _prepared(grad_mode=ResidualGradient(0.5)).step_forward_equivalents() == 4 + 2 * 2  # last step only
+    assert search.iteration_cost(UNET_EVALUATIONS) == TargetSearch.unet_evaluations(search, 1) - 4
+    assert search.cost.image() == search.sampler.unet_evaluations(1) == 4
+    assert search.iteration_cost() == 4 + 4 * 3  # default: exact, checkpointed backward
+    assert _prepared(grad_mode=FullGradient()).iteration_cost() == 4 + 4 * 2
+    assert _prepared(grad_mode=ResidualGradient(0.5)).iteration_cost() == 4 + 2 * 2  # last step only
     baseline = RandomWordSearch(
         candidates=WordListCandidates(WORDS), diffusion="tiny", num_steps=2, eval_seeds=3, max_words=4,
         match_sage_steps_per_word=5,
     )
-    sage_budget = 4 * (5 * search.step_forward_equivalents() + 3 * search.sample_cost())
+    sage_budget = 4 * (5 * search.iteration_cost() + 3 * search.cost.image())
     spent = baseline.word_rounds * baseline.eval_cost()
     assert sage_budget - baseline.eval_cost() < spent <= sage_budget
     search.iterations[0], search.spent[0] = 7, 24

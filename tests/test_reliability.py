@@ -318,12 +318,12 @@ def _ranks_alive(marker: str) -> list[int]:
 def test_await_ranks_returns_after_every_launched_rank_exited():
     from types import SimpleNamespace
 
-    from sage_lightning.cli import _Trace
+    from sage_lightning.fit_session import FitSession
 
     rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
-    trace = _Trace(trainer=SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[rank]))))
+    session = FitSession(trainer=SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[rank]))))
     started = time.time()
-    trace.await_ranks()
+    session.await_ranks()
     assert rank.poll() == 0 and time.time() - started > 1.0
 
 

@@ -241,16 +241,22 @@ def test_bad_baseline_and_usage_are_one_line(tmp_path, capsys):
 
 # ----------------------------------------------------------------------- progress bar and gallery
 def _module(status: list[int], iterations: list[int]) -> SimpleNamespace:
-    return SimpleNamespace(
+    module = SimpleNamespace(
         status=torch.tensor(status), iterations=torch.tensor(iterations), max_iterations=5,
         targets=[SimpleNamespace(class_name=c, seed=s) for c, s in zip("abcd", range(4), strict=False)],
-        forward_equivalents=lambda i: (i + 1) * 8 + i * 8,
     )
+    module.forward_equivalents_spent = lambda: int(((module.iterations + 1) * 8 + module.iterations * 8).sum())
+    return module
 
 
 def test_progress_bar_counts_targets_failures_and_cost(monkeypatch):
-    module = _module([1, 0, 2, 0], [2, 3, 5, 1])
-    assert spent_forward_equivalents(module) == sum((i + 1) * 8 + i * 8 for i in (2, 3, 5, 1))
+    from sage_lightning.sampler import FullGradient
+    from sage_lightning.searches import LatentSearch
+
+    search = LatentSearch(diffusion="tiny", num_steps=4, grad_mode=FullGradient())
+    search.targets, search.iterations = [None] * 4, torch.tensor([2, 3, 5, 1])
+    # the search's own count: 4 guided steps are 8 forwards an image, their backward 8 x 2 = 16
+    assert spent_forward_equivalents(search) == sum((i + 1) * 8 + i * 16 for i in (2, 3, 5, 1))
     assert eta_seconds(10.0, 5, 6) == pytest.approx(12.0) and eta_seconds(0.0, 0, 3) is None
     assert SearchProgressBar().is_disabled  # pytest's stdout is not a terminal: no bar at all
 

@@ -297,4 +297,4 @@ def test_search_costs_follow_the_scheduler_timesteps():
         PromptSearch(candidates=words, diffusion="tiny", num_steps=n, scheduler=name)
         for name, n in (("pndm", 4), ("ddim", 13))
     ]
-    assert prompt[0].step_cost() == prompt[1].step_cost() and prompt[0].sample_cost() == prompt[1].sample_cost()
+    assert prompt[0].cost == prompt[1].cost and prompt[0].iteration_cost() == prompt[1].iteration_cost()

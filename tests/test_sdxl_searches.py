@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -65,6 +66,12 @@ def test_the_searches_take_both_encoders_and_the_pipelines_unconditional_branch(
     assert tuple(prompt.slots.shape) == (1, 2, 64)  # [x], [y]: one 32 + 32 vector per slot (both tables)
     words, embeddings = prompt.proposals(0)
     assert words and embeddings.shape == (len(words), 64)
+    prompt.trainer = None
+    cond = prompt.frozen.encoder([prompt.slotted_prompt(0)], {"x": prompt.slots[:1, 0], "y": prompt.slots[:1, 1]})
+    images = prompt.generate(prompt.step_latents([0]), cond, prompt.step_seeds([0]))
+    prompt.frozen.ensemble(images, prompt.class_index[:1]).loss.backward()
+    for k in range(2):  # [x] and [y]: each encoder's 32 entries of each slot reach the image
+        assert prompt.slots.grad[0, k, :32].abs().sum() > 0 and prompt.slots.grad[0, k, 32:].abs().sum() > 0
 
     token = UniversalTokenSearch(target="star", diffusion="tiny-xl", init_word="red", num_steps=2)
     from datamodules import PromptSetDataModule
@@ -116,13 +123,16 @@ def test_each_search_runs_on_tiny_xl_from_sage_fit(search, dtype, tmp_path):
     config = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
     assert config["diffusion"] == "tiny-xl" and config["scheduler"] == "euler" and config["dtype"] == dtype
     summary = json.loads((run / "summary.json").read_text())
-    assert summary
     rows = results(run)
     assert rows
+    if search != "universal_token":  # every target finished and is counted once
+        assert summary["finished"] == summary["targets"] == len(rows) and summary["unfinished"] == 0
     for row in rows:
         for key in ("image", "clean_image", "grid"):
             if isinstance(row.get(key), str):
                 assert (run / row[key]).is_file()
+    if search == "latent_search":
+        check_latent_run(run, rows, dtype)
     if search == "universal_token":
         from safetensors import safe_open
 
@@ -130,6 +140,39 @@ def test_each_search_runs_on_tiny_xl_from_sage_fit(search, dtype, tmp_path):
             assert f.get_tensor("embedding").shape == (64,)
             meta = f.metadata()
         assert meta["text_encoder"] == "tiny-xl:CLIPTextModel+CLIPTextModelWithProjection" and meta["widths"] == "32,32"
+
+
+def check_latent_run(run: Path, rows: list[dict], dtype: str) -> None:
+    """What the latent search did on the tiny SDXL: z0 is its seed's latent, the search moved z within the clamp's
+    box, every line records the cost model's cost, and (float32) the final image is z's image."""
+    from PIL import Image
+
+    from sage_lightning.results import to_uint8
+    from sage_lightning.targets import seeded_latent
+
+    assert any(row["iterations"] > 0 for row in rows)  # something was searched
+    search = None
+    for row in rows:
+        i = row["iterations"]
+        # 3 euler steps, guided: an image is 3 x 2 = 6 forwards; the residual at 0.5 of 3 steps keeps a graph from
+        # step floor(1.5) = 1: a backward is 2 steps x 2 branches = 4 calls, 2 FE (8) or 1 UE (4) each
+        assert row["forward_equivalents"] == (i + 1) * 6 + i * 8
+        assert row["unet_evaluations"] == (i + 1) * 6 + i * 4
+        saved = load_file(run / row["latent"])
+        z, z0 = saved["z"], saved["z0"]
+        assert torch.equal(z0, seeded_latent(row["seed"], tuple(z0.shape)))  # reproducible from the seed
+        delta = (z - z0).abs().max()
+        assert delta <= 1.0 + 1e-5 and (i == 0 or delta > 0)  # in the box [-1, 1]; moved when stepped
+        if dtype != "float32":
+            continue
+        if search is None:
+            search = LatentSearch(diffusion="tiny-xl", num_steps=3, scheduler="euler", max_iterations=1)
+            search.prepare(ClassPromptDataModule(classes=["star"]).targets)
+            search.trainer = None
+        with torch.no_grad():
+            image = search.generate(z[None], search.prompt_embeddings([row["prompt"]]), [row["seed"]])[0]
+        final = torch.from_numpy(np.asarray(Image.open(run / row["image"]).convert("RGB"))).int()
+        assert (torch.from_numpy(to_uint8(image)).int() - final).abs().max() <= 1  # z's image, up to rounding
 
 
 @pytest.mark.slow

@@ -250,11 +250,7 @@ class AnalysisRun:
         self._instantiate()
         if self._prepared:
             return self._search.frozen.ensemble
-        if self._search._ensemble_arg is None:  # build the default once; prepare() then reuses it
-            from sage_lightning.searches.base import _default_ensemble
-
-            self._search.__dict__["_ensemble_arg"] = _default_ensemble(self._search.diffusion_source)
-        return self._search._ensemble_arg.requires_grad_(False).eval().to(self.device)
+        return self._search.ensemble.requires_grad_(False).eval().to(self.device)  # prepare() reuses it
 
     @property
     def class_names(self) -> list[str]:

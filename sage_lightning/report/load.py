@@ -15,8 +15,9 @@ import yaml
 
 from sage_lightning.errors import SageError
 from sage_lightning.results import RESULTS, RunFolder
+from sage_lightning.summary import LATENT, PROMPT
 
-LATENT, PROMPT, TOKEN = "latent", "prompt", "token"
+TOKEN = "token"  # LATENT and PROMPT: the kinds of result lines sage_lightning.summary knows
 
 
 @dataclass

@@ -1,22 +1,19 @@
 """The report's numbers: the run summary (SSR(A), SSR(J), NGR, cost per failure) and the per-class table.
 
 ``summary.json`` is the writer's own account and is shown as written; a run killed before writing it gets
-the same measures recomputed here from its finished targets (:func:`run_summary`), marked unfinished.
+the same measures recomputed from its finished targets, by the writers' own function
+(:func:`sage_lightning.summary.run_summary`), marked unfinished.
 """
 
 from __future__ import annotations
 
-import statistics
 from collections import defaultdict
 
-from sage_lightning.metrics import CONFIRMED, failure_kind, judged_summary, non_gaussian_rate, target_summary
-from sage_lightning.report.load import LATENT, PROMPT, TOKEN, RunData
-
-
-def searched_failures(results: list[dict]) -> list[dict]:
-    """Targets where D declared a failure that the search found (already-failing targets left out of SSR)."""
-    return [r for r in results if r.get("found") and not r.get("already_failing")]
-
+from sage_lightning.metrics import CONFIRMED, failure_kind, judged_summary
+from sage_lightning.report.load import PROMPT, TOKEN, RunData
+from sage_lightning.summary import median as _median
+from sage_lightning.summary import run_summary as summary_of_results
+from sage_lightning.summary import searched_failures
 
 FAILURE_KIND_LABELS = {"confirmed": "confirmed (the generator's)", "d_only": "D-only (the judge still sees the class)",
                        "pre_existing": "pre-existing (the judge rejected the clean image)"}
@@ -41,10 +38,6 @@ def judge_confirms(record: dict) -> bool | None:
     return None
 
 
-def _median(values: list[float]) -> float | None:
-    return float(statistics.median(values)) if values else None
-
-
 def run_summary(run: RunData) -> dict:
     """The summary shown at the top: ``summary.json`` where the run wrote one, else recomputed from the finished
     targets (``targets`` from the config; unknown targets count as unfinished)."""
@@ -54,22 +47,7 @@ def run_summary(run: RunData) -> dict:
     if run.kind == TOKEN:
         return {"search": run.search, "held_out_prompts": len(results)}
     targets = max(run.targets or 0, len(results))
-    summary = {"search": run.search, **target_summary([bool(r.get("found")) for r in results],
-                                                      [bool(r.get("already_failing")) for r in results], targets)}
-    found = searched_failures(results)
-    if run.kind == LATENT and results and all("clean_judge" in r for r in results):
-        summary.update(judged_summary(results, summary["searched"]))
-    elif any(r.get("judge") is not None for r in results):
-        confirmed = sum(bool(judge_confirms(r)) for r in found)
-        summary["ssr_judge"] = confirmed / summary["searched"] if summary["searched"] else None
-    if run.kind == LATENT:
-        summary["ngr"] = non_gaussian_rate([r["ngr"]["outlier"] for r in found if "ngr" in r])
-        summary["median_iterations_per_failure"] = _median([r["iterations"] for r in found])
-    else:
-        summary["median_words_per_failure"] = _median([len(r.get("words") or []) for r in found])
-    summary["median_forward_equivalents_per_failure"] = _median(
-        [r["forward_equivalents"] for r in found if "forward_equivalents" in r])
-    return summary
+    return summary_of_results(run.search, results, targets, run.kind)
 
 
 SUMMARY_LABELS = {

@@ -10,27 +10,35 @@ by DDP, which leaves the sign (the only thing a sign-gradient step uses) unchang
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import math
-from dataclasses import dataclass
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sage_lightning.cost import UNET_EVALUATIONS, SamplingCost
 from sage_lightning.errors import SageError
-from sage_lightning.loading import (
-    TINY_SOURCES,
-    DiffusionModel,
-    DiffusionXLModel,
-    check_source,
-    load_diffusion,
-    load_scheduler,
-)
+from sage_lightning.loading import DiffusionModel, check_source, load_diffusion, load_scheduler
 from sage_lightning.optim import SignSGD, check_lr
 from sage_lightning.sampler import DiffusionSampler, GradientMode, ResidualGradient, loop_length
+from sage_lightning.searches.collective import DIVERGED as DIVERGED
+from sage_lightning.searches.collective import all_gather_objects as all_gather_objects
+from sage_lightning.searches.collective import raise_on_every_rank
+from sage_lightning.searches.outputs import StepOutputs, slice_output
+from sage_lightning.searches.settings import CPU_WORLD_ITERATIONS as CPU_WORLD_ITERATIONS
+from sage_lightning.searches.settings import EMBEDDING_BOX as EMBEDDING_BOX
+from sage_lightning.searches.settings import LATENT_BOX as LATENT_BOX
+from sage_lightning.searches.settings import MICRO_CONDITIONING as MICRO_CONDITIONING
+from sage_lightning.searches.settings import PAPER_ITERATIONS as PAPER_ITERATIONS
+from sage_lightning.searches.settings import (
+    check_micro_conditioning,
+    default_max_iterations,
+    import_class,
+    target_class_indices,
+    with_micro_conditioning,
+)
+from sage_lightning.searches.settings import clamp_constraint as clamp_constraint
 from sage_lightning.surrogate import ClassifierEnsemble, EnsembleOutput
 from sage_lightning.surrogate.views import check_views
 from sage_lightning.targets import Target, noise_generator
@@ -38,20 +46,6 @@ from sage_lightning.text import PromptEncoder, XLConditioning, XLPromptEncoder, 
 
 RUNNING, FOUND, EXHAUSTED = 0, 1, 2
 MAX_GUIDANCE = 100.0  # larger scales overflow float32 images into NaN
-BACKWARD_FORWARDS = 2  # a backward through the UNet costs about two forwards (SAGE_METHOD.md)
-
-
-@dataclass
-class StepOutputs:
-    """What one step produced, for the writer and the loggers (rows = real targets of this rank)."""
-
-    targets: Tensor  # [b] target ids
-    iterations: Tensor  # [b] updates applied before this evaluation
-    images: Tensor  # [b, 3, H, W]
-    latents: Tensor  # [b, C, h, w] the latents that produced the images
-    output: EnsembleOutput  # sliced to the b real rows
-    finished: Tensor  # [b] bool: found or exhausted at this evaluation
-    found: Tensor  # [b] bool
 
 
 class _Frozen:
@@ -69,86 +63,6 @@ def _default_ensemble(source: str) -> ClassifierEnsemble:
     from sage_lightning.loading import default_ensemble
 
     return default_ensemble(source)
-
-
-PAPER_ITERATIONS = 100  # SAGE's pseudo-code: at most 100 sign-gradient iterations per target
-CPU_WORLD_ITERATIONS = 20  # ShapesWorld and the tiny stack: a budget that runs in minutes on a CPU
-
-
-def default_max_iterations(diffusion: str) -> int:
-    """The iteration budget a model gets when its config names none: the paper's 100, except on the CPU worlds
-    (``shapesworld``, ``tiny``, ``tiny-xl``), where 20 keeps a run to minutes on a CPU."""
-    return CPU_WORLD_ITERATIONS if diffusion == "shapesworld" or diffusion in TINY_SOURCES else PAPER_ITERATIONS
-
-
-LATENT_BOX = (-1.0, 1.0)  # SAGE_METHOD.md: the latent perturbation delta is clamped to [-1, 1]
-EMBEDDING_BOX = (-2.5, 2.5)  # SAGE's pseudo-code: the prompt slots' (and the token's) embeddings in [-2.5, 2.5]
-
-
-def clamp_constraint(box: tuple[float, float]) -> tuple[str, dict]:
-    """The constraint that keeps the adversarial rows in ``box`` (``callbacks.ClampPerturbation``), for
-    :meth:`TargetSearch.constraints`."""
-    return "callbacks.clamp.ClampPerturbation", {"low": box[0], "high": box[1]}
-
-
-def import_class(path: str) -> type:
-    """The class at ``module.Name`` (a search names its callbacks this way: no import of an upper layer)."""
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-DIVERGED = ": the search diverged (lower lr or guidance_scale); the run stops before anything non-finite is written"
-
-
-def raise_on_every_rank(problem: str, why: str = DIVERGED) -> None:
-    """Collective: every rank calls it with its own ``problem`` ("" for none). If any rank has one, every rank
-    raises the same SageError (the first problem in rank order, then ``why``), so no rank goes on alone, waits
-    on the others or ends with another message."""
-    first = next((p for p in all_gather_objects([problem]) if p), "")
-    if first:
-        raise SageError(f"{first}{why}")
-
-
-def all_gather_objects(items: list) -> list:
-    """Every rank's ``items`` concatenated, in rank order (``items`` itself without DDP)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        everyone: list[list | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, items)
-        return [item for part in everyone for item in (part or [])]
-    return items
-
-
-MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")
-
-
-def check_micro_conditioning(given: dict | None) -> dict[str, tuple[int, int]]:
-    """SDXL's ``micro_conditioning`` setting as pairs of non-negative integers; SageError naming a bad key or value."""
-    checked: dict[str, tuple[int, int]] = {}
-    for key, value in (given or {}).items():
-        if key not in MICRO_CONDITIONING:
-            raise SageError(f"micro_conditioning has no key {key!r}: use {', '.join(MICRO_CONDITIONING)}")
-        pair = list(value) if isinstance(value, (list, tuple)) else [value]
-        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair):
-            raise SageError(f"micro_conditioning.{key}={value!r} must be two non-negative integers, e.g. [1024, 1024]")
-        checked[key] = (pair[0], pair[1])
-    return checked
-
-
-def with_micro_conditioning(model: DiffusionModel, values: dict[str, tuple[int, int]]) -> DiffusionModel:
-    """``model`` with SDXL's size conditioning set; SageError for a model without it (not SDXL)."""
-    if not isinstance(model, DiffusionXLModel):
-        raise SageError(f"micro_conditioning is SDXL's size conditioning; {model.name!r} is not an SDXL model: "
-                        "remove micro_conditioning from the config")
-    return dataclasses.replace(model, **values)
-
-
-def target_class_indices(targets: list[Target], known: list[str]) -> list[int]:
-    """Each target's class as an index into ``known``: the index it carries (never looked up by name: names can
-    repeat), else its name resolved (SageError when the name is unknown or ambiguous)."""
-    from sage_lightning.surrogate import resolve_classes
-
-    return [t.class_index if t.class_index is not None else resolve_classes([t.class_name], known)[0]
-            for t in targets]
 
 
 class TargetSearch(L.LightningModule):
@@ -212,12 +126,8 @@ class TargetSearch(L.LightningModule):
             )
         self.diffusion_source, self.scheduler_name, self.dtype_name = diffusion, scheduler, dtype
         self.local_files_only = local_files_only
-        self.num_steps, self.guidance_scale, self.max_iterations, self.lr = (
-            num_steps,
-            guidance_scale,
-            max_iterations,
-            lr,
-        )
+        self.num_steps, self.guidance_scale, self.lr = num_steps, guidance_scale, lr
+        self.max_iterations = max_iterations
         self.grad_mode = grad_mode or ResidualGradient()
         # A plain attribute, not a submodule: a config-given D is never checkpointed, moved or DDP-synced.
         self.__dict__["_ensemble_arg"] = ensemble
@@ -255,6 +165,26 @@ class TargetSearch(L.LightningModule):
         return self._frozen
 
     @property
+    def ensemble(self) -> ClassifierEnsemble:
+        """The discriminator D: the config's, else the source's default ensemble (built once, on first use, without
+        loading the diffusion model; :meth:`prepare` uses this same one)."""
+        if self._frozen is not None:
+            return self._frozen.ensemble
+        if self._ensemble_arg is None:
+            self.__dict__["_ensemble_arg"] = _default_ensemble(self.diffusion_source)
+        return self._ensemble_arg
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """The shape ``[C, h, w]`` of one initial latent (the UNet's input)."""
+        unet = self.frozen.model.unet
+        return (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+
+    def adversarial_rows(self) -> Tensor:
+        """The parameter whose rows (one per target) the constraint callbacks act on; a search without one says so."""
+        raise SageError(f"{type(self).__name__} has no adversarial parameters: drop ClampPerturbation and "
+                        "LatentProjection from its callbacks")
+
+    @property
     def sampler(self) -> DiffusionSampler:
         return DiffusionSampler(self.frozen.model, self.num_steps, self.guidance_scale, self.grad_mode, self.eta)
 
@@ -272,7 +202,7 @@ class TargetSearch(L.LightningModule):
         if self._frozen is not None:
             return
         check_source(self.diffusion_source)  # a missing model folder is named before anything loads
-        ensemble = self._ensemble_arg or _default_ensemble(self.diffusion_source)
+        ensemble = self.ensemble
         targets = targets_of(ensemble.class_names)  # bad classes fail here, before the model loads
         if not targets:
             raise SageError("the target list is empty: give at least one class in data.classes")
@@ -333,28 +263,25 @@ class TargetSearch(L.LightningModule):
             generators = [noise_generator(s, tuple(latents.shape[1:])) for s in seeds]
         return sampler(latents, cond, uncond, generators)
 
+    @property
+    def cost(self) -> SamplingCost:
+        """The cost model of this search's sampling settings (:mod:`sage_lightning.cost`); needs no model weights
+        (only the scheduler's config), so a baseline can size its budget before anything loads."""
+        return SamplingCost.of(self.loop_length, self.guidance_scale, self.grad_mode)
+
     def unet_evaluations(self, iterations: int) -> int:
-        """UNet evaluations a target used: forward calls of ``iterations + 1`` evaluations, plus one
-        backward call per graphed step of each of the ``iterations`` updates (cond/uncond apart)."""
-        sampler = self.sampler
-        forward = sampler.unet_evaluations(1)
-        graphed = sampler.graphed_steps()
-        backward = graphed * (2 if sampler.guided else 1) * (2 if self.grad_mode.checkpoint else 1)
-        return (iterations + 1) * forward + iterations * backward
+        """UNet evaluations a target used after ``iterations`` updates (:meth:`SamplingCost.gradient_search`)."""
+        return self.cost.gradient_search(iterations, UNET_EVALUATIONS)
 
     def forward_equivalents(self, iterations: int) -> int:
-        """Compute a latent-search target used after ``iterations`` updates, in forward-equivalents.
+        """Compute a target used after ``iterations`` updates, in forward-equivalents
+        (:meth:`SamplingCost.gradient_search`)."""
+        return self.cost.gradient_search(iterations)
 
-        SAGE_METHOD.md's unit: a UNet forward = 1, a backward through it = :data:`BACKWARD_FORWARDS`, a
-        checkpointed recompute = 1 more. ``iterations + 1`` sampling calls of ``loop_length`` forwards (x2 with
-        guidance), plus per update a backward through every graphed step. Needs no model weights (only the
-        sampling settings and the scheduler's config), so a baseline can size its budget from it before anything loads.
-        """
-        calls = 2 if self.guidance_scale > 1.0 else 1
-        forward = self.loop_length * calls
-        graphed = self.grad_mode.graphed_steps(self.loop_length) * calls
-        backward = graphed * (BACKWARD_FORWARDS + (1 if self.grad_mode.checkpoint else 0))
-        return (iterations + 1) * forward + iterations * backward
+    def forward_equivalents_spent(self) -> int:
+        """Forward-equivalents spent so far over all targets (what the progress bar shows per second)."""
+        values, counts = torch.unique(self.iterations, return_counts=True)  # one cost per distinct count
+        return sum(int(n) * self.forward_equivalents(int(i)) for i, n in zip(values, counts, strict=True))
 
     # --------------------------------------------------------------------------- target states
     def running_targets(self) -> list[int]:
@@ -403,19 +330,15 @@ class TargetSearch(L.LightningModule):
         status_change = torch.zeros_like(self.status)
         status_change[rows[found]] = FOUND
         status_change[rows[exhausted]] = EXHAUSTED
-        stepped = torch.zeros_like(self.iterations)
-        stepped[rows[active]] = 1
-        changes = self._all_ranks_sum(torch.stack([status_change, stepped]))
-        self.status += changes[0]
-        self.iterations += changes[1]
-        self.stepped_targets = torch.nonzero(changes[1]).flatten()
+        self.status += self._all_ranks_sum(status_change)
+        self.count_steps(rows[active])
         keep = real.to(images.device)
         self.step_outputs = StepOutputs(
             targets=rows[real],
             iterations=iterations[real],
             images=images.detach()[keep],
             latents=latents.detach()[keep],
-            output=_slice(output, keep),
+            output=slice_output(output, keep),
             finished=(found | exhausted)[real],
             found=found[real],
         )
@@ -423,6 +346,15 @@ class TargetSearch(L.LightningModule):
         self.log("targets_done", float(done), prog_bar=True, batch_size=len(ids))
         self.log("failures", float((self.status == FOUND).sum()), prog_bar=True, batch_size=len(ids))
         return active.to(images.device)
+
+    def count_steps(self, rows: Tensor) -> None:
+        """One more iteration for each target of ``rows`` (this rank's), summed over ranks so that every rank
+        agrees; ``stepped_targets``: the targets stepped on any rank (the rows the constraints act on)."""
+        stepped = torch.zeros_like(self.iterations)
+        stepped[rows.cpu()] = 1
+        stepped = self._all_ranks_sum(stepped)
+        self.iterations += stepped
+        self.stepped_targets = torch.nonzero(stepped).flatten()
 
     def step_loss(self, per_sample_loss: Tensor, active: Tensor) -> Tensor:
         """The loss this rank's backward runs on: the sum of the active rows' losses. When no row is active (every
@@ -473,13 +405,3 @@ class TargetSearch(L.LightningModule):
             )
         self.status.copy_(state["status"])
         self.iterations.copy_(state["iterations"])
-
-
-def _slice(output: EnsembleOutput, keep: Tensor) -> EnsembleOutput:
-    return EnsembleOutput(
-        loss=output.loss.detach(),
-        per_sample_loss=output.per_sample_loss.detach()[keep],
-        probs=output.probs.detach()[:, keep],
-        topk=output.topk[:, keep],
-        failed=output.failed[keep],
-    )

@@ -29,10 +29,6 @@ class LatentSearch(TargetSearch):
         """delta in the box [-1, 1], z on the Gaussian shell |z| = sqrt(d) (SAGE_METHOD.md, "Latent-space search")."""
         return [clamp_constraint(LATENT_BOX), ("callbacks.projection.LatentProjection", {})]
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        unet = self.frozen.model.unet
-        return (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-
     def init_parameters(self) -> None:
         self.delta = nn.Parameter(torch.zeros(len(self.targets), *self.latent_shape()))
 

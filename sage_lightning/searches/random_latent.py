@@ -3,7 +3,7 @@
 For each target, draw latents z ~ N(0, I) (the first is the target's own z0, the same one SAGE starts
 from), generate, and stop at the first one that D declares a failure. ``match_sage_iterations``
 converts a latent-search budget (iterations of forward + backward) into forward-only draws, so both
-spend the same compute in forward-equivalents (:meth:`TargetSearch.forward_equivalents`).
+spend the same compute in forward-equivalents (:mod:`sage_lightning.cost`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class RandomLatentSearch(LatentSearch):
         if match_sage_iterations is not None:  # here, not at set-up: the CLI sizes max_epochs from it
             if match_sage_iterations < 0:
                 raise SageError(f"match_sage_iterations={match_sage_iterations} must be >= 0")
-            self.max_iterations = self.draws_within(LatentSearch.forward_equivalents(self, match_sage_iterations))
+            self.max_iterations = self.cost.draws_within(self.cost.gradient_search(match_sage_iterations))
 
     def init_parameters(self) -> None:
         """Nothing to optimise: every draw is a fresh latent."""
@@ -51,19 +51,13 @@ class RandomLatentSearch(LatentSearch):
         """None: a fresh latent is a draw of N(0, I) itself, with no delta to clamp or project."""
         return []
 
-    def draw_cost(self) -> int:
-        """Forward-equivalents of one draw: one sampling call (``loop_length`` UNet forwards, x2 with guidance)."""
-        return self.loop_length * (2 if self.guidance_scale > 1.0 else 1)
-
-    def draws_within(self, budget: int) -> int:
-        """``max_iterations``: the draws after z0 whose cost, z0's own evaluation included, fits in ``budget``."""
-        return max(budget // self.draw_cost() - 1, 0)
-
     def forward_equivalents(self, iterations: int) -> int:
-        return (iterations + 1) * self.draw_cost()
+        """Forwards only: ``iterations + 1`` draws (:meth:`SamplingCost.draws`)."""
+        return self.cost.draws(iterations)
 
     def unet_evaluations(self, iterations: int) -> int:
-        return (iterations + 1) * self.sampler.unet_evaluations(1)
+        """Forwards only, so the same count as :meth:`forward_equivalents`."""
+        return self.cost.draws(iterations)
 
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:

@@ -17,7 +17,7 @@ and the run's own constraint callbacks (``ClampPerturbation``, ``LatentProjectio
 |z| = sqrt(d)) act on it exactly as they act on a SAGE step. The image of ``z = z0 + delta`` under p is
 judged by D; the target is *found* at the first draw that fails D, *exhausted* after ``max_iterations``
 draws. ``match_sage_iterations`` sizes the draws to SAGE's forward-equivalent budget per target
-(:meth:`RandomLatentSearch.draws_within`), shared with the fresh-seed baseline.
+(:meth:`SamplingCost.draws_within`), shared with the fresh-seed baseline.
 
 Each draw is a function of (target, draw index) only, from its own generator seeded by the target's class,
 prompt and seed (two targets never share a stream, not even two classes on the same seed): every rank

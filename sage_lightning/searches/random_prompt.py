@@ -2,9 +2,10 @@
 
 Each round appends one word drawn uniformly from the candidate source's accepted proposals for the
 prompt so far (the same source, filter and exclusions as SAGE) and judges the prompt on the same S fresh
-seeds by the same majority rule. After L words without a failure a fresh chain starts from the template.
-``match_sage_steps_per_word`` sets the number of rounds so that the baseline spends at most the UNet
-evaluations of a full SAGE run (L words of K sign steps each, plus its prompt evaluations).
+seeds by the same majority rule (:class:`~sage_lightning.searches.prompt_rounds.PromptRounds`, what both
+share). After L words without a failure a fresh chain starts from the template.
+``match_sage_steps_per_word`` sets the number of rounds so that the baseline spends at most the
+forward-equivalents of a full SAGE run (L words of K sign steps each, plus its prompt evaluations).
 """
 
 from __future__ import annotations
@@ -16,20 +17,22 @@ from torch import Tensor
 
 from sage_lightning.errors import SageError
 from sage_lightning.searches.base import RUNNING
-from sage_lightning.searches.prompt import PromptSearch
+from sage_lightning.searches.prompt_rounds import PromptRounds
 
 WORD_SEED_STRIDE = 1_000_003
 
 
-class RandomWordSearch(PromptSearch):
+class RandomWordSearch(PromptRounds):
     """Random natural prompts. No trainable parameters; one epoch = one word for every running target.
 
     Args:
         rounds: words drawn per target (over all chains); default ``max_words`` (one chain).
         match_sage_steps_per_word: if given, ``rounds`` = the most rounds that cost no more forward-equivalents
             than SAGE with this K (and the same L, S, sampler and grad_mode) spends on one target: a round is
-            forwards only, a SAGE sign step also a backward (:meth:`PromptSearch.step_forward_equivalents`).
+            forwards only, a SAGE sign step also a backward (:meth:`SamplingCost.step`).
             ``"steps_per_word"``: this config's own K (``configs/prompt_random.yaml``, given after the SAGE config).
+        **kwargs: :class:`~sage_lightning.searches.prompt_rounds.PromptRounds` (candidates, max_words, eval_seeds,
+            ...; the SAGE config's slot settings are not this search's and are dropped with its class).
     """
 
     def __init__(
@@ -46,26 +49,12 @@ class RandomWordSearch(PromptSearch):
         if match_sage_steps_per_word is not None:
             if match_sage_steps_per_word < 1:
                 raise SageError(f"match_sage_steps_per_word={match_sage_steps_per_word} must be at least 1")
-            sage_step = self.step_forward_equivalents()
-            sage_words = self.max_words * (match_sage_steps_per_word * sage_step + self.eval_cost())
+            sage_words = self.max_words * (match_sage_steps_per_word * self.cost.step() + self.eval_cost())
             rounds = sage_words // self.eval_cost()
         rounds = self.max_words if rounds is None else rounds
         if rounds < 1:
             raise SageError(f"rounds={rounds} must be at least 1")
         self.word_rounds = self.max_iterations = rounds
-
-    def eval_cost(self) -> int:
-        return self.eval_seeds * self.sample_cost()
-
-    def init_parameters(self) -> None:
-        super().init_parameters()
-        del self.slots  # nothing to optimise
-
-    def reset_slots(self, target: int) -> None:
-        pass
-
-    def adversarial_rows(self) -> Tensor:
-        raise SageError("RandomWordSearch has no adversarial parameters: drop ClampPerturbation from its callbacks")
 
     def configure_optimizers(self):
         return None
@@ -74,13 +63,6 @@ class RandomWordSearch(PromptSearch):
         if self.trainer.world_size > 1:
             raise SageError("RandomWordSearch runs on one device: drop --trainer.devices/strategy for the baseline")
         super().setup(stage)
-
-    def unet_evaluations(self, target: int) -> int:
-        return int(self.spent[target])
-
-    def target_forward_equivalents(self, target: int) -> int:
-        """Forwards only: the rounds' prompt evaluations."""
-        return int(self.spent[target])
 
     def exhausted(self, target: int) -> bool:
         return int(self.iterations[target]) >= self.word_rounds
@@ -99,7 +81,7 @@ class RandomWordSearch(PromptSearch):
         rows = ids.clamp(min=0)
         due = [int(t) for t, a in zip(rows.tolist(), active.tolist(), strict=True) if a]
         words = {t: self.random_word(t) for t in due}
-        self.count_steps(rows, active)  # one more round: exhausted() sees it
+        self.count_steps(rows.cpu()[active])  # one more round: exhausted() sees it
         self.conclude(
             {t: (w, None if w is None else self.evaluate(t, [w]), 0 if w is None else self.eval_cost())
              for t, w in words.items()}

@@ -38,7 +38,6 @@ from sage_lightning.searches.base import (
     target_class_indices,
 )
 from sage_lightning.searches.embedding_search import EmbeddingSearch, resolve_init
-from sage_lightning.searches.latent import LatentSearch
 from sage_lightning.targets import Target, seeded_latent
 from sage_lightning.text import slot
 
@@ -81,7 +80,6 @@ class UniversalTokenSearch(EmbeddingSearch):
         trainer.fit(search, datamodule=PromptSetDataModule(classes="all", seeds_per_class=2))
     """
 
-    latent_shape = LatentSearch.latent_shape
 
     def __init__(
         self,
@@ -219,9 +217,7 @@ class UniversalTokenSearch(EmbeddingSearch):
 
     def count_step(self, ids: Tensor) -> None:
         """Count one pass-step for every real prompt of the global batch (all ranks agree)."""
-        stepped = torch.zeros_like(self.iterations)
-        stepped[ids[ids >= 0].cpu()] = 1
-        self.iterations += self._all_ranks_sum(stepped)
+        self.count_steps(ids[ids >= 0])
         self.status[self.iterations >= self.max_iterations] = EXHAUSTED
         self.stepped_targets = torch.zeros(1, dtype=torch.long)  # the token's one row is stepped
 

@@ -1,0 +1,71 @@
+"""The settings a search checks and the defaults it takes: iteration budgets, the constraint boxes, SDXL's
+micro-conditioning and the targets' class indices (imported through :mod:`sage_lightning.searches.base` too)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from sage_lightning.errors import SageError
+from sage_lightning.loading import TINY_SOURCES, DiffusionModel, DiffusionXLModel
+from sage_lightning.targets import Target
+
+PAPER_ITERATIONS = 100  # SAGE's pseudo-code: at most 100 sign-gradient iterations per target
+CPU_WORLD_ITERATIONS = 20  # ShapesWorld and the tiny stack: a budget that runs in minutes on a CPU
+
+
+def default_max_iterations(diffusion: str) -> int:
+    """The iteration budget a model gets when its config names none: the paper's 100, except on the CPU worlds
+    (``shapesworld``, ``tiny``, ``tiny-xl``), where 20 keeps a run to minutes on a CPU."""
+    return CPU_WORLD_ITERATIONS if diffusion == "shapesworld" or diffusion in TINY_SOURCES else PAPER_ITERATIONS
+
+
+LATENT_BOX = (-1.0, 1.0)  # SAGE_METHOD.md: the latent perturbation delta is clamped to [-1, 1]
+EMBEDDING_BOX = (-2.5, 2.5)  # SAGE's pseudo-code: the prompt slots' (and the token's) embeddings in [-2.5, 2.5]
+
+
+def clamp_constraint(box: tuple[float, float]) -> tuple[str, dict]:
+    """The constraint that keeps the adversarial rows in ``box`` (``callbacks.ClampPerturbation``), for
+    :meth:`TargetSearch.constraints`."""
+    return "callbacks.clamp.ClampPerturbation", {"low": box[0], "high": box[1]}
+
+
+def import_class(path: str) -> type:
+    """The class at ``module.Name`` (a search names its callbacks this way: no import of an upper layer)."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")
+
+
+def check_micro_conditioning(given: dict | None) -> dict[str, tuple[int, int]]:
+    """SDXL's ``micro_conditioning`` setting as pairs of non-negative integers; SageError naming a bad key or value."""
+    checked: dict[str, tuple[int, int]] = {}
+    for key, value in (given or {}).items():
+        if key not in MICRO_CONDITIONING:
+            raise SageError(f"micro_conditioning has no key {key!r}: use {', '.join(MICRO_CONDITIONING)}")
+        pair = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair):
+            raise SageError(f"micro_conditioning.{key}={value!r} must be two non-negative integers, e.g. [1024, 1024]")
+        checked[key] = (pair[0], pair[1])
+    return checked
+
+
+def with_micro_conditioning(model: DiffusionModel, values: dict[str, tuple[int, int]]) -> DiffusionModel:
+    """``model`` with SDXL's size conditioning set; SageError for a model without it (not SDXL)."""
+    if not isinstance(model, DiffusionXLModel):
+        raise SageError(f"micro_conditioning is SDXL's size conditioning; {model.name!r} is not an SDXL model: "
+                        "remove micro_conditioning from the config")
+    return dataclasses.replace(model, **values)
+
+
+def target_class_indices(targets: list[Target], known: list[str]) -> list[int]:
+    """Each target's class as an index into ``known``: the index it carries (never looked up by name: names can
+    repeat), else its name resolved (SageError when the name is unknown or ambiguous)."""
+    from sage_lightning.surrogate import resolve_classes
+
+    return [t.class_index if t.class_index is not None else resolve_classes([t.class_name], known)[0]
+            for t in targets]
+
+
