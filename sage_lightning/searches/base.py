@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sage_lightning.cost import UNET_EVALUATIONS, SamplingCost
 from sage_lightning.errors import SageError
-from sage_lightning.loading import DiffusionModel, check_source, load_diffusion, load_scheduler
+from sage_lightning.loading import DiffusionModel, check_source, default_ensemble, load_diffusion, load_scheduler
 from sage_lightning.optim import SignSGD, check_lr
 from sage_lightning.sampler import DiffusionSampler, GradientMode, ResidualGradient, loop_length
 from sage_lightning.searches.collective import DIVERGED as DIVERGED
@@ -59,12 +59,6 @@ class _Frozen:
         self.ensemble.to(device)
 
 
-def _default_ensemble(source: str) -> ClassifierEnsemble:
-    from sage_lightning.loading import default_ensemble
-
-    return default_ensemble(source)
-
-
 class TargetSearch(L.LightningModule):
     """Base of the searches. Subclasses define the adversarial parameters and ``training_step``.
 
@@ -77,8 +71,7 @@ class TargetSearch(L.LightningModule):
         diffusion: model source for :func:`sage_lightning.loading.load_diffusion` (``shapesworld``,
             ``tiny``, a folder or a hub id).
         ensemble: the discriminator D; None takes the source's default ensemble.
-        views: D's nuisance views (ours; :class:`~sage_lightning.surrogate.ClassifierEnsemble`); None keeps the
-            ensemble's own (ShapesWorld's default D: six views; a config's ensemble: its ``views``).
+        views: D's nuisance views (ours, :class:`~sage_lightning.surrogate.ClassifierEnsemble`); None: D's own.
         num_steps, guidance_scale, scheduler: sampling of the text-to-image model.
         eta: DDIM's eta (0: deterministic; > 0 adds noise at every step, drawn from each target's own
             generator, :func:`~sage_lightning.targets.noise_generator`).
@@ -171,7 +164,8 @@ class TargetSearch(L.LightningModule):
         if self._frozen is not None:
             return self._frozen.ensemble
         if self._ensemble_arg is None:
-            self.__dict__["_ensemble_arg"] = _default_ensemble(self.diffusion_source)
+            self.__dict__["_ensemble_arg"] = default_ensemble(self.diffusion_source)
+        self._ensemble_arg.views = self.views or self._ensemble_arg.views
         return self._ensemble_arg
 
     def latent_shape(self) -> tuple[int, int, int]:
@@ -215,8 +209,6 @@ class TargetSearch(L.LightningModule):
         if self.micro_conditioning:
             model = with_micro_conditioning(model, self.micro_conditioning)
         ensemble.requires_grad_(False).eval()
-        if self.views is not None:
-            ensemble.views = self.views
         self._frozen = _Frozen(model, ensemble, prompt_encoder(model))
         self.targets = targets
         self.class_index = torch.tensor(target_class_indices(targets, ensemble.class_names))
