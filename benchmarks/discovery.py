@@ -107,7 +107,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Method], dict]:
     budget = LatentSearch(grad_mode=residual, **settings).forward_equivalents(args.iterations)
     full_search = LatentSearch(grad_mode=full, **settings)
     full_iterations = max(n for n in range(args.iterations + 1) if full_search.forward_equivalents(n) <= budget)
-    draws = RandomLatentSearch(**settings).draws_within(budget)
+    draws = RandomLatentSearch(**settings).cost.draws_within(budget)
     overlays = Path(args.out) / "overlays"
     perturb = str(REPO / "configs" / "random_perturbation.yaml")
     random_args = {"--model.init_args.max_iterations": str(draws), "--model.init_args.match_sage_iterations": "null"}
