@@ -57,7 +57,7 @@ def snapshot_world(out: Path) -> Path:
     """Copy the shipped ShapesWorld pipeline and classifiers into ``out/world`` (training may re-export them
     while the benchmark runs, and both methods must see the same world); returns a config that uses the
     copy with the ensemble ``default_ensemble("shapesworld")`` builds."""
-    from sage_lightning.loading import SHAPESWORLD_DIR
+    from sage_lightning.loading import SHAPESWORLD_DIR, SHAPESWORLD_MEMBERS, SHAPESWORLD_VIEWS
 
     snap = out / "world"
     if not snap.exists():
@@ -68,15 +68,22 @@ def snapshot_world(out: Path) -> Path:
         shutil.copy(SHAPESWORLD_DIR / "world.json", tmp / "world.json")
         tmp.rename(snap)
     members = []
-    for path in sorted((snap / "classifiers").glob("*/config.json")):
+    for path in [snap / "classifiers" / name / "config.json" for name in SHAPESWORLD_MEMBERS]:  # D's member order
         cfg = json.loads(path.read_text())
         member = {"class_path": "sage_lightning.surrogate.TimmMember", "init_args": {
             "model_name": cfg["model_name"], "class_names": cfg["class_names"],
-            "checkpoint_path": str(path.parent / "model.safetensors"), "model_kwargs": cfg.get("model_kwargs")}}
-        if cfg.get("input") == "canny":
-            member = {"class_path": "sage_lightning.surrogate.CannyEdgeMember", "init_args": {"classifier": member}}
+            "checkpoint_path": str(path.parent / "model.safetensors"), "model_kwargs": cfg.get("model_kwargs"),
+            "reject_names": cfg.get("reject_names")}}
+        if cfg.get("input") == "canny":  # as loading.shapesworld_member builds it
+            canny = cfg["canny"]
+            member = {"class_path": "sage_lightning.surrogate.CannyEdgeMember", "init_args": {
+                "classifier": member, "low_threshold": canny["low_threshold"],
+                "high_threshold": canny["high_threshold"], "l2_gradient": canny["l2_gradient"],
+                "black_on_white": canny["black_on_white"],
+                "stretch_contrast": canny.get("stretch_contrast", False)}}
         members.append(member)
-    ensemble = {"class_path": "sage_lightning.surrogate.ClassifierEnsemble", "init_args": {"members": members}}
+    ensemble = {"class_path": "sage_lightning.surrogate.ClassifierEnsemble",
+                "init_args": {"members": members, "views": list(SHAPESWORLD_VIEWS)}}
     config = snap / "model.yaml"
     config.write_text(json.dumps({"model": {"init_args": {"diffusion": str(snap / "pipeline"), "ensemble": ensemble}}}))
     return config
