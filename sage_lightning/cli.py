@@ -25,8 +25,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks.defaults import missing_run_callbacks
 from sage_lightning.analysis.cli import command as analysis_command
+from sage_lightning.callbacks.defaults import missing_run_callbacks
 from sage_lightning.errors import SageError, one_line, shorten
 from sage_lightning.fit_session import FitSession, HeldLogs
 from sage_lightning.run_folder import check_run_folder, copied_run_folder, fit_checkpoint, write_run_report
@@ -98,7 +98,7 @@ class SageCLI(LightningCLI):
         parser.set_defaults(
             {
                 "model": {"class_path": "sage_lightning.searches.LatentSearch"},
-                "data": {"class_path": "datamodules.ClassPromptDataModule"},
+                "data": {"class_path": "sage_lightning.datamodules.ClassPromptDataModule"},
             }
         )
 
