@@ -22,7 +22,7 @@ from typing import Literal, Protocol
 Unit = Literal["forward_equivalents", "unet_evaluations"]
 FORWARD_EQUIVALENTS: Unit = "forward_equivalents"
 UNET_EVALUATIONS: Unit = "unet_evaluations"
-BACKWARD_FORWARDS = 2  # a backward through the UNet costs about two forwards (METHOD.md)
+BACKWARD_FORWARDS = 2  # a backward through the UNet costs about two forwards (METHOD.md, "The cost unit")
 BACKWARD_COST = {FORWARD_EQUIVALENTS: BACKWARD_FORWARDS, UNET_EVALUATIONS: 1}  # one graphed step's backward
 RECOMPUTE_COST = 1  # a checkpointed step runs its forward again in backward (both units)
 
