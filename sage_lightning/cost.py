@@ -2,7 +2,7 @@
 
 Two units, both counted per image (a batch of B images costs B times as much):
 
-* **forward-equivalents** (METHOD.md, "The cost unit", what budgets are matched in): a UNet forward = 1, a backward
+* **forward-equivalents** (METHOD.md, "The cost unit"; what budgets are matched in): a UNet forward = 1, a backward
   through the UNet = :data:`BACKWARD_FORWARDS` = 2, a checkpointed step's recomputed forward = 1 more.
 * **UNet evaluations** (the records' ``unet_evaluations``): UNet calls, a backward counted as one call and a
   checkpointed recompute as one more.
