@@ -1,7 +1,7 @@
 """Discovery benchmark (issue 14): does SAGE find a failure near a latent the model gets right, better than chance?
 
 For the same targets (class, seed z0, prompt) and the same compute per target, measured in
-forward-equivalents (SAGE_METHOD.md: a UNet forward = 1, a backward = 2, a checkpointed recompute = 1 more;
+forward-equivalents (METHOD.md: a UNet forward = 1, a backward = 2, a checkpointed recompute = 1 more;
 ``TargetSearch.forward_equivalents``), five searches run through the ``sage`` CLI (so the shipped configs
 are what is measured):
 

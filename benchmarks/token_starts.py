@@ -27,7 +27,7 @@ MODEL_KEYS = ("diffusion", "num_steps", "guidance_scale", "scheduler", "step_uni
 
 def probe(config: dict, target: str, init: str, seed: int, word: str | None = None) -> tuple[float, float, float]:
     """(mean target probability, share of prompts above 0.5, token norm) at one starting point."""
-    from datamodules import PromptSetDataModule
+    from sage_lightning.datamodules import PromptSetDataModule
 
     model = {k: v for k, v in config["model"]["init_args"].items() if k in MODEL_KEYS}
     data = PromptSetDataModule(**config["data"]["init_args"])

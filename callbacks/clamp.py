@@ -16,7 +16,7 @@ MAX_BOUND = 100.0  # latents are N(0, 1) and token embeddings have norms near 1
 class ClampPerturbation(BoxConstraint, L.Callback):
     """After each optimizer step: ``param[rows] = clamp(param[rows], low, high)`` for stepped targets.
 
-    SAGE_METHOD.md: delta in [-1, 1] for the latent search; [-2.5, 2.5] for prompt-slot embeddings.
+    METHOD.md: delta in [-1, 1] for the latent search; [-2.5, 2.5] for prompt-slot embeddings.
     """
 
     def __init__(self, low: float = -1.0, high: float = 1.0) -> None:

@@ -1,5 +1,5 @@
 """The callbacks every search run gets unless the config lists its own: the per-pass checkpoint and the
-search's progress bar (:class:`~callbacks.progress.SearchProgressBar`).
+search's progress bar (:class:`~sage_lightning.callbacks.progress.SearchProgressBar`).
 
 The result writer is the search's own (``TargetSearch.result_writer``, added by its ``configure_callbacks``),
 so the CLI never decides which writer a search gets.
@@ -12,8 +12,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 
-from callbacks.checkpoint import IterationCheckpoint
-from callbacks.progress import SearchProgressBar
+from sage_lightning.callbacks.checkpoint import IterationCheckpoint
+from sage_lightning.callbacks.progress import SearchProgressBar
 
 
 def missing_run_callbacks(root: str | Path, given: list[L.Callback], progress_bar: bool = True) -> list[L.Callback]:

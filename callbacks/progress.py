@@ -27,7 +27,7 @@ def _is_terminal() -> bool:
 
 
 def spent_forward_equivalents(module) -> float:
-    """Forward-equivalents the search has used so far, over all targets (SAGE_METHOD.md's cost unit)."""
+    """Forward-equivalents the search has used so far, over all targets (METHOD.md, "The cost unit")."""
     spent = getattr(module, "forward_equivalents_spent", None)  # the search's own count (sage_lightning.cost)
     return float(spent()) if spent is not None else 0.0
 

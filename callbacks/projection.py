@@ -1,5 +1,5 @@
 """Keep adversarial latents non-outliers of N(0, I): move z = z0 + delta onto the Gaussian shell |z| = sqrt(d),
-inside the run's box for delta (SAGE_METHOD.md, "Latent-space search": delta clamped, z a non-outlier)."""
+inside the run's box for delta (METHOD.md, "Latent-space search": delta clamped, z a non-outlier)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class LatentProjection(L.Callback):
     """After each step, for stepped targets: z onto the shell |z| = sqrt(d), delta kept in the run's box.
 
     A sample of N(0, I) in d dimensions has ``|z| ~ sqrt(d)``; SAGE's latents must not be outliers. When the
-    run also has a :class:`~callbacks.ClampPerturbation`, the projection moves along the box
+    run also has a :class:`~sage_lightning.callbacks.ClampPerturbation`, the projection moves along the box
     (:func:`shell_in_box`) instead of scaling z freely, so the step's result satisfies both constraints
     whatever the order of the two callbacks (the clamp then finds delta already inside its box).
 

@@ -19,7 +19,7 @@ import json
 import torch
 from torchvision.utils import make_grid
 
-from callbacks.failure_writer import FailureWriter, agreement_note, summary_line
+from sage_lightning.callbacks.failure_writer import FailureWriter, agreement_note, summary_line
 from sage_lightning.searches.base import FOUND
 from sage_lightning.summary import PROMPT, majority, run_summary, searched_failures
 from sage_lightning.surrogate.ensemble import member_names

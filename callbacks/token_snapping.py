@@ -1,10 +1,10 @@
-"""Snap the adversarial slot [x] of prompt search to a natural word, every K sign steps (SAGE_METHOD.md).
+"""Snap the adversarial slot [x] of prompt search to a natural word, every K sign steps (METHOD.md).
 
 After each step, for the targets of this rank whose current word has had its K steps: the candidate
 source proposes whole next words for the prompt so far, the one whose token embedding is nearest to
 e_x (cosine) is appended (or, with ``rerank_top`` > 1, the one with the lowest real loss of D among that
 many nearest), the slots restart, and the grown prompt is judged on S fresh seeds by the search.
-Put it after :class:`callbacks.ClampPerturbation` in the callback list, so it snaps the clamped e_x.
+Put it after :class:`sage_lightning.callbacks.ClampPerturbation` in the callback list, so it snaps the clamped e_x.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ without the token (each rank its share) and written as:
 * ``results.jsonl``: one line per held-out prompt: each member's probability of the target and top-1,
   the ensemble hit (every member's top-1 is the target), the judge's verdict where there is a judge;
 * ``summary.json``: hit rates with and without the token (ensemble, judge), the CLIP scores
-  (from ``callbacks.ClipScoreLogger``, when it runs) and, with a judge, how often D and the judge agree on
-  the clean images (held out, without the token; ``clean_agreement``).
+  (from ``sage_lightning.callbacks.ClipScoreLogger``, when it runs) and, with a judge, how often D and the
+  judge agree on the clean images (held out, without the token; ``clean_agreement``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import json
 import torch
 from torchvision.utils import make_grid
 
-from callbacks.clip_score import SCORE_KEYS
-from callbacks.failure_writer import FailureWriter, _gather, agreement_note, rate_text
+from sage_lightning.callbacks.clip_score import SCORE_KEYS
+from sage_lightning.callbacks.failure_writer import FailureWriter, _gather, agreement_note, rate_text
 from sage_lightning.metrics import judge_agreement, success_rate
 from sage_lightning.surrogate.ensemble import member_names
 

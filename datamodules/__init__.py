@@ -1,6 +1,6 @@
 """Data modules that supply SAGE's search targets."""
 
-from datamodules.class_prompts import ClassPromptDataModule, TargetQueue
-from datamodules.prompt_sets import PromptSetDataModule
+from sage_lightning.datamodules.class_prompts import ClassPromptDataModule, TargetQueue
+from sage_lightning.datamodules.prompt_sets import PromptSetDataModule
 
 __all__ = ["ClassPromptDataModule", "PromptSetDataModule", "TargetQueue"]

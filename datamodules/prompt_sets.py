@@ -8,7 +8,7 @@ training is refused, so a hit rate measured on it is never a training number.
 
 from __future__ import annotations
 
-from datamodules.class_prompts import ClassPromptDataModule, class_targets
+from sage_lightning.datamodules.class_prompts import ClassPromptDataModule, class_targets
 from sage_lightning.errors import SageError
 from sage_lightning.targets import Target
 

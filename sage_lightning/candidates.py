@@ -1,4 +1,4 @@
-"""Candidate-word sources of prompt search: what may be appended next to a prompt (SAGE_METHOD.md).
+"""Candidate-word sources of prompt search: what may be appended next to a prompt (METHOD.md).
 
 A source proposes whole next words for the prompt so far, best first, with a score (the language
 model's probability of the word; uniform for a word list). Prompt search then keeps the candidates that

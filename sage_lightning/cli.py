@@ -25,15 +25,16 @@ from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks.defaults import missing_run_callbacks
 from sage_lightning.analysis.cli import command as analysis_command
+from sage_lightning.callbacks.defaults import missing_run_callbacks
 from sage_lightning.errors import SageError, one_line, shorten
 from sage_lightning.fit_session import FitSession, HeldLogs
 from sage_lightning.run_folder import check_run_folder, copied_run_folder, fit_checkpoint, write_run_report
 from sage_lightning.searches import TargetSearch
+from sage_lightning.shipped_configs import configs_folder, with_shipped_configs
 
 DEFAULT_RUN_DIR = "runs/latent_search"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "latent_search.yaml"
+DEFAULT_CONFIG = configs_folder() / "latent_search.yaml"
 SUBCOMMANDS = ("validate", "test", "predict")
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's own calls; not the user's business
 
@@ -98,7 +99,7 @@ class SageCLI(LightningCLI):
         parser.set_defaults(
             {
                 "model": {"class_path": "sage_lightning.searches.LatentSearch"},
-                "data": {"class_path": "datamodules.ClassPromptDataModule"},
+                "data": {"class_path": "sage_lightning.datamodules.ClassPromptDataModule"},
             }
         )
 
@@ -205,7 +206,7 @@ def main(args: list[str] | None = None) -> None:
     session = FitSession()
     session.logs.hold()  # until the run starts (RunConfigSaver.on_fit_start)
     try:
-        SageCLI(args=args, session=session)
+        SageCLI(args=with_shipped_configs(args), session=session)  # `--config latent_search`: a shipped config
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None and isinstance(err, ArgumentError):

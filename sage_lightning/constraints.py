@@ -1,9 +1,9 @@
 """The constraints a run puts on a search's adversarial parameters, as a search sees them.
 
-The callbacks layer enforces them after each step (``callbacks.ClampPerturbation``, ``callbacks.LatentProjection``);
-each search names its own (``TargetSearch.constraints``), added to a run that lists none of their class; a search
-that must know them beforehand (the local random baseline draws delta inside the box) reads them
-here, so no search imports a callback.
+The callbacks layer enforces them after each step (``sage_lightning.callbacks.ClampPerturbation``,
+``sage_lightning.callbacks.LatentProjection``); each search names its own (``TargetSearch.constraints``), added
+to a run that lists none of their class; a search that must know them beforehand (the local random baseline
+draws delta inside the box) reads them here, so no search imports a callback.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ BISECTION_STEPS = 60  # halves the bracket of the scale s down to float precisio
 
 
 class BoxConstraint:
-    """Marks a callback that keeps the adversarial rows in ``[low, high]`` (``callbacks.ClampPerturbation``)."""
+    """Marks a callback that keeps the adversarial rows in ``[low, high]``
+    (``sage_lightning.callbacks.ClampPerturbation``)."""
 
     low: float
     high: float

@@ -2,7 +2,7 @@
 
 Two units, both counted per image (a batch of B images costs B times as much):
 
-* **forward-equivalents** (SAGE_METHOD.md's unit, what budgets are matched in): a UNet forward = 1, a backward
+* **forward-equivalents** (METHOD.md, "The cost unit"; what budgets are matched in): a UNet forward = 1, a backward
   through the UNet = :data:`BACKWARD_FORWARDS` = 2, a checkpointed step's recomputed forward = 1 more.
 * **UNet evaluations** (the records' ``unet_evaluations``): UNet calls, a backward counted as one call and a
   checkpointed recompute as one more.
@@ -22,7 +22,7 @@ from typing import Literal, Protocol
 Unit = Literal["forward_equivalents", "unet_evaluations"]
 FORWARD_EQUIVALENTS: Unit = "forward_equivalents"
 UNET_EVALUATIONS: Unit = "unet_evaluations"
-BACKWARD_FORWARDS = 2  # a backward through the UNet costs about two forwards (SAGE_METHOD.md)
+BACKWARD_FORWARDS = 2  # a backward through the UNet costs about two forwards (METHOD.md, "The cost unit")
 BACKWARD_COST = {FORWARD_EQUIVALENTS: BACKWARD_FORWARDS, UNET_EVALUATIONS: 1}  # one graphed step's backward
 RECOMPUTE_COST = 1  # a checkpointed step runs its forward again in backward (both units)
 

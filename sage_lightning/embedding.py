@@ -1,7 +1,7 @@
 """Steps, boxes, starting points and losses of the embedding searches in the text encoder's own units.
 
 SAGE's pseudo-code steps a free token embedding by 0.05 per entry and clamps it to [-2.5, 2.5]
-(SAGE_METHOD.md, "Prompt-space search"); those are fixed numbers, and a token table's entries are of
+(METHOD.md, "Prompt-space search"); those are fixed numbers, and a token table's entries are of
 another size on every encoder (ShapesWorld's: std 0.020, row norms 0.10-0.36; one such step moves a token
 farther than a whole word). Here the table of the model in use decides (:func:`table_scale`):
 
@@ -10,7 +10,7 @@ farther than a whole word). Here the table of the model in use decides (:func:`t
   ``"absolute"``: by ``lr`` itself (the paper's 0.05).
 * **box**: ``"range"``: each entry between the smallest and the largest value that dimension takes over
   the table's rows; ``"norm"``: each encoder's share no longer than the table's longest row; ``"none"``:
-  only a configured ``callbacks.ClampPerturbation`` (the paper's [-2.5, 2.5]).
+  only a configured ``sage_lightning.callbacks.ClampPerturbation`` (the paper's [-2.5, 2.5]).
 * **starting point** (:func:`initial_embedding`): ``"random_row"`` (a row of the table, never one of the
   excluded words: the target, the class names, their plurals and synonyms), ``"mean_noise"`` (the mean row
   plus Gaussian noise of each dimension's std over the rows), ``"zeros"`` or ``"word"`` (a given word's row).

@@ -10,7 +10,7 @@ from scipy import stats
 
 
 def gaussianity(z: torch.Tensor, alpha: float = 0.01) -> dict[str, float | bool]:
-    """NGR check of one latent against N(0, I) (SAGE_METHOD.md, NGR): two tests at level ``alpha``.
+    """NGR check of one latent against N(0, I) (METHOD.md, "NGR"): two tests at level ``alpha``.
 
     - Kolmogorov-Smirnov of the entries against N(0, 1) (``ks_pvalue``): the entries' distribution;
     - the chi-norm test (``norm_pvalue``): |z|^2 of a N(0, I_d) sample is chi-squared with d degrees of
@@ -48,7 +48,7 @@ def non_gaussian_rate(outliers: Sequence[bool]) -> float | None:
 def target_summary(
     found: Sequence[bool], already_failing: Sequence[bool], targets: int
 ) -> dict[str, int | float | None]:
-    """SSR(A) over all ``targets`` of a run from its finished targets' records (SAGE_METHOD.md, "What a run
+    """SSR(A) over all ``targets`` of a run from its finished targets' records (METHOD.md, "What a run
     reports"; issue 10 items 2-3).
 
     ``found[i]``: D declared a failure for finished target i; ``already_failing[i]``: it did so on the clean
@@ -94,7 +94,7 @@ def judge_agreement(d_failed: Sequence[bool], judged: Sequence[str | None], clas
     }
 
 
-# What a failure D declared is, by the judge (SAGE_METHOD.md, "What a run reports"; issue 19 item 1).
+# What a failure D declared is, by the judge (METHOD.md, "What a run reports"; issue 19 item 1).
 CONFIRMED = "confirmed"  # the judge sees the class in the clean image and not in the final one: the generator's
 D_ONLY = "d_only"  # the judge still sees the class in the final image: D was fooled
 PRE_EXISTING = "pre_existing"  # the judge already rejects the clean image: nothing was discovered

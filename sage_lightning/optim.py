@@ -19,7 +19,7 @@ def check_lr(lr: float, who: str = "lr") -> None:
 
 
 class SignSGD(Optimizer):
-    """Projected-gradient-descent step (SAGE_METHOD.md): each element moves by exactly ``lr`` against
+    """Projected-gradient-descent step (METHOD.md): each element moves by exactly ``lr`` against
     the sign of its gradient; elements with zero gradient (targets not in the batch) do not move.
     Clamping and projection are separate callbacks.
 

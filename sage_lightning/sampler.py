@@ -9,7 +9,7 @@ What the gradient modes change is only which steps keep an autograd graph:
 * ``FullGradient``: exact gradient through every step (optional per-step activation checkpointing).
 * ``LastKGradient``: graph through the last ``k`` steps; the initial latent reaches the first graphed
   step through an identity skip (``x <- x + (z - z.detach())``).
-* ``ResidualGradient``: SAGE's residual approximation (SAGE_METHOD.md, latent search): at step ``k``,
+* ``ResidualGradient``: SAGE's residual approximation (METHOD.md, "Latent-space search"): at step ``k``,
   ``x_k <- x_k + w * (z - z.detach())`` (zero in value), so ``dL/dz = w * dL/dx_k``; steps before ``k``
   run without a graph, steps after with one.
 

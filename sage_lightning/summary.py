@@ -1,9 +1,9 @@
 """A run's ``summary.json`` from its result lines: one function for the writers and for the report.
 
-The writers (``callbacks.FailureWriter``, ``callbacks.PromptResultWriter``) write it when a run ends; the report
-(:func:`sage_lightning.report.numbers.run_summary`) recomputes it the same way for a run killed before that,
-from the finished targets (the unfinished ones count as not found). The universal token's summary is another
-account (hit rates over held-out prompts) and stays with its writer.
+The writers (``sage_lightning.callbacks.FailureWriter``, ``sage_lightning.callbacks.PromptResultWriter``) write
+it when a run ends; the report (:func:`sage_lightning.report.numbers.run_summary`) recomputes it the same way
+for a run killed before that, from the finished targets (the unfinished ones count as not found). The universal
+token's summary is another account (hit rates over held-out prompts) and stays with its writer.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def median(values: Sequence[float]) -> float | None:
 
 
 def majority(decisions: Sequence[bool]) -> bool:
-    """A strict majority of the seeds fails (SAGE_METHOD.md: the failure belongs to the prompt)."""
+    """A strict majority of the seeds fails (METHOD.md: the failure belongs to the prompt)."""
     return sum(bool(d) for d in decisions) * 2 > len(decisions)
 
 

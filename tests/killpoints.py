@@ -57,10 +57,10 @@ def _before(cls: type, name: str) -> None:
 
 def install(point: str) -> None:
     """Patch the classes so the process kills itself at ``point``."""
-    from callbacks.checkpoint import IterationCheckpoint
-    from callbacks.failure_writer import FailureWriter
-    from callbacks.prompt_writer import PromptResultWriter
-    from callbacks.token_writer import TokenWriter
+    from sage_lightning.callbacks.checkpoint import IterationCheckpoint
+    from sage_lightning.callbacks.failure_writer import FailureWriter
+    from sage_lightning.callbacks.prompt_writer import PromptResultWriter
+    from sage_lightning.callbacks.token_writer import TokenWriter
     from sage_lightning.optim import SignSGD
     from sage_lightning.results import RunFolder
 

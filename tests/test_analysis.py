@@ -302,7 +302,7 @@ def test_random_baseline_latents_re_render_with_their_own_draw_noise_seed(tmp_pa
 
     (tmp_path / "config.yaml").write_text(
         "model:\n  class_path: sage_lightning.searches.RandomLatentSearch\n  init_args: {diffusion: tiny}\n"
-        "data:\n  class_path: datamodules.ClassPromptDataModule\n  init_args: {classes: [star]}\n")
+        "data:\n  class_path: sage_lightning.datamodules.ClassPromptDataModule\n  init_args: {classes: [star]}\n")
     run = AnalysisRun(tmp_path, device="cpu")
     assert run.noise_seed({"target": 0, "seed": 0, "iterations": 3}) == 3 * DRAW_SEED_STRIDE  # draw 3's own
     assert run.noise_seed({"target": 0, "seed": 0, "iterations": 0}) == 0  # draw 0 is the target's z0

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from callbacks import ClampPerturbation, LatentProjection
-from datamodules import ClassPromptDataModule
+from sage_lightning.callbacks import ClampPerturbation, LatentProjection
+from sage_lightning.datamodules import ClassPromptDataModule
 from sage_lightning.searches import LatentSearch
 
 

@@ -7,9 +7,9 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks import TokenWriter
-from datamodules import ClassPromptDataModule, PromptSetDataModule
+from sage_lightning.callbacks import TokenWriter
 from sage_lightning.candidates import WordListCandidates
+from sage_lightning.datamodules import ClassPromptDataModule, PromptSetDataModule
 from sage_lightning.embedding import excluded_token_ids, initial_embedding, member_loss, table_scale
 from sage_lightning.errors import SageError
 from sage_lightning.loading import build_tiny, build_tiny_xl

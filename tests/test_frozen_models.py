@@ -8,9 +8,9 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks import ClampPerturbation
-from datamodules import ClassPromptDataModule, PromptSetDataModule
+from sage_lightning.callbacks import ClampPerturbation
 from sage_lightning.candidates import WordListCandidates
+from sage_lightning.datamodules import ClassPromptDataModule, PromptSetDataModule
 from sage_lightning.loading import default_ensemble
 from sage_lightning.searches import (
     LatentSearch,

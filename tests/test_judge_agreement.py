@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 
-from callbacks import ClampPerturbation, FailureWriter, PromptResultWriter, TokenWriter
-from datamodules import ClassPromptDataModule, PromptSetDataModule
+from sage_lightning.callbacks import ClampPerturbation, FailureWriter, PromptResultWriter, TokenWriter
 from sage_lightning.candidates import WordListCandidates
+from sage_lightning.datamodules import ClassPromptDataModule, PromptSetDataModule
 from sage_lightning.metrics import failure_kind, judge_agreement, judged_summary
 from sage_lightning.searches import LatentSearch, PromptSearch, UniversalTokenSearch
 

@@ -10,8 +10,8 @@ import torch
 from helpers import REPO, assert_fit_refused, error_of, kill_after_first_checkpoint, results, sage
 from safetensors.torch import load_file
 
-from callbacks import ClampPerturbation
-from datamodules import ClassPromptDataModule
+from sage_lightning.callbacks import ClampPerturbation
+from sage_lightning.datamodules import ClassPromptDataModule
 from sage_lightning.loading import default_ensemble
 from sage_lightning.searches import LatentSearch, RandomLatentSearch
 
@@ -226,7 +226,7 @@ def test_default_ensemble_of_tiny_has_three_members():
 
 
 def test_distinct_seeds_give_every_target_its_own_z0():
-    from datamodules import ClassPromptDataModule
+    from sage_lightning.datamodules import ClassPromptDataModule
 
     shared = ClassPromptDataModule(classes=["star", "ring"], seeds_per_class=3, base_seed=100).targets(["star", "ring"])
     assert [t.seed for t in shared] == [100, 101, 102, 100, 101, 102]  # every class on the same seeds

@@ -9,9 +9,9 @@ import torch
 import yaml
 from helpers import REPO
 
-from callbacks import ClipScoreLogger
-from datamodules import ClassPromptDataModule
+from sage_lightning.callbacks import ClipScoreLogger
 from sage_lightning.candidates import Candidate, WordListCandidates
+from sage_lightning.datamodules import ClassPromptDataModule
 from sage_lightning.errors import SageError
 from sage_lightning.searches import LatentSearch, PromptSearch, UniversalTokenSearch
 from sage_lightning.surrogate import ClassifierEnsemble, TimmMember, imagenet_class_names

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from helpers import REPO, results, sage
 from safetensors.torch import load_file
 
-from datamodules import ClassPromptDataModule, PromptSetDataModule
 from sage_lightning.candidates import WordListCandidates
+from sage_lightning.datamodules import ClassPromptDataModule, PromptSetDataModule
 from sage_lightning.sampler import FullGradient
 from sage_lightning.searches import LatentSearch, PromptSearch, UniversalTokenSearch
 

@@ -11,8 +11,7 @@ import torch
 import yaml
 from helpers import REPO, assert_fit_refused, kill_when, results, sage
 
-from callbacks import TokenSnapping
-from datamodules import ClassPromptDataModule
+from sage_lightning.callbacks import TokenSnapping
 from sage_lightning.candidates import (
     Candidate,
     CausalLMCandidates,
@@ -23,6 +22,7 @@ from sage_lightning.candidates import (
 )
 from sage_lightning.cli import main
 from sage_lightning.cost import UNET_EVALUATIONS
+from sage_lightning.datamodules import ClassPromptDataModule
 from sage_lightning.errors import SageError
 from sage_lightning.sampler import FullGradient, GradientMode, ResidualGradient
 from sage_lightning.searches import PromptSearch, RandomWordSearch, TargetSearch
@@ -273,7 +273,7 @@ def test_the_judge_confirms_a_prompt_on_the_seeds_d_failed_on():
     """SSR(J) of a prompt (issue 21 item 13): the judge must miss the class on a strict majority of the S seeds on
     which D failed too; a judge majority on other seeds (D and the judge failing different images) is no
     confirmation."""
-    from callbacks.prompt_writer import judge_verdict
+    from sage_lightning.callbacks.prompt_writer import judge_verdict
 
     decisions = [True, True, True, False, False]  # D fails 3 of 5 seeds: the prompt fails
     elsewhere = ["star", "ring", "ring", None, "heart"]  # the judge misses "ring" on seeds 0, 3, 4: 3 of 5

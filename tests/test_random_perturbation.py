@@ -14,7 +14,7 @@ import torch
 from helpers import REPO, kill_after_first_checkpoint, results, sage
 from safetensors.torch import load_file
 
-from datamodules import ClassPromptDataModule
+from sage_lightning.datamodules import ClassPromptDataModule
 from sage_lightning.sampler import FullGradient, ResidualGradient
 from sage_lightning.searches import LatentSearch, RandomLatentSearch, RandomPerturbationSearch
 

@@ -12,7 +12,7 @@ from helpers import REPO, results, sage
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from datamodules import PromptSetDataModule
+from sage_lightning.datamodules import PromptSetDataModule
 from sage_lightning.errors import SageError
 from sage_lightning.searches import RandomTokenSearch
 from sage_lightning.searches.base import EXHAUSTED
@@ -54,7 +54,7 @@ def test_random_token_stays_in_the_box_the_trained_token_is_clamped_to():
     scaled to that norm has entries beyond [-2.5, 2.5]; the random token is bent along the box, norm kept."""
     import lightning as L
 
-    from callbacks import ClampPerturbation
+    from sage_lightning.callbacks import ClampPerturbation
 
     g = torch.randn(32, generator=torch.Generator().manual_seed(0))
     assert float((g * (12.0 / g.norm())).abs().max()) > 2.5  # the plain scaled draw leaves the box

@@ -16,8 +16,8 @@ import torch
 from helpers import ENV, REPO, assert_fit_refused, error_of, results, sage
 from safetensors.torch import load_file
 
-from datamodules import ClassPromptDataModule
 from sage_lightning.candidates import WordListCandidates
+from sage_lightning.datamodules import ClassPromptDataModule
 from sage_lightning.errors import SageError
 from sage_lightning.optim import SignSGD
 from sage_lightning.results import RunFolder
@@ -184,7 +184,8 @@ def test_a_diverged_search_stops_with_one_line_and_results_stay_strict_json(caps
         (["--model.init_args.guidance_scale", "nan"], "guidance_scale"),
         (["--model.init_args.lr", "1e39"], "lr=1e+39 must be > 0 and at most 10"),
         (["--model.init_args.lr", "inf"], "lr"),
-        (["--trainer.callbacks", '[{"class_path": "callbacks.ClampPerturbation", "init_args": {"low": -1e30}}]'],
+        (["--trainer.callbacks",
+          '[{"class_path": "sage_lightning.callbacks.ClampPerturbation", "init_args": {"low": -1e30}}]'],
          "clamp range [-1e+30, 1.0] is too wide"),
     ],
 )

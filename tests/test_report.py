@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from scipy import stats
 
-from callbacks.progress import SearchProgressBar, eta_seconds, spent_forward_equivalents
+from sage_lightning.callbacks.progress import SearchProgressBar, eta_seconds, spent_forward_equivalents
 from sage_lightning.report import write_report
 from sage_lightning.report.baseline import compare
 from sage_lightning.report.gallery import gallery_label, labelled_pairs
@@ -260,7 +260,7 @@ def test_progress_bar_counts_targets_failures_and_cost(monkeypatch):
     assert eta_seconds(10.0, 5, 6) == pytest.approx(12.0) and eta_seconds(0.0, 0, 3) is None
     assert SearchProgressBar().is_disabled  # pytest's stdout is not a terminal: no bar at all
 
-    monkeypatch.setattr("callbacks.progress._is_terminal", lambda: True)
+    monkeypatch.setattr("sage_lightning.callbacks.progress._is_terminal", lambda: True)
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
     bar = SearchProgressBar()

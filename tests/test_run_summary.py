@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, results, sage
 
-from datamodules import ClassPromptDataModule
+from sage_lightning.datamodules import ClassPromptDataModule
 from sage_lightning.metrics import target_summary
 from sage_lightning.searches import RandomLatentSearch
 
@@ -88,7 +88,7 @@ def test_a_run_the_trainer_stops_early_says_so_and_counts_over_all_targets(tmp_p
 def test_summary_line_names_ssr_j_and_the_agreement_once():
     """The judge's part of every summary line (latent, prompt): SSR(J) once, then D/judge agreement (the
     prompt writer printed SSR(J) twice); without a judge nothing."""
-    from callbacks.failure_writer import agreement_note
+    from sage_lightning.callbacks.failure_writer import agreement_note
 
     judged = {"ssr_judge": 0.35, "clean_agreement": {"images": 20, "agree": 16}}
     assert agreement_note(judged) == ", SSR(J) 0.35, D and judge agree on 16 of 20 clean images"

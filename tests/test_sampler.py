@@ -221,7 +221,7 @@ def test_the_loader_refuses_a_scheduler_it_does_not_support(tiny, tmp_path):
 
 @pytest.mark.parametrize("scheduler, eta", [("euler-a", 0.0), ("ddim", 0.5)])
 def test_search_noise_is_a_function_of_the_target_not_of_the_global_state_or_the_gradient_mode(scheduler, eta):
-    from datamodules import ClassPromptDataModule
+    from sage_lightning.datamodules import ClassPromptDataModule
     from sage_lightning.searches import LatentSearch
 
     images = []
@@ -279,7 +279,7 @@ def test_pndm_counts_come_from_its_own_timesteps(setup, skip_prk_steps, loop):
 def test_search_costs_follow_the_scheduler_timesteps():
     """PNDM at 4 steps runs 13 timesteps (tiny's config keeps its PRK warm-up): every cost a search reports
     equals DDIM's at 13 steps, before and after the model is loaded."""
-    from datamodules import ClassPromptDataModule
+    from sage_lightning.datamodules import ClassPromptDataModule
     from sage_lightning.searches import LatentSearch, PromptSearch
 
     def latent(scheduler: str, steps: int) -> LatentSearch:

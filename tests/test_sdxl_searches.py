@@ -19,8 +19,8 @@ import yaml
 from helpers import REPO, kill_after_first_checkpoint, results, sage
 from safetensors.torch import load_file
 
-from datamodules import ClassPromptDataModule
 from sage_lightning.candidates import WordListCandidates
+from sage_lightning.datamodules import ClassPromptDataModule
 from sage_lightning.errors import SageError
 from sage_lightning.searches import LatentSearch, PromptSearch, UniversalTokenSearch
 from sage_lightning.text import XLConditioning
@@ -74,7 +74,7 @@ def test_the_searches_take_both_encoders_and_the_pipelines_unconditional_branch(
         assert prompt.slots.grad[0, k, :32].abs().sum() > 0 and prompt.slots.grad[0, k, 32:].abs().sum() > 0
 
     token = UniversalTokenSearch(target="star", diffusion="tiny-xl", init_word="red", num_steps=2)
-    from datamodules import PromptSetDataModule
+    from sage_lightning.datamodules import PromptSetDataModule
 
     token.prepare(PromptSetDataModule(classes=["ring"], held_out_templates=["a drawing of a {}"]).targets)
     red = token.frozen.encoder.word_ids("red")

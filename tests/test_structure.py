@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import ENV, REPO
 
-from callbacks import (
+from sage_lightning.callbacks import (
     ClampPerturbation,
     FailureWriter,
     LatentProjection,
@@ -31,8 +31,8 @@ from sage_lightning.searches import (
     UniversalTokenSearch,
 )
 
-WRITER_MODULES = {"callbacks.failure_writer", "callbacks.prompt_writer", "callbacks.token_writer",
-                  "callbacks.token_snapping"}
+WRITER_MODULES = {"sage_lightning.callbacks.failure_writer", "sage_lightning.callbacks.prompt_writer",
+                  "sage_lightning.callbacks.token_writer", "sage_lightning.callbacks.token_snapping"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -60,7 +60,7 @@ def test_no_sage_lightning_module_imports_the_callbacks_layer():
     CLIP score and for the failure-type analysis alike) come through sage_lightning.loading. Imports inside
     functions count too."""
     offenders = {
-        str(path.relative_to(REPO)): sorted(name for name in _imports(path) if name.split(".")[0] == "callbacks")
+        str(path.relative_to(REPO)): sorted(n for n in _imports(path) if n.startswith("sage_lightning.callbacks"))
         for path in (REPO / "sage_lightning").rglob("*.py")
     }
     assert {path: names for path, names in offenders.items() if names and path not in CALLBACKS_USERS} == {}
@@ -68,7 +68,7 @@ def test_no_sage_lightning_module_imports_the_callbacks_layer():
 
 
 def test_the_run_box_is_the_clamps_intersection_and_projection_uses_the_same_one():
-    from callbacks import ClampPerturbation, projection
+    from sage_lightning.callbacks import ClampPerturbation, projection
     from sage_lightning.constraints import run_box
 
     class Run:
@@ -125,6 +125,7 @@ def _module_graph() -> dict[str, set[str]]:
     for package in PACKAGES:
         for path in (REPO / package).rglob("*.py"):
             parts = path.relative_to(REPO).with_suffix("").parts
+            parts = parts if package == "sage_lightning" else ("sage_lightning", *parts)  # installed names
             paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     graph = {}
     for name, path in paths.items():

@@ -213,7 +213,7 @@ def test_ensemble_from_jsonargparse_config():
 
 @pytest.mark.parametrize(("classes", "k"), [(10, 1), (100, 1), (300, 2), (500, 3), (1000, 5), (21843, 109)])
 def test_top_k_scales_with_the_class_count(classes, k):
-    """k = max(1, round(0.005 x classes)), halves up (SAGE_METHOD.md): top-5 would be half of a 10-class world."""
+    """k = max(1, round(0.005 x classes)), halves up (METHOD.md): top-5 would be half of a 10-class world."""
     member = FixedProbsMember([[1.0 / classes] * classes], class_names=[f"c{i}" for i in range(classes)])
     assert default_top_k(classes) == k
     assert ClassifierEnsemble([member]).top_k == k

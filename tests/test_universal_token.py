@@ -16,10 +16,10 @@ from PIL import Image
 from safetensors import safe_open
 from torchmetrics.multimodal import CLIPScore
 
-from callbacks import ClipScoreLogger, TokenWriter
-from callbacks.clip_score import load_clip_for_score
-from datamodules import PromptSetDataModule
+from sage_lightning.callbacks import ClipScoreLogger, TokenWriter
+from sage_lightning.callbacks.clip_score import load_clip_for_score
 from sage_lightning.cli import main
+from sage_lightning.datamodules import PromptSetDataModule
 from sage_lightning.errors import SageError
 from sage_lightning.searches import UniversalTokenSearch
 
@@ -68,7 +68,7 @@ def test_prompt_sets_hold_out_and_drop_the_target_class():
 
 # ------------------------------------------------------------------------------------ the module
 def test_default_gradient_is_exact_through_every_step():
-    """SAGE_METHOD.md: the token conditions every denoising step, so it takes the exact gradient (checkpointed), as
+    """METHOD.md: the token conditions every denoising step, so it takes the exact gradient (checkpointed), as
     configs/universal_token.yaml and the prompt search do; the residual shortcut is the latent search's device."""
     from sage_lightning.sampler import FullGradient, ResidualGradient
 
@@ -135,7 +135,7 @@ def test_a_non_finite_held_out_value_stops_the_run_naming_it():
 
 
 def test_clamp_acts_on_the_token():
-    from callbacks import ClampPerturbation
+    from sage_lightning.callbacks import ClampPerturbation
 
     search, _ = _prepared()
     search.token.data.fill_(5.0)
@@ -183,9 +183,9 @@ def config(tmp_path_factory, clip_dir) -> str:
     """The tiny config with the test CLIP, ShapesWorld's judge (exercised on noise), 3 passes of 3 steps."""
     cfg = yaml.safe_load(TINY.read_text())
     for callback in cfg["trainer"]["callbacks"]:
-        if callback["class_path"] == "callbacks.ClipScoreLogger":
+        if callback["class_path"] == "sage_lightning.callbacks.ClipScoreLogger":
             callback["init_args"] = {"model": clip_dir, "every_n_steps": 4}
-        if callback["class_path"] == "callbacks.TokenWriter":
+        if callback["class_path"] == "sage_lightning.callbacks.TokenWriter":
             callback["init_args"]["judge"] = "shapesworld"
     cfg["model"]["init_args"]["max_iterations"] = 3
     cfg["model"]["init_args"]["eval_batch_size"] = 1  # held-out images then do not depend on how ranks split them
@@ -319,7 +319,7 @@ def test_configs_parse(name, capsys):
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] == "sage_lightning.searches.UniversalTokenSearch"
-    assert printed["data"]["class_path"] == "datamodules.PromptSetDataModule"
+    assert printed["data"]["class_path"] == "sage_lightning.datamodules.PromptSetDataModule"
 
 
 @pytest.mark.parametrize(
@@ -329,7 +329,7 @@ def test_configs_parse(name, capsys):
         (["--data.init_args.classes", "[star]"], "every prompt is of the target class"),
         (["--data.init_args.held_out_templates", "[a drawing]"], "must contain exactly one"),
         (["--model.init_args.init_word", "a photo"], "is 2 tokens"),
-        (["--data", "datamodules.ClassPromptDataModule"], "needs training and held-out prompts"),
+        (["--data", "sage_lightning.datamodules.ClassPromptDataModule"], "needs training and held-out prompts"),
     ],
 )
 def test_bad_input_is_one_clear_line(extra, needle, capsys, tmp_path):

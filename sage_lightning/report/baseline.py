@@ -1,7 +1,7 @@
 """SAGE against a baseline run (``sage report RUN --baseline OTHER``): discovery rate and its ratio.
 
 Discovery rate of a run = failures D declared / forward-equivalents spent on the searched targets, per 1,000
-(SAGE_METHOD.md's cost unit: a UNet forward = 1, a backward = 2). Targets already failing before any search are
+(METHOD.md, "The cost unit": a UNet forward = 1, a backward = 2). Targets already failing before any search are
 left out (as from SSR), so are targets the run never finished. The ratio SAGE ÷ baseline says how many more
 failures SAGE finds for the same compute; its 95% interval is a percentile bootstrap over targets, paired
 (the same target ids drawn in both runs) when both runs searched the same targets, seeded, so it is reproducible.

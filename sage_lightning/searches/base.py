@@ -129,7 +129,7 @@ class TargetSearch(L.LightningModule):
         self.step_outputs: StepOutputs | None = None
         self.stepped_targets = torch.zeros(0, dtype=torch.long)
 
-    result_writer = "callbacks.failure_writer.FailureWriter"
+    result_writer = "sage_lightning.callbacks.failure_writer.FailureWriter"
 
     # ----------------------------------------------------------------------------------- set-up
     def method_callbacks(self) -> list[str]:

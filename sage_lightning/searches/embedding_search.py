@@ -1,5 +1,5 @@
 """What the two embedding searches share (universal token, prompt slots): step, box, start and loss in the
-text encoder's own units (:mod:`sage_lightning.embedding`; SAGE_METHOD.md, "Prompt-space search")."""
+text encoder's own units (:mod:`sage_lightning.embedding`; METHOD.md, "Prompt-space search")."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ class EmbeddingSearch(TargetSearch):
         step_units: ``table`` (a sign step moves each entry by ``lr`` x its token table's entry std) or
             ``absolute`` (by ``lr``: the paper's 0.05).
         box: ``range`` (each entry within that dimension's range over the table's rows), ``norm`` (no longer
-            than the table's longest row) or ``none`` (only a configured ``callbacks.ClampPerturbation``).
+            than the table's longest row) or ``none`` (only a configured
+            ``sage_lightning.callbacks.ClampPerturbation``).
         init: ``random_row`` (a row of the table, never a class name, plural or synonym), ``mean_noise``,
             ``zeros`` or ``word`` (``init_word``'s row).
         loss: ``paper`` (``1 - 2p`` / ``2p - 1``), ``log`` or ``margin``

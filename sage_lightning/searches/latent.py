@@ -1,10 +1,11 @@
-"""Latent-space SAGE (SAGE_METHOD.md, "Latent-space search").
+"""Latent-space SAGE (METHOD.md, "Latent-space search").
 
 For each target (class c, prompt p, seed s): z0 = N(0, I) from s; find delta so that the image of
 z = z0 + delta under prompt p fails the discriminator D, by sign-gradient steps on
 ``loss = mean_m (2 p_m(c) - 1)``; after each step delta is clamped to its box and z projected onto the Gaussian
-shell, by the search's own constraints (:meth:`LatentSearch.constraints`: ``callbacks.ClampPerturbation(-1, 1)``,
-``callbacks.LatentProjection``; a config changes them by listing its own).
+shell, by the search's own constraints (:meth:`LatentSearch.constraints`:
+``sage_lightning.callbacks.ClampPerturbation(-1, 1)``, ``sage_lightning.callbacks.LatentProjection``; a config
+changes them by listing its own).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ class LatentSearch(TargetSearch):
     """
 
     def constraints(self) -> list[tuple[str, dict]]:
-        """delta in the box [-1, 1], z on the Gaussian shell |z| = sqrt(d) (SAGE_METHOD.md, "Latent-space search")."""
-        return [clamp_constraint(LATENT_BOX), ("callbacks.projection.LatentProjection", {})]
+        """delta in the box [-1, 1], z on the Gaussian shell |z| = sqrt(d) (METHOD.md, "Latent-space search")."""
+        return [clamp_constraint(LATENT_BOX), ("sage_lightning.callbacks.projection.LatentProjection", {})]
 
     def init_parameters(self) -> None:
         self.delta = nn.Parameter(torch.zeros(len(self.targets), *self.latent_shape()))

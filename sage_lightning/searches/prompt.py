@@ -1,4 +1,4 @@
-"""Prompt-space SAGE (SAGE_METHOD.md, "Prompt-space search"): natural prompts the model fails to draw.
+"""Prompt-space SAGE (METHOD.md, "Prompt-space search"): natural prompts the model fails to draw.
 
 For each target (class c, template prompt p, seed s) the prompt grows one word at a time, up to L words
 (the rounds, evaluation and stopping rule: :mod:`sage_lightning.searches.prompt_rounds`):
@@ -9,7 +9,7 @@ For each target (class c, template prompt p, seed s) the prompt grows one word a
    token table (``init``; :class:`~sage_lightning.searches.embedding_search.EmbeddingSearch`). K sign-gradient
    steps in the table's units, kept in the table's box, minimise D's loss (``mean_m (2 p_m(c) - 1)``, or a
    non-saturating ``loss``); step i of a target generates from the latent of seed ``s + i * STEP_SEED_STRIDE``.
-2. After K steps :class:`callbacks.TokenSnapping` asks the candidate source for whole next words of
+2. After K steps :class:`sage_lightning.callbacks.TokenSnapping` asks the candidate source for whole next words of
    ``p + words``, picks the one whose token embedding is nearest to ``e_x`` (cosine; optionally the
    best real loss among the few nearest), appends it and re-initialises the slots.
 3. The grown prompt is generated from S fresh seeds (never used by the optimisation); it is a failure
@@ -99,10 +99,10 @@ class PromptSearch(PromptRounds, EmbeddingSearch):
 
     def method_callbacks(self) -> list[str]:
         """Token snapping is part of the method (added when the config has none)."""
-        return ["callbacks.token_snapping.TokenSnapping"]
+        return ["sage_lightning.callbacks.token_snapping.TokenSnapping"]
 
     def constraints(self) -> list[tuple[str, dict]]:
-        """e_x, e_y in [-2.5, 2.5] (SAGE_METHOD.md)."""
+        """e_x, e_y in [-2.5, 2.5] (METHOD.md)."""
         return [clamp_constraint(EMBEDDING_BOX)]
 
     # ---------------------------------------------------------------------------------- prompts

@@ -65,7 +65,7 @@ class PromptRounds(TargetSearch):
             None. The judge never decides anything in the search; it is recorded for SSR(J).
         eval_batch_size: images per generation call when evaluating a prompt.
         kwargs: :class:`TargetSearch`'s; ``max_iterations`` is ``max_words * steps_per_word``; ``grad_mode``
-            defaults to the exact gradient through every denoising step, checkpointed (SAGE_METHOD.md: the words
+            defaults to the exact gradient through every denoising step, checkpointed (METHOD.md: the words
             condition every step, the early ones set the layout; the residual shortcut is the latent search's
             device and would hide them).
     """
@@ -116,7 +116,7 @@ class PromptRounds(TargetSearch):
         self.finished: list[int] = []
         self.evaluations: list[PromptEvaluation] = []
 
-    result_writer = "callbacks.prompt_writer.PromptResultWriter"
+    result_writer = "sage_lightning.callbacks.prompt_writer.PromptResultWriter"
 
     # ----------------------------------------------------------------------------------- set-up
     def init_parameters(self) -> None:

@@ -1,6 +1,6 @@
 """The local random baseline of latent SAGE: random perturbations of z0 in SAGE's own box, same budget.
 
-SAGE's latent claim is local (SAGE_METHOD.md, "Latent-space search"): from a seed z0 whose image the model
+SAGE's latent claim is local (METHOD.md, "Latent-space search"): from a seed z0 whose image the model
 gets right, a small, non-outlier perturbation delta makes it fail, and sign-gradient steps through the
 sampler find one more often than chance. This search is the chance: for each target (class c, prompt p,
 seed z0), the first evaluation is z0 itself (as SAGE's), then every iteration draws a fresh delta
@@ -54,7 +54,7 @@ class RandomPerturbationSearch(RandomLatentSearch):
             many SAGE iterations with this config's ``grad_mode`` (see :class:`RandomLatentSearch`).
         **kwargs: :class:`LatentSearch` (diffusion, ensemble, num_steps, guidance_scale, grad_mode, ...).
 
-    The box is the run's ``callbacks.ClampPerturbation`` range (their intersection if several, as
+    The box is the run's ``sage_lightning.callbacks.ClampPerturbation`` range (their intersection if several, as
     ``LatentProjection`` takes it; SAGE's own [-1, 1] when the config lists none, :meth:`constraints`), so the
     baseline cannot drift from the SAGE config it is compared with.
     Example (the same as ``sage fit --config configs/latent_search.yaml --config configs/random_perturbation.yaml``)::

@@ -1,4 +1,4 @@
-"""The chance level of the universal token (SAGE_METHOD.md, "Universal adversarial token"; issue 14).
+"""The chance level of the universal token (METHOD.md, "Universal adversarial token"; issue 14).
 
 A trained universal token ``e`` ``[D]`` makes the model draw the target class t for many prompts. Is that
 the optimisation, or would any appended embedding that large do it? This baseline appends a *random*

@@ -20,14 +20,14 @@ def default_max_iterations(diffusion: str) -> int:
     return CPU_WORLD_ITERATIONS if diffusion == "shapesworld" or diffusion in TINY_SOURCES else PAPER_ITERATIONS
 
 
-LATENT_BOX = (-1.0, 1.0)  # SAGE_METHOD.md: the latent perturbation delta is clamped to [-1, 1]
+LATENT_BOX = (-1.0, 1.0)  # METHOD.md: the latent perturbation delta is clamped to [-1, 1]
 EMBEDDING_BOX = (-2.5, 2.5)  # SAGE's pseudo-code: the prompt slots' (and the token's) embeddings in [-2.5, 2.5]
 
 
 def clamp_constraint(box: tuple[float, float]) -> tuple[str, dict]:
-    """The constraint that keeps the adversarial rows in ``box`` (``callbacks.ClampPerturbation``), for
+    """The constraint that keeps the adversarial rows in ``box`` (``sage_lightning.callbacks.ClampPerturbation``), for
     :meth:`TargetSearch.constraints`."""
-    return "callbacks.clamp.ClampPerturbation", {"low": box[0], "high": box[1]}
+    return "sage_lightning.callbacks.clamp.ClampPerturbation", {"low": box[0], "high": box[1]}
 
 
 def import_class(path: str) -> type:

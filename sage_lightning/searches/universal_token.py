@@ -1,4 +1,4 @@
-"""Universal adversarial token (SAGE_METHOD.md, "Universal adversarial token").
+"""Universal adversarial token (METHOD.md, "Universal adversarial token").
 
 One free token embedding ``e`` ``[D]`` is appended to every training prompt through the slot ``[*]`` (the
 prompt encoder's slot hook: no transformers class is patched). Sign-gradient steps minimise, over batches
@@ -10,8 +10,8 @@ so that the images turn into the target class t while the prompt's pooled text f
 (``loss: log`` or ``margin`` replace the first term by one that does not saturate at p_t near 0; steps, box
 and start are in the text encoder's own units: :class:`~sage_lightning.searches.embedding_search.EmbeddingSearch`).
 The held-out prompts (``PromptSetDataModule.held_out``) are never used by the optimisation; they are
-rendered with and without the token for the CLIP score and the hit rate (``callbacks.ClipScoreLogger``,
-``callbacks.TokenWriter``).
+rendered with and without the token for the CLIP score and the hit rate (``sage_lightning.callbacks.ClipScoreLogger``,
+``sage_lightning.callbacks.TokenWriter``).
 
 Targets, state and resume are those of :class:`TargetSearch`: a target is a training prompt, an epoch is
 one pass over them, a prompt is *exhausted* after ``max_iterations`` passes. Under DDP the ranks take
@@ -71,7 +71,7 @@ class UniversalTokenSearch(EmbeddingSearch):
         **kwargs: :class:`EmbeddingSearch` (step_units, box, loss, init_seed) and :class:`TargetSearch`
             (diffusion, ensemble, num_steps, guidance_scale, scheduler, grad_mode, ``max_iterations`` = passes
             over the training prompts, ``lr``, dtype, ...). ``grad_mode`` defaults to the exact gradient through
-            every denoising step, checkpointed (SAGE_METHOD.md: the token conditions every step; the residual
+            every denoising step, checkpointed (METHOD.md: the token conditions every step; the residual
             shortcut is the latent search's device), as for :class:`PromptSearch`.
 
     Example (the same as ``sage fit --config configs/universal_token.yaml``)::
@@ -119,11 +119,11 @@ class UniversalTokenSearch(EmbeddingSearch):
         if datamodule is None or not hasattr(datamodule, "held_out"):
             raise SageError(
                 "the universal-token search needs training and held-out prompts: use data: "
-                "datamodules.PromptSetDataModule"
+                "sage_lightning.datamodules.PromptSetDataModule"
             )
         self.prepare(datamodule.targets, datamodule.held_out)
 
-    result_writer = "callbacks.token_writer.TokenWriter"
+    result_writer = "sage_lightning.callbacks.token_writer.TokenWriter"
 
     def _drop_target_class(self, targets: list[Target], known: list[str]) -> list[Target]:
         (index,) = self._resolve_target(known)
@@ -160,11 +160,11 @@ class UniversalTokenSearch(EmbeddingSearch):
         return self._placeholder or f"<sage-{name}>"
 
     def constraints(self) -> list[tuple[str, dict]]:
-        """The token's entries in [-2.5, 2.5], the prompt slots' range (SAGE_METHOD.md)."""
+        """The token's entries in [-2.5, 2.5], the prompt slots' range (METHOD.md)."""
         return [clamp_constraint(EMBEDDING_BOX)]
 
     def adversarial_rows(self) -> Tensor:
-        """The token as one row, for ``callbacks.ClampPerturbation`` (``stepped_targets`` is ``[0]``)."""
+        """The token as one row, for ``sage_lightning.callbacks.ClampPerturbation`` (``stepped_targets`` is ``[0]``)."""
         return self.token.view(1, -1)
 
     # ------------------------------------------------------------------------------- generation

@@ -1,4 +1,4 @@
-"""Synonyms of ShapesWorld's shape names: the words a prompt search must never append (SAGE_METHOD.md,
+"""Synonyms of ShapesWorld's shape names: the words a prompt search must never append (METHOD.md,
 "Prompt-space search": the paper excludes the class's WordNet synonyms; a prompt that names a shape, in any
 words, is not a failure of the model). Each entry: other nouns for the shape, its adjectives, and the
 objects a caption would name for it ("moon" for a crescent). Plurals (+s, +es) are added by the word filter."""

@@ -38,7 +38,7 @@ class EnsembleOutput:
 
 
 def default_top_k(num_classes: int) -> int:
-    """k of the failure test for ``num_classes`` classes (SAGE_METHOD.md): 0.5% of them, at least 1.
+    """k of the failure test for ``num_classes`` classes (METHOD.md): 0.5% of them, at least 1.
 
     ``max(1, round(0.005 * classes))`` with halves rounded up: 1000 -> 5, 10 -> 1, 300 -> 2.
     """

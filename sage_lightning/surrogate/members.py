@@ -24,8 +24,8 @@ from sage_lightning.surrogate.classnames import class_names_from_spec
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
-# Contrast stretch before Canny (ours, METHOD: "The edge member"): these grayscale percentiles map to 0 and 255,
-# unless they lie closer than STRETCH_MIN_RANGE levels (a flat field stays flat, its noise is not amplified).
+# Contrast stretch before Canny (ours; METHOD.md, "The surrogate (discriminator D)"): these grayscale percentiles
+# map to 0 and 255, unless closer than STRETCH_MIN_RANGE levels (a flat field stays flat, its noise unamplified).
 STRETCH_PERCENTILES = (1.0, 99.0)
 STRETCH_MIN_RANGE = 8.0
 

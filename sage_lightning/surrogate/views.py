@@ -1,8 +1,8 @@
-"""Nuisance views of an image for D (ours, METHOD: "The referees"): the same picture recoloured, grey, blurred
-or at half resolution. A person names the shape in every view; an adversarial perturbation against D's
-members rarely survives them all, while a real failure of the generator (an empty field, a blob, the wrong
-shape) does. D averages each member's probabilities over the views (expectation over transformations), so
-the search can only make D fail by changing what every view shows.
+"""Nuisance views of an image for D (ours; METHOD.md, "The surrogate (discriminator D)"): the same picture
+recoloured, grey, blurred or at half resolution. A person names the shape in every view; an adversarial
+perturbation against D's members rarely survives them all, while a real failure of the generator (an empty
+field, a blob, the wrong shape) does. D averages each member's probabilities over the views (expectation over
+transformations), so the search can only make D fail by changing what every view shows.
 
 Every view is differentiable and deterministic (no random draw), so a search stays reproducible.
 """
