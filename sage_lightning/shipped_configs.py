@@ -10,6 +10,7 @@ the parser, which reports the missing file.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from sage_lightning.errors import SageError
 
 CONFIG_FLAGS = ("--config", "-c")
 SUFFIXES = (".yaml", ".yml", ".json")
+# The callbacks and datamodules were once top-level packages; run folders of that time still name them so.
+LEGACY_CLASS_PATH = re.compile(r"class_path:\s*['\"]?(callbacks|datamodules)\.(\w+(?:\.\w+)*)")
 
 
 def configs_folder() -> Path:
@@ -47,9 +50,22 @@ def _is_bare_name(value: str) -> bool:
     return not (Path(value).is_absolute() or value.endswith(SUFFIXES) or any(c in value for c in ":{}[]\n ,"))
 
 
+def check_class_paths(path: Path) -> None:
+    """SageError naming the first old class path in the config at ``path`` (``callbacks.X``, now
+    ``sage_lightning.callbacks.X``) and the command that rewrites it: loaded as it is, such a class would be
+    another copy of the callback (in a checkout) or missing (in an installed wheel)."""
+    found = LEGACY_CLASS_PATH.search(path.read_text(errors="replace"))
+    if found:
+        old = f"{found[1]}.{found[2]}"
+        raise SageError(f"{path} names class_path {old}, its old top-level name; it is now sage_lightning.{old}: "
+                        f"run sed -i -E 's/(class_path: *)(callbacks|datamodules)\\./\\1sage_lightning.\\2./' {path}")
+
+
 def resolve_config(value: str) -> str:
-    """The file ``--config value`` reads (see the module's docstring); raises SageError for an unknown name."""
+    """The file ``--config value`` reads (see the module's docstring); raises SageError for an unknown name or
+    a config that names a class by its old top-level path."""
     if Path(value).is_file():
+        check_class_paths(Path(value))
         return value
     shipped = shipped_config(value)
     if shipped is not None:

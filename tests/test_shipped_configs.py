@@ -60,3 +60,24 @@ def test_in_a_checkout_the_folders_are_sage_lightnings_subpackages():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == [str(REPO / "callbacks" / "__init__.py"), str(REPO / "datamodules" / "__init__.py"),
                                    "True"]
+
+
+def test_a_run_folder_config_with_old_class_paths_is_refused_with_the_command_that_fixes_it(tmp_path, capsys):
+    """A config.yaml saved when callbacks/ was a top-level package: loaded as it is, its clamp would be another
+    copy of the class (the search would add its own once more); the error's command rewrites it."""
+    saved = tmp_path / "config.yaml"
+    saved.write_text("trainer:\n  callbacks:\n  - class_path: callbacks.ClampPerturbation\n"
+                     "    init_args: {low: -1.0, high: 1.0}\n"
+                     "  - class_path: sage_lightning.callbacks.LatentProjection\n"
+                     "data:\n  class_path: datamodules.ClassPromptDataModule\n")
+    with pytest.raises(SageError, match="callbacks.ClampPerturbation.*sage_lightning.callbacks.ClampPerturbation"):
+        resolve_config(str(saved))
+    err = error_of(["fit", "--config", str(saved)], capsys)
+    assert len(err.splitlines()) == 1 and "old top-level name" in err
+    command = err.split("run ", 1)[1]
+    subprocess.run(command, shell=True, check=True)
+    assert resolve_config(str(saved)) == str(saved)
+    text = saved.read_text()
+    assert "class_path: sage_lightning.callbacks.ClampPerturbation" in text
+    assert "class_path: sage_lightning.datamodules.ClassPromptDataModule" in text
+    assert "sage_lightning.sage_lightning" not in text
