@@ -51,7 +51,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sage_lightning.loading import DiffusionModel, DiffusionXLModel, build_tiny, clip_tokenizer
+from sage_lightning.models import DiffusionModel, DiffusionXLModel, build_tiny, clip_tokenizer
 from sage_lightning.sampler import DiffusionSampler, FullGradient, GradientMode, LastKGradient, ResidualGradient
 from sage_lightning.text import prompt_encoder, slot
 

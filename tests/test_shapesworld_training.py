@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from sage_lightning.loading import SHAPESWORLD_DIR
 from sage_lightning.shapesworld.generator import SHAPES
 from sage_lightning.shapesworld.pools import ImagePool, LatentPool
+from sage_lightning.shapesworld.shipped import SHAPESWORLD_DIR
 
 
 def test_image_pool_is_seeded_saved_and_reloaded(tmp_path):

@@ -278,7 +278,7 @@ def test_preprocessing_keeps_gradients():
 def test_shapesworld_members_preprocess_as_trained():
     """ShapesWorld's members were trained on 64-px images resized (bilinear) to 64, no crop (config.json
     "images"): their data config is that, not timm's defaults for the architecture (crop 0.875)."""
-    from sage_lightning.loading import default_ensemble
+    from sage_lightning.models import default_ensemble
 
     ensemble = default_ensemble("shapesworld")
     images = _sd_sized_images(2, 64, 64)

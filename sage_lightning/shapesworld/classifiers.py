@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sage_lightning.loading import SHAPESWORLD_DIR, shapesworld_member
 from sage_lightning.shapesworld.generator import IMAGE_SIZE, SHAPES, make_batch
 from sage_lightning.shapesworld.rejects import REJECT_NAME, make_rejects
+from sage_lightning.shapesworld.shipped import SHAPESWORLD_DIR, shapesworld_member
 from sage_lightning.surrogate.members import canny_edges
 
 CLASSIFIERS_DIR = SHAPESWORLD_DIR / "classifiers"
@@ -73,7 +73,7 @@ SPECS: dict[str, dict] = {
         "input": "canny",
     },
 }
-NAMES = tuple(SPECS)  # the same order as loading.SHAPESWORLD_MEMBERS (tests/test_structure.py)
+NAMES = tuple(SPECS)  # the default ensemble's members, in its order (plugin.default_ensemble)
 
 
 def full_config(name: str) -> dict:
@@ -185,7 +185,7 @@ def load_classifier(name: str, root: str | Path | None = None) -> ShapesClassifi
 
 def ensemble_member(name: str, root: str | Path | None = None):
     """Shipped member ``name`` as a surrogate :class:`EnsembleMember` (``TimmMember`` / ``CannyEdgeMember``),
-    built by ``loading.shapesworld_member`` as the default ensemble builds it."""
+    built by ``shipped.shapesworld_member`` as the default ensemble builds it."""
     return shapesworld_member(_weights_dir(name, Path(root) if root else None))
 
 

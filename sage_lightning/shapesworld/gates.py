@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sage_lightning.loading import clip_tokenizer
+from sage_lightning.models import clip_tokenizer
 from sage_lightning.shapesworld.caption_labels import caption_batch
 from sage_lightning.shapesworld.generator import SHAPES, make_batch, render, sample_scene
 
