@@ -24,9 +24,11 @@ class _FeatureTensors(torch.nn.Module):
         return out if isinstance(out, torch.Tensor) else out.pooler_output
 
     def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        """CLIP's projected image features as a tensor."""
         return self._tensor(self.clip.get_image_features(*args, **kwargs))
 
     def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        """CLIP's projected text features as a tensor."""
         return self._tensor(self.clip.get_text_features(*args, **kwargs))
 
 

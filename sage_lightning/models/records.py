@@ -41,6 +41,7 @@ class DiffusionModel:
         )
 
     def modules(self) -> list[torch.nn.Module]:
+        """The networks of the record (UNet, VAE, text encoder)."""
         return [self.unet, self.vae, self.text_encoder]
 
     @property
@@ -54,6 +55,7 @@ class DiffusionModel:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     def freeze(self) -> DiffusionModel:
+        """Every network without gradients and in eval mode; the record itself."""
         for module in self.modules():
             module.requires_grad_(False).eval()
         return self
@@ -63,6 +65,7 @@ class DiffusionModel:
         return False
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusionModel:
+        """Every network moved to ``device`` (and cast to ``dtype``, except those :meth:`keeps_float32`)."""
         for module in self.modules():
             module_dtype = torch.float32 if self.keeps_float32(module, dtype) else dtype
             kwargs = {"device": device} if module_dtype is None else {"device": device, "dtype": module_dtype}
@@ -107,6 +110,7 @@ class DiffusionXLModel(DiffusionModel):
         }
 
     def modules(self) -> list[torch.nn.Module]:
+        """The networks of the record (UNet, VAE, both text encoders)."""
         return [self.unet, self.vae, self.text_encoder, self.text_encoder_2]
 
     def keeps_float32(self, module: torch.nn.Module, dtype: torch.dtype | None) -> bool:
