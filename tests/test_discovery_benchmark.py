@@ -13,10 +13,18 @@ from helpers import REPO
 from sage_lightning.sampler import FullGradient, ResidualGradient
 from sage_lightning.searches import LatentSearch, RandomLatentSearch
 
-spec = importlib.util.spec_from_file_location("discovery", REPO / "benchmarks" / "discovery.py")
-discovery = importlib.util.module_from_spec(spec)
-sys.modules["discovery"] = discovery  # its dataclass looks its module up
-spec.loader.exec_module(discovery)
+
+def _load(name: str):
+    """``benchmarks/<name>.py`` as module ``name`` (a script's sibling imports find it in sys.modules)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # the discovery script's dataclass looks its module up
+    spec.loader.exec_module(module)
+    return module
+
+
+stats = _load("discovery_stats")
+discovery = _load("discovery")
 
 
 @pytest.mark.parametrize("iterations", [1, 2, 20])
@@ -53,9 +61,9 @@ def _outcome(cls: str, found: bool, already: bool = False, confirmed: bool = Fal
 def test_targets_the_judge_already_rejects_are_left_out_and_d_only_failures_counted_apart():
     results = {"A": {0: _outcome("star", True, judge_already=True), 1: _outcome("star", True, confirmed=True),
                      2: _outcome("star", True), 3: _outcome("ring", False)}}
-    rows, already = discovery.summarise(results, resamples=50, seed=0)
+    rows, already = stats.summarise(results, resamples=50, seed=0)
     assert already == [0]
-    overall = next(r for r in rows if r["class"] == discovery.ALL)
+    overall = next(r for r in rows if r["class"] == stats.ALL)
     assert overall["targets"] == 3 and overall["ssr_a"] == pytest.approx(2 / 3)
     assert overall["ssr_j"] == pytest.approx(1 / 3) and overall["d_only"] == pytest.approx(1 / 3)
 
@@ -67,20 +75,20 @@ def test_already_failing_targets_are_left_out_of_every_method_and_intervals_hold
         "B": {0: _outcome("star", False), 1: _outcome("star", False), 2: _outcome("star", False),
               3: _outcome("ring", False), 4: _outcome("ring", True, cost=70)},
     }
-    rows, already = discovery.summarise(results, resamples=300, seed=0)
+    rows, already = stats.summarise(results, resamples=300, seed=0)
     assert already == [0]  # already failing in A: out of B's rates as well
-    overall = {r["method"]: r for r in rows if r["class"] == discovery.ALL}
+    overall = {r["method"]: r for r in rows if r["class"] == stats.ALL}
     assert overall["A"]["targets"] == overall["B"]["targets"] == 4
     assert overall["A"]["ssr_a"] == 0.5 and overall["A"]["ssr_j"] == 0.25 and overall["A"]["median_cost"] == 40
-    assert overall["B"]["ssr_a"] == 0.25 and math.isnan(discovery.statistics_of([_outcome("x", False)])["ngr"])
+    assert overall["B"]["ssr_a"] == 0.25 and math.isnan(stats.statistics_of([_outcome("x", False)])["ngr"])
     for row in rows:
         for key, (low, high) in row["intervals"].items():
             assert low <= row[key] <= high
     star = next(r for r in rows if r["method"] == "A" and r["class"] == "star")
     assert star["targets"] == 2 and star["ssr_a"] == 0.5
-    diff = {r["method"]: r for r in discovery.paired_differences(results, already, "B", 300, 0)}
+    diff = {r["method"]: r for r in stats.paired_differences(results, already, "B", 300, 0)}
     assert set(diff) == {"A"} and diff["A"]["ssr_a"] == pytest.approx(0.25)
-    same = discovery.paired_differences({"A": results["A"], "B": results["A"]}, already, "B", 300, 0)
+    same = stats.paired_differences({"A": results["A"], "B": results["A"]}, already, "B", 300, 0)
     assert same[0]["ssr_a"] == 0 and same[0]["intervals"]["ssr_a"] == (0.0, 0.0)
 
 
