@@ -22,7 +22,7 @@ import torch
 
 from sage_lightning.callbacks import ClampPerturbation, FailureWriter, IterationCheckpoint
 from sage_lightning.datamodules import ClassPromptDataModule
-from sage_lightning.loading import default_ensemble
+from sage_lightning.models import default_ensemble
 from sage_lightning.searches import LatentSearch
 from sage_lightning.targets import noise_generator
 

@@ -57,7 +57,9 @@ def snapshot_world(out: Path) -> Path:
     """Copy the shipped ShapesWorld pipeline and classifiers into ``out/world`` (training may re-export them
     while the benchmark runs, and both methods must see the same world); returns a config that uses the
     copy with the ensemble ``default_ensemble("shapesworld")`` builds."""
-    from sage_lightning.loading import SHAPESWORLD_DIR, SHAPESWORLD_MEMBERS, SHAPESWORLD_VIEWS
+    from sage_lightning.shapesworld.classifiers import NAMES
+    from sage_lightning.shapesworld.plugin import SHAPESWORLD_VIEWS
+    from sage_lightning.shapesworld.shipped import SHAPESWORLD_DIR
 
     snap = out / "world"
     if not snap.exists():
@@ -68,13 +70,13 @@ def snapshot_world(out: Path) -> Path:
         shutil.copy(SHAPESWORLD_DIR / "world.json", tmp / "world.json")
         tmp.rename(snap)
     members = []
-    for path in [snap / "classifiers" / name / "config.json" for name in SHAPESWORLD_MEMBERS]:  # D's member order
+    for path in [snap / "classifiers" / name / "config.json" for name in NAMES]:  # D's member order
         cfg = json.loads(path.read_text())
         member = {"class_path": "sage_lightning.surrogate.TimmMember", "init_args": {
             "model_name": cfg["model_name"], "class_names": cfg["class_names"],
             "checkpoint_path": str(path.parent / "model.safetensors"), "model_kwargs": cfg.get("model_kwargs"),
             "reject_names": cfg.get("reject_names")}}
-        if cfg.get("input") == "canny":  # as loading.shapesworld_member builds it
+        if cfg.get("input") == "canny":  # as shipped.shapesworld_member builds it
             canny = cfg["canny"]
             member = {"class_path": "sage_lightning.surrogate.CannyEdgeMember", "init_args": {
                 "classifier": member, "low_threshold": canny["low_threshold"],

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from sage_lightning.loading import default_ensemble, load_diffusion
 from sage_lightning.metrics import judge_agreement
+from sage_lightning.models import default_ensemble, load_diffusion
 from sage_lightning.shapesworld.generator import SHAPES
 from sage_lightning.shapesworld.judge import judge_shapes
 from sage_lightning.shapesworld.report import draws, generate, world_defaults

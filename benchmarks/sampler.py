@@ -50,7 +50,7 @@ import torch
 from stacks import STACKS  # benchmarks/stacks.py: this script's folder is on sys.path when it runs
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from sage_lightning.loading import DiffusionModel
+from sage_lightning.models import DiffusionModel
 from sage_lightning.sampler import DiffusionSampler, FullGradient, GradientMode, LastKGradient, ResidualGradient
 from sage_lightning.text import prompt_encoder, slot
 

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sage_lightning.loading import DiffusionModel, DiffusionXLModel, build_tiny, clip_tokenizer
+from sage_lightning.models import DiffusionModel, DiffusionXLModel, build_tiny, clip_tokenizer
 
 
 def _ddim() -> DDIMScheduler:

@@ -4,7 +4,7 @@ The metric is torchmetrics' ``CLIPScore``: ``100 * max(cos(image feature, text f
 Under DDP each rank scores its own share of the held-out prompts and torchmetrics synchronises the metric
 state (sums of scores and counts) in ``compute()``; nothing is averaged per rank by hand.
 
-Two things torchmetrics 1.9 does not do by itself, handled by :func:`sage_lightning.loading.load_clip`
+Two things torchmetrics 1.9 does not do by itself, handled by :func:`sage_lightning.models.load_clip`
 (the one door to weights): it accepts only a fixed list of hub names (not a local folder), and with
 transformers 5 ``get_*_features`` return model outputs where it expects tensors. So the model always comes
 in through ``CLIPScore``'s callable form, wrapped to return the projected feature tensors.
@@ -18,7 +18,7 @@ from torch import Tensor
 from torchmetrics.multimodal import CLIPScore
 
 from sage_lightning.errors import SageError
-from sage_lightning.loading import load_clip as load_clip_for_score
+from sage_lightning.models import load_clip as load_clip_for_score
 
 SCORE_KEYS = {True: "clip_score/with_token", False: "clip_score/without_token"}
 
@@ -31,7 +31,7 @@ class ClipScoreLogger(L.Callback):
     ``ClampPerturbation`` in the callback list, so it scores the clamped token.
 
     Args:
-        model: the CLIP model (see :func:`sage_lightning.loading.load_clip`); ShapesWorld's CLIP by default.
+        model: the CLIP model (see :func:`sage_lightning.models.load_clip`); ShapesWorld's CLIP by default.
         every_n_steps: how often (in optimizer steps) to score during training; 0: only at the end.
         local_files_only: never download (hub ids must be cached).
     """

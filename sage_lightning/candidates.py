@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from sage_lightning.errors import SageError
-from sage_lightning.loading import check_lm_source, load_causal_lm
+from sage_lightning.models import check_lm_source, load_causal_lm
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class CausalLMCandidates(CandidateSource):
         self._model = self._tokenizer = None
 
     def load(self) -> None:
-        """The language model and its tokenizer, through ``loading.load_causal_lm`` (the one door to weights)."""
+        """The language model and its tokenizer, through ``models.load_causal_lm`` (the one door to weights)."""
         if self._model is not None:
             return
         self._tokenizer, self._model = load_causal_lm(self.source, self.local_files_only, self.device)

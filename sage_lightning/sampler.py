@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from sage_lightning.cost import SamplingCost, guidance_branches
 from sage_lightning.errors import SageError
-from sage_lightning.loading import DiffusionModel
+from sage_lightning.models import DiffusionModel
 from sage_lightning.text import XLConditioning, split_conditioning
 
 

@@ -250,7 +250,7 @@ class XLPromptEncoder(nn.Module):
 
 
 def prompt_encoder(model) -> PromptEncoder | XLPromptEncoder:
-    """The prompt encoder of a :class:`~sage_lightning.loading.DiffusionModel` (two encoders for SDXL)."""
+    """The prompt encoder of a :class:`~sage_lightning.models.DiffusionModel` (two encoders for SDXL)."""
     second = getattr(model, "text_encoder_2", None)
     if second is None:
         return PromptEncoder(model.tokenizer, model.text_encoder)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from sage_lightning.loading import DiffusionModel, build_tiny, load_diffusion
+from sage_lightning.models import DiffusionModel, build_tiny, load_diffusion
 
 torch.set_num_threads(1)  # faster than 2 when the machine is shared; CI results do not depend on it
 

@@ -12,7 +12,7 @@ from sage_lightning.candidates import WordListCandidates
 from sage_lightning.datamodules import ClassPromptDataModule, PromptSetDataModule
 from sage_lightning.embedding import excluded_token_ids, initial_embedding, member_loss, table_scale
 from sage_lightning.errors import SageError
-from sage_lightning.loading import build_tiny, build_tiny_xl
+from sage_lightning.models import build_tiny, build_tiny_xl
 from sage_lightning.optim import SignSGD
 from sage_lightning.searches import PromptSearch, UniversalTokenSearch
 from sage_lightning.shapesworld.generator import SHAPES

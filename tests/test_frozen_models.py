@@ -11,7 +11,7 @@ import torch
 from sage_lightning.callbacks import ClampPerturbation
 from sage_lightning.candidates import WordListCandidates
 from sage_lightning.datamodules import ClassPromptDataModule, PromptSetDataModule
-from sage_lightning.loading import default_ensemble
+from sage_lightning.models import default_ensemble
 from sage_lightning.searches import (
     LatentSearch,
     PromptSearch,

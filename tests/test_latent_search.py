@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from sage_lightning.callbacks import ClampPerturbation
 from sage_lightning.datamodules import ClassPromptDataModule
-from sage_lightning.loading import default_ensemble
+from sage_lightning.models import default_ensemble
 from sage_lightning.searches import LatentSearch, RandomLatentSearch
 
 TINY = str(REPO / "configs" / "latent_search_tiny.yaml")

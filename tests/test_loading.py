@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sage_lightning.errors import SageError
-from sage_lightning.loading import clip_tokenizer, load_diffusion
+from sage_lightning.models import clip_tokenizer, load_diffusion
 
 PROMPTS = [
     "a photo of a golden retriever",

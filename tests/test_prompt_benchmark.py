@@ -10,7 +10,7 @@ import torch
 from helpers import REPO
 from jsonargparse import ArgumentParser
 
-from sage_lightning.loading import default_ensemble
+from sage_lightning.models import default_ensemble
 from sage_lightning.shapesworld.generator import make_batch
 from sage_lightning.surrogate import ClassifierEnsemble
 

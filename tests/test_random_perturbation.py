@@ -84,10 +84,10 @@ def _cli_model(*files: str, extra: tuple[str, ...] = ()):
 def test_baseline_configs_spend_the_budget_of_the_sage_config_they_follow(baseline, model, monkeypatch):
     """configs/random_*.yaml name no iteration count of their own: after latent_search.yaml they match its 20
     iterations on ShapesWorld, after models/sd15.yaml the paper's 100 (issue: they pinned 20 for both)."""
-    from sage_lightning.loading import _tiny_scheduler
+    from sage_lightning.models import tiny_scheduler
     from sage_lightning.searches import base
 
-    monkeypatch.setattr(base, "load_scheduler", lambda *a, **k: _tiny_scheduler())  # SD's config is on the hub
+    monkeypatch.setattr(base, "load_scheduler", lambda *a, **k: tiny_scheduler())  # SD's config is on the hub
     no_ensemble = ("--model.init_args.ensemble", "null") if model else ()  # SD's members download weights
     sage = _cli_model("latent_search.yaml", *model, extra=no_ensemble)
     random = _cli_model("latent_search.yaml", *model, baseline, extra=no_ensemble)

@@ -9,7 +9,7 @@ import torch
 
 from sage_lightning.candidates import WordListCandidates
 from sage_lightning.errors import SageError
-from sage_lightning.loading import build_tiny, load_diffusion, make_scheduler
+from sage_lightning.models import build_tiny, load_diffusion, make_scheduler
 from sage_lightning.sampler import DiffusionSampler, FullGradient, LastKGradient, ResidualGradient
 from sage_lightning.targets import noise_generator, seeded_latent
 from sage_lightning.text import PromptEncoder

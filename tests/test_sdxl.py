@@ -1,7 +1,7 @@
 """Stable Diffusion XL (issue 13): loading, text conditioning and sampler parity with diffusers' pipeline.
 
 The tiny SDXL is diffusers' own SDXL test stack (``get_dummy_components``) on the real CLIP BPE vocabulary,
-saved with ``save_pretrained`` and re-loaded through ``loading.load_diffusion`` as a user's folder would be.
+saved with ``save_pretrained`` and re-loaded through ``models.load_diffusion`` as a user's folder would be.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from sage_lightning.errors import SageError
-from sage_lightning.loading import DiffusionXLModel, build_tiny_xl, load_diffusion, load_scheduler, make_scheduler
+from sage_lightning.models import DiffusionXLModel, build_tiny_xl, load_diffusion, load_scheduler, make_scheduler
 from sage_lightning.sampler import DiffusionSampler, FullGradient, LastKGradient, ResidualGradient
 from sage_lightning.text import PromptEncoder, XLConditioning, XLPromptEncoder, prompt_encoder, slot
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sage_lightning.loading import SHAPESWORLD_DIR, load_diffusion
+from sage_lightning.models import load_diffusion
 from sage_lightning.shapesworld import gates as G
 from sage_lightning.shapesworld.caption_labels import HEADS, labels
 from sage_lightning.shapesworld.generator import (
@@ -28,6 +28,7 @@ from sage_lightning.shapesworld.generator import (
     render,
     sample_scene,
 )
+from sage_lightning.shapesworld.shipped import SHAPESWORLD_DIR
 
 
 @pytest.fixture(scope="module")

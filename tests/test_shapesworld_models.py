@@ -74,7 +74,7 @@ def test_d_says_nothing_is_drawn_on_empty_fields_and_blobs():
     are no shape, each member puts it first, so D declares a failure for whatever class was asked."""
     import numpy as np
 
-    from sage_lightning.loading import default_ensemble
+    from sage_lightning.models import default_ensemble
     from sage_lightning.shapesworld.rejects import KINDS, make_rejects
 
     rejects = make_rejects(40, seed=60_606)

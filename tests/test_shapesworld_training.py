@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from sage_lightning.loading import SHAPESWORLD_DIR
 from sage_lightning.shapesworld.generator import SHAPES
 from sage_lightning.shapesworld.pools import ImagePool, LatentPool
+from sage_lightning.shapesworld.shipped import SHAPESWORLD_DIR
 
 
 def test_image_pool_is_seeded_saved_and_reloaded(tmp_path):
@@ -113,7 +113,7 @@ def test_unet_refuses_to_resume_on_another_text_tower(stages):
 
 def _optimizers_of_one_layer(anneal) -> dict:
     """``configure_optimizers()`` of a WorldModule with one linear layer (its optimizer and lr schedule)."""
-    from sage_lightning.shapesworld.train import WorldModule
+    from sage_lightning.shapesworld.training import WorldModule
 
     class OneLayer(WorldModule):
         def __init__(self):
@@ -148,7 +148,8 @@ def test_anneal_cosine_decays_over_the_runs_steps_only():
 
 
 def test_anneal_fraction_outside_0_1_is_one_line_error():
-    from sage_lightning.shapesworld.train import train
+    from sage_lightning.errors import SageError
+    from sage_lightning.shapesworld.training import RunOptions, train
 
-    with pytest.raises(SystemExit, match=r"--anneal 0.0: give the final learning rate as a fraction"):
-        train("unet", 10, anneal=0.0)
+    with pytest.raises(SageError, match=r"--anneal 0.0: give the final learning rate as a fraction"):
+        train("unet", 10, RunOptions(anneal=0.0))

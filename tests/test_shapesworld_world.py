@@ -98,7 +98,7 @@ def test_dataset_items_are_deterministic():
 
 
 # ------------------------------------------------------------------------------------ shipped weights
-from sage_lightning.loading import SHAPESWORLD_DIR  # noqa: E402
+from sage_lightning.shapesworld.shipped import SHAPESWORLD_DIR  # noqa: E402
 
 
 def test_manifest_matches_shipped_files():
@@ -117,7 +117,7 @@ def test_world_json_records_defaults():
 
 
 def test_shipped_pipeline_loads_offline_and_generates():
-    from sage_lightning.loading import load_diffusion
+    from sage_lightning.models import load_diffusion
 
     model = load_diffusion("shapesworld")
     assert model.text_encoder.config.vocab_size == 49408
@@ -150,7 +150,7 @@ def test_shipped_weights_stay_small():
 def test_shipped_tokenizer_is_the_clip_bpe():
     from transformers import CLIPTokenizer
 
-    from sage_lightning.loading import clip_tokenizer
+    from sage_lightning.models import clip_tokenizer
 
     folder = SHAPESWORLD_DIR / "pipeline" / "tokenizer"
     text = ["a photo of a golden retriever", "an oil painting of a small red crescent on a textured background"]

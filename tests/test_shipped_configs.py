@@ -66,10 +66,11 @@ def test_a_run_folder_config_with_old_class_paths_is_refused_with_the_command_th
     """A config.yaml saved when callbacks/ was a top-level package: loaded as it is, its clamp would be another
     copy of the class (the search would add its own once more); the error's command rewrites it."""
     saved = tmp_path / "config.yaml"
-    saved.write_text("trainer:\n  callbacks:\n  - class_path: callbacks.ClampPerturbation\n"
+    old = "class_path: "  # written apart so that an import-renaming script leaves these old paths alone
+    saved.write_text(f"trainer:\n  callbacks:\n  - {old}callbacks.ClampPerturbation\n"
                      "    init_args: {low: -1.0, high: 1.0}\n"
                      "  - class_path: sage_lightning.callbacks.LatentProjection\n"
-                     "data:\n  class_path: datamodules.ClassPromptDataModule\n")
+                     f"data:\n  {old}datamodules.ClassPromptDataModule\n")
     with pytest.raises(SageError, match="callbacks.ClampPerturbation.*sage_lightning.callbacks.ClampPerturbation"):
         resolve_config(str(saved))
     err = error_of(["fit", "--config", str(saved)], capsys)

@@ -1,5 +1,6 @@
-"""Layering (issue 10, "Structure"): a search names its result writer by class path and never imports the
-callbacks layer; the CLI adds no writer of its own."""
+"""Layering (issues 10 and 22, "Structure"): the packages stand on floors and no module imports a module of a
+higher floor (a world is a plugin the library reaches by name); a search names its result writer by class path;
+the CLI adds no writer of its own; no import cycles."""
 
 from __future__ import annotations
 
@@ -31,40 +32,114 @@ from sage_lightning.searches import (
     UniversalTokenSearch,
 )
 
-WRITER_MODULES = {"sage_lightning.callbacks.failure_writer", "sage_lightning.callbacks.prompt_writer",
-                  "sage_lightning.callbacks.token_writer", "sage_lightning.callbacks.token_snapping"}
+PACKAGES = ("sage_lightning", "callbacks", "datamodules")
+
+# The floors, lowest first: a module imports modules of its own floor and of the floors below, never of a floor
+# above (imports inside functions count: a lazy import still ties two modules together). An entry names a module
+# and the modules under it, except "sage_lightning", which names the package's __init__ only. A world
+# (ShapesWorld) is a plugin above the library, which reaches it by name (sage_lightning.worlds); callbacks and
+# datamodules put the library together for a Lightning run; the command lines are the top.
+FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("core", ("sage_lightning", "sage_lightning._checkout", "sage_lightning.shipped_configs",
+              "sage_lightning.errors", "sage_lightning.worlds", "sage_lightning.constraints",
+              "sage_lightning.targets", "sage_lightning.metrics", "sage_lightning.optim", "sage_lightning.embedding",
+              "sage_lightning.text", "sage_lightning.results", "sage_lightning.cost", "sage_lightning.summary")),
+    ("surrogate", ("sage_lightning.surrogate",)),
+    ("models", ("sage_lightning.models",)),
+    ("engine", ("sage_lightning.sampler", "sage_lightning.candidates")),
+    ("searches", ("sage_lightning.searches",)),
+    ("analysis", ("sage_lightning.analysis", "sage_lightning.report")),
+    ("world", ("sage_lightning.shapesworld",)),
+    ("lightning", ("sage_lightning.callbacks", "sage_lightning.datamodules")),
+    ("cli", ("sage_lightning.cli", "sage_lightning.run_folder", "sage_lightning.fit_session",
+             "sage_lightning.analysis.cli", "sage_lightning.shapesworld.cli", "sage_lightning.shapesworld.train")),
+)
 
 
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    return names | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+def _module_paths() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of PACKAGES (a package by its __init__; callbacks/ and
+    datamodules/ by their installed names, sage_lightning.callbacks and sage_lightning.datamodules)."""
+    paths = {}
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            parts = parts if package == "sage_lightning" else ("sage_lightning", *parts)  # installed names
+            paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return paths
 
 
-def test_no_search_module_imports_a_writer_or_the_snapping_callback():
-    offenders = {
-        str(path.relative_to(REPO)): sorted(_imports(path) & WRITER_MODULES)
-        for path in (REPO / "sage_lightning").rglob("*.py")
-        if _imports(path) & WRITER_MODULES
-    }
-    assert offenders == {}
+def _imported(name: str, path: Path) -> set[str]:
+    """Every dotted name module ``name`` imports (top level or inside a function), relative imports resolved;
+    ``from a import b`` gives ``a`` and ``a.b`` (b may be a module)."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            deps |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module
+            if node.level:  # from . import x / from .x import y: relative to the module's package
+                base = ".".join([*package[: len(package) - node.level + 1], *([node.module] if node.module else [])])
+            deps |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return deps
 
 
-# The command line composes the layers (it adds the run's default callbacks): the one sage_lightning module above them.
-CALLBACKS_USERS = {"sage_lightning/cli.py"}
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports."""
+    paths = _module_paths()
+    return {name: {dep for dep in _imported(name, path) if dep in paths and dep != name}
+            for name, path in paths.items()}
 
 
-def test_no_sage_lightning_module_imports_the_callbacks_layer():
-    """Searches hold the algorithm; callbacks do I/O and constraints. A search reads a constraint it needs
-    through sage_lightning.constraints (e.g. run_box), which the callbacks import too; weights (CLIP for the
-    CLIP score and for the failure-type analysis alike) come through sage_lightning.loading. Imports inside
-    functions count too."""
-    offenders = {
-        str(path.relative_to(REPO)): sorted(n for n in _imports(path) if n.startswith("sage_lightning.callbacks"))
-        for path in (REPO / "sage_lightning").rglob("*.py")
-    }
-    assert {path: names for path, names in offenders.items() if names and path not in CALLBACKS_USERS} == {}
-    assert {"sage_lightning/searches/base.py", "sage_lightning/analysis/failure_types.py"} <= set(offenders)  # walked
+def _floor(module: str) -> int | None:
+    """The index in FLOORS of the longest entry naming ``module`` (None: not placed)."""
+    best = None
+    for index, (_, entries) in enumerate(FLOORS):
+        for entry in entries:
+            exact_only = entry == "sage_lightning"
+            if module == entry or (not exact_only and module.startswith(entry + ".")):
+                if best is None or len(entry) > len(best[1]):
+                    best = (index, entry)
+    return None if best is None else best[0]
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Module -> the modules of a higher floor it imports."""
+    up = {}
+    for name, deps in graph.items():
+        higher = sorted(dep for dep in deps if _floor(dep) > _floor(name))
+        if higher:
+            up[name] = [f"{dep} ({FLOORS[_floor(dep)][0]} above {FLOORS[_floor(name)][0]})" for dep in higher]
+    return up
+
+
+def test_every_module_has_a_floor():
+    unplaced = sorted(name for name in _module_paths() if _floor(name) is None)
+    assert unplaced == [], f"place these modules in FLOORS: {unplaced}"
+
+
+def test_no_module_imports_a_higher_floor():
+    """The layering over PACKAGES: e.g. nothing under sage_lightning.models imports the world, no search imports a
+    callback (a search names its writer by class path), no library module imports the command line."""
+    graph = _module_graph()
+    assert "sage_lightning.shapesworld.generator" in graph["sage_lightning.shapesworld.plugin"]  # the walk sees imports
+    assert "sage_lightning.models" in graph["sage_lightning.shapesworld.world"]
+    assert _upward_imports(graph) == {}
+
+
+def test_an_import_up_a_floor_is_named():
+    """The check itself: the arrow issue 22 removed (the model layer importing the world's generator) is caught,
+    as a lazy import or at the top."""
+    graph = {name: set(deps) for name, deps in _module_graph().items()}
+    graph["sage_lightning.models.ensembles"].add("sage_lightning.shapesworld.generator")
+    assert list(_upward_imports(graph)) == ["sage_lightning.models.ensembles"]
+
+
+def test_relative_imports_are_resolved(tmp_path):
+    path = tmp_path / "sources.py"
+    path.write_text("from ..shapesworld import generator\nfrom .tiny import TINY_SOURCES\n")
+    assert {"sage_lightning.shapesworld.generator", "sage_lightning.models.tiny"} <= _imported(
+        "sage_lightning.models.sources", path)
 
 
 def test_the_run_box_is_the_clamps_intersection_and_projection_uses_the_same_one():
@@ -100,9 +175,9 @@ def test_each_search_names_its_writer_and_the_cli_adds_none(search, expected, tm
     assert not any(isinstance(c, FailureWriter) for c in missing_run_callbacks(tmp_path, []))
 
 
-def test_loading_is_the_one_door_to_weights():
-    """candidates.py asks loading.py for its language model; it calls no from_pretrained itself."""
-    from sage_lightning.loading import load_causal_lm
+def test_the_model_layer_is_the_one_door_to_weights():
+    """candidates.py asks sage_lightning.models for its language model; it calls no from_pretrained itself."""
+    from sage_lightning.models import load_causal_lm
 
     tree = ast.parse((REPO / "sage_lightning" / "candidates.py").read_text())
     calls = {node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call)
@@ -113,30 +188,6 @@ def test_loading_is_the_one_door_to_weights():
     source = CausalLMCandidates("shapesworld")
     source.load()
     assert type(source._model) is type(model)
-
-
-PACKAGES = ("sage_lightning", "callbacks", "datamodules")
-
-
-def _module_graph() -> dict[str, set[str]]:
-    """Module -> the project modules it imports, at the top or inside a function (a lazy import still ties two
-    modules together)."""
-    paths = {}
-    for package in PACKAGES:
-        for path in (REPO / package).rglob("*.py"):
-            parts = path.relative_to(REPO).with_suffix("").parts
-            parts = parts if package == "sage_lightning" else ("sage_lightning", *parts)  # installed names
-            paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    graph = {}
-    for name, path in paths.items():
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                deps |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                deps |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-        graph[name] = {dep for dep in deps if dep in paths and dep != name}
-    return graph
 
 
 def _cycle_through(graph: dict[str, set[str]], start: str) -> list[str] | None:
@@ -154,29 +205,22 @@ def _cycle_through(graph: dict[str, set[str]], start: str) -> list[str] | None:
 
 
 def test_no_import_cycles():
-    """Lower layers never import upper ones: loading.py is below shapesworld/ (which trains and reads the weights
-    loading.py hands out), searches below callbacks, and so on. Any cycle is named."""
+    """No cycle, within a floor either (across floors the layering test rules them out). Any cycle is named."""
     graph = _module_graph()
     cycles = {name: cycle for name in graph if (cycle := _cycle_through(graph, name))}
     assert cycles == {}, " ; ".join(" -> ".join(c) for c in cycles.values())
 
 
-def test_default_ensemble_order_is_the_trained_members():
-    from sage_lightning.loading import SHAPESWORLD_MEMBERS
-    from sage_lightning.shapesworld.classifiers import NAMES
-
-    assert NAMES == SHAPESWORLD_MEMBERS
-
-
-@pytest.mark.parametrize("first", ["sage_lightning.loading", "sage_lightning.shapesworld.classifiers",
+@pytest.mark.parametrize("first", ["sage_lightning.models", "sage_lightning.surrogate",
+                                   "sage_lightning.shapesworld.plugin", "sage_lightning.shapesworld.classifiers",
                                    "sage_lightning.shapesworld.world"])
 def test_each_module_imports_first_in_a_fresh_interpreter(first):
-    """Whichever of loading.py and the ShapesWorld modules is imported first, the others import after it and the
-    shipped default ensemble builds."""
+    """Whichever of the model layer, the surrogate and the ShapesWorld modules is imported first, the others import
+    after it and the shipped default ensemble builds (the world registers itself when the model layer asks)."""
     code = (
         f"import {first}\n"
         "import sage_lightning.shapesworld.classifiers, sage_lightning.shapesworld.world\n"
-        "from sage_lightning.loading import default_ensemble\n"
+        "from sage_lightning.models import default_ensemble\n"
         "print(len(default_ensemble('shapesworld').members))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=ENV)

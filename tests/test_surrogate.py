@@ -278,7 +278,7 @@ def test_preprocessing_keeps_gradients():
 def test_shapesworld_members_preprocess_as_trained():
     """ShapesWorld's members were trained on 64-px images resized (bilinear) to 64, no crop (config.json
     "images"): their data config is that, not timm's defaults for the architecture (crop 0.875)."""
-    from sage_lightning.loading import default_ensemble
+    from sage_lightning.models import default_ensemble
 
     ensemble = default_ensemble("shapesworld")
     images = _sd_sized_images(2, 64, 64)
@@ -312,7 +312,7 @@ def test_ngr_flags_a_norm_outlier_that_passes_ks():
 def test_contrast_stretch_keeps_a_faint_shape_s_edges_and_stays_exact_canny():
     """A shape a person still sees at low contrast keeps its Canny edges when the member stretches contrast
     (issue 19: D must hold there); a flat field stays flat; the stretched map is still exactly cv2.Canny."""
-    from sage_lightning.surrogate.members import stretch_of
+    from sage_lightning.surrogate.canny import stretch_of
 
     img = np.full((64, 64, 3), 120, np.uint8)
     cv2.circle(img, (32, 32), 16, (150, 150, 150), -1)  # 30 grey levels of contrast: faint but plain

@@ -145,7 +145,7 @@ def test_clamp_acts_on_the_token():
 
 
 def test_shapesworld_clip_processor_follows_the_world_convention():
-    from sage_lightning.loading import SHAPESWORLD_DIR
+    from sage_lightning.shapesworld.shipped import SHAPESWORLD_DIR
 
     assert (SHAPESWORLD_DIR / "clip" / "config.json").exists(), "ShapesWorld's CLIP is not shipped"
     from sage_lightning.shapesworld.world import pixel_values
@@ -162,7 +162,7 @@ def clip_dir(tmp_path_factory) -> str:
     """A random tiny CLIP with its processor, saved as a user's local CLIP folder (any CLIP a config names)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from sage_lightning.loading import clip_tokenizer
+    from sage_lightning.models import clip_tokenizer
 
     torch.manual_seed(0)
     config = CLIPConfig(

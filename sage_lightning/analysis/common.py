@@ -332,12 +332,12 @@ class AnalysisRun:
         if self.diffusion_source != "shapesworld" and not judged:
             return None
         from sage_lightning.results import to_uint8
-        from sage_lightning.shapesworld.judge import judge_shapes
+        from sage_lightning.worlds import find_world
 
         def judge(images: Tensor) -> list[str | None]:
             import numpy as np
 
-            return judge_shapes(np.stack([to_uint8(im) for im in images]))
+            return find_world("shapesworld").judge(np.stack([to_uint8(im) for im in images]))
 
         return judge
 

@@ -96,8 +96,8 @@ def clip_embeddings(
     images: list[Tensor], clip: str, batch_size: int = 32, local_files_only: bool = False
 ) -> np.ndarray:
     """L2-normalised CLIP image embeddings ``[N, D]`` of images ``[3, H, W]`` in [0, 1] (loaded as the CLIP score
-    loads its model, :func:`sage_lightning.loading.load_clip`)."""
-    from sage_lightning.loading import load_clip
+    loads its model, :func:`sage_lightning.models.load_clip`)."""
+    from sage_lightning.models import load_clip
 
     with quiet_loading():
         model, processor = load_clip(clip, local_files_only)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sage_lightning.cost import UNET_EVALUATIONS, SamplingCost
 from sage_lightning.errors import SageError
-from sage_lightning.loading import DiffusionModel, check_source, default_ensemble, load_diffusion, load_scheduler
+from sage_lightning.models import DiffusionModel, check_source, default_ensemble, load_diffusion, load_scheduler
 from sage_lightning.optim import SignSGD, check_lr
 from sage_lightning.sampler import DiffusionSampler, GradientMode, ResidualGradient, loop_length
 from sage_lightning.searches.collective import DIVERGED as DIVERGED
@@ -68,7 +68,7 @@ class TargetSearch(L.LightningModule):
     run folder and the same constrained search.
 
     Args:
-        diffusion: model source for :func:`sage_lightning.loading.load_diffusion` (``shapesworld``,
+        diffusion: model source for :func:`sage_lightning.models.load_diffusion` (``shapesworld``,
             ``tiny``, a folder or a hub id).
         ensemble: the discriminator D; None takes the source's default ensemble.
         views: D's nuisance views (ours, :class:`~sage_lightning.surrogate.ClassifierEnsemble`); None: D's own.

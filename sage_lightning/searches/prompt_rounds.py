@@ -183,9 +183,9 @@ class PromptRounds(TargetSearch):
     def judge_images(self, images: Tensor) -> list[str | None] | None:
         if self.judge_name != "shapesworld":
             return None
-        from sage_lightning.shapesworld.judge import judge_shapes, to_uint8
+        from sage_lightning.worlds import find_world
 
-        return judge_shapes(to_uint8(images))
+        return find_world(self.judge_name).judge(images)
 
     # ------------------------------------------------------------------------------------- cost
     def eval_cost(self) -> int:

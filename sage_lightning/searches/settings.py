@@ -7,7 +7,7 @@ import dataclasses
 import importlib
 
 from sage_lightning.errors import SageError
-from sage_lightning.loading import TINY_SOURCES, DiffusionModel, DiffusionXLModel
+from sage_lightning.models import TINY_SOURCES, DiffusionModel, DiffusionXLModel
 from sage_lightning.targets import Target
 
 PAPER_ITERATIONS = 100  # SAGE's pseudo-code: at most 100 sign-gradient iterations per target

@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from sage_lightning.errors import SageError
 from sage_lightning.shapesworld import train as T
+from sage_lightning.shapesworld.training import STAGES, RunOptions, train
 
 BUILD_STEPS = {"text": 500, "clip": 3000, "vae": 6000, "unet": 12000}
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``sage-shapesworld``: build, train or report (see the module docstring)."""
     p = argparse.ArgumentParser(prog="sage-shapesworld", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -51,10 +54,14 @@ def main(argv: list[str] | None = None) -> None:
         T.run_from_args(a)
         return
     world = {}
-    for stage in T.STAGES:
+    for stage in STAGES:
         # the text tower is trained first and frozen: CLIP's vision side and the UNet learn against it
-        world = T.train(stage, getattr(a, f"{stage}_steps"), threads=a.threads,
-                        export_minutes=a.export_minutes, fresh=True, freeze_text=stage == "clip")
+        options = RunOptions(threads=a.threads, export_minutes=a.export_minutes, fresh=True,
+                             freeze_text=stage == "clip")
+        try:
+            world = train(stage, getattr(a, f"{stage}_steps"), options)
+        except SageError as err:
+            raise SystemExit(str(err)) from None
     from sage_lightning.shapesworld import classifiers, lm
 
     for name in classifiers.NAMES:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sage_lightning.loading import clip_tokenizer
+from sage_lightning.models import clip_tokenizer
 from sage_lightning.shapesworld.caption_labels import caption_batch
 from sage_lightning.shapesworld.generator import SHAPES, make_batch, render, sample_scene
 
@@ -80,8 +80,8 @@ def clip_features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-# The gate's drawings. Training's own export check (shapesworld.train.EVAL_SEED, 10**9) decided when the CLIP stage
-# stopped, so the figure that is reported comes from other drawings, never looked at during training.
+# The gate's drawings. Training's own export check (shapesworld.training.base.EVAL_SEED, 10**9) decided when the
+# CLIP stage stopped, so the figure that is reported comes from other drawings, never looked at during training.
 CLIP_GATE_SEED = 2 * 10**9 + 11
 
 

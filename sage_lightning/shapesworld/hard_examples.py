@@ -77,7 +77,7 @@ def mine(runs: list[Path]) -> tuple[np.ndarray, np.ndarray, Counter]:
 
 def pool(per_class: int, seed: int, batch: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """``per_class`` fresh generator images per shape (half class prompts, half captions), judge-labelled."""
-    from sage_lightning.loading import load_diffusion
+    from sage_lightning.models import load_diffusion
     from sage_lightning.shapesworld.report import draws, generate, world_defaults
 
     rng = np.random.default_rng(seed + 1)

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from sage_lightning.loading import SHAPESWORLD_DIR, clip_tokenizer
+from sage_lightning.models import clip_tokenizer
 from sage_lightning.shapesworld.generator import caption, sample_scene
+from sage_lightning.shapesworld.shipped import SHAPESWORLD_DIR
 
 LM_DIR = SHAPESWORLD_DIR / "lm"
 BOS, EOS = 49406, 49407

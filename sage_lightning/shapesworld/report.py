@@ -2,7 +2,7 @@
 
 ``python -m sage_lightning.shapesworld.report --out DIR``
 
-1. Loads the shipped world through ``sage_lightning.loading.load_diffusion("shapesworld")`` (the same
+1. Loads the shipped world through ``sage_lightning.models.load_diffusion("shapesworld")`` (the same
    code path as a user's Stable Diffusion) and generates, for each shape class, ``--per-class`` fresh
    prompt x seed draws (a fresh caption of the grammar naming that shape, a fresh seed) with the real
    diffusers ``StableDiffusionPipeline`` at the defaults in ``weights/world.json``.
@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sage_lightning.loading import SHAPESWORLD_DIR, load_diffusion
+from sage_lightning.models import load_diffusion
 from sage_lightning.shapesworld.gates import GATES, class_prompt_gate, clip_zero_shot, generator_draw, text_gates
 from sage_lightning.shapesworld.generator import SHAPES, caption, make_batch, sample_scene
 from sage_lightning.shapesworld.judge import judge_image, judge_shapes, to_uint8
+from sage_lightning.shapesworld.shipped import SHAPESWORLD_DIR
 
 GATE_GENERATED = 0.85
 GATE_JUDGE_FRESH = 0.95

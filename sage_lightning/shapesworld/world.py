@@ -27,7 +27,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
-from sage_lightning.loading import SHAPESWORLD_DIR, clip_tokenizer, write_clip_bpe_files
+from sage_lightning.models import clip_tokenizer, write_clip_bpe_files
+from sage_lightning.shapesworld.shipped import SHAPESWORLD_DIR
 
 WEIGHTS = Path(os.environ.get("SHAPESWORLD_WEIGHTS", SHAPESWORLD_DIR))  # override: tests / experiments
 # full training state (checkpoints, latent pools, logs): a cache outside the repository, kept across sessions

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sage_lightning.errors import SageError, closest_names
+from sage_lightning.worlds import all_worlds
 
 
 def imagenet_class_names() -> list[str]:
@@ -16,14 +17,13 @@ def imagenet_class_names() -> list[str]:
 
 def class_synonyms(class_names: Sequence[str]) -> dict[str, list[str]]:
     """Synonyms of each class: for ImageNet-1k (``imagenet_class_names()``), all WordNet lemmas of its synset
-    (timm's ``ImageNetInfo``, shipped with timm: "cab" -> cab, hack, taxi, taxicab); for ShapesWorld's ten
-    shapes, the shipped table ``shapesworld.synonyms.SHAPE_SYNONYMS``; none for other lists (there the word
+    (timm's ``ImageNetInfo``, shipped with timm: "cab" -> cab, hack, taxi, taxicab); for a world's classes (the
+    ten shapes of ShapesWorld), the world's own table (``World.synonyms``); none for other lists (there the word
     filter's stem rule and a search's ``synonyms`` setting apply: ``candidates.WordFilter``)."""
     names = list(class_names)
-    from sage_lightning.shapesworld.synonyms import SHAPE_SYNONYMS
-
-    if names == list(SHAPE_SYNONYMS):
-        return {name: list(SHAPE_SYNONYMS[name]) for name in names}
+    for world in all_worlds():
+        if names == list(world.synonyms):
+            return {name: list(world.synonyms[name]) for name in names}
     if names != imagenet_class_names():
         return {name: [] for name in names}
     from timm.data import ImageNetInfo
