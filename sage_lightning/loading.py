@@ -370,6 +370,9 @@ def load_scheduler(source: str, scheduler: str | None = "ddim", local_files_only
     budgets and step counts come from its own timesteps before the model loads."""
     import diffusers
 
+    from sage_lightning.flow_models import is_flow_source, load_flow_scheduler  # issue 23 hook: SD3 / FLUX
+    if source not in TINY_SOURCES and source != "shapesworld" and is_flow_source(source, local_files_only):
+        return load_flow_scheduler(source, scheduler, local_files_only)
     if source in TINY_SOURCES:
         own: SchedulerMixin = _tiny_scheduler() if source == "tiny" else _tiny_xl_scheduler()
     else:
@@ -433,6 +436,11 @@ def load_diffusion(
     ``scheduler`` replaces the pipeline's scheduler by that family (None keeps it).
     """
     torch_dtype = _resolve_dtype(dtype)
+    # issue 23 hook: SD3 / FLUX (flow-matching transformers) load in flow_models; None: a UNet model, as before
+    from sage_lightning.flow_models import is_flow_source, load_flow
+    if source not in TINY_SOURCES and source != "shapesworld" and is_flow_source(source, local_files_only):
+        return load_flow(source, scheduler=scheduler, dtype=dtype, device=device, local_files_only=local_files_only,
+                         seed=seed)
     if source in TINY_SOURCES:
         model = TINY_SOURCES[source](seed=seed)
     else:
@@ -506,7 +514,7 @@ def _load_error(what: str, source: str, err: Exception) -> SageError:
 
 
 def known_sources() -> list[str]:
-    return ["shapesworld", *TINY_SOURCES]
+    return ["shapesworld", *TINY_SOURCES, "tiny-sd3", "tiny-flux"]  # issue 23: the tiny flow stacks
 
 
 __all__ = [
