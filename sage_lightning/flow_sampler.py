@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from sage_lightning.cost import SamplingCost
 from sage_lightning.errors import SageError
 from sage_lightning.flow_models.records import FlowModel
-from sage_lightning.sampler import FullGradient, GradientMode, _decoder_checkpointing, _rows
+from sage_lightning.sampler import DiffusionSampler, FullGradient, GradientMode, _decoder_checkpointing, _rows
 from sage_lightning.text import XLConditioning, split_conditioning
 
 
@@ -219,3 +219,20 @@ class FlowSampler:
     def __call__(self, latents: Tensor, cond: XLConditioning, uncond: XLConditioning | None = None,
                  generator=None) -> Tensor:
         return self.decode(self.denoise(latents, cond, uncond))
+
+
+def sampler_for(model, num_steps: int, guidance_scale: float, grad_mode: GradientMode | None, eta: float = 0.0):
+    """The sampler of ``model``: :class:`FlowSampler` for SD3 / FLUX, else the UNet's ``DiffusionSampler``."""
+    if isinstance(model, FlowModel):
+        if eta:
+            raise SageError(f"eta={eta}: the flow-matching sampler is deterministic, set eta to 0")
+        return FlowSampler(model, num_steps, guidance_scale, grad_mode)
+    return DiffusionSampler(model, num_steps, guidance_scale, grad_mode, eta)
+
+
+def latent_shape_of(model) -> tuple[int, int, int]:
+    """``[C, h, w]`` of one initial latent at the model's default image size (FLUX: unpacked)."""
+    if isinstance(model, FlowModel):
+        return model.latent_shape()
+    unet = model.unet
+    return (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)

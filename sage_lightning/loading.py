@@ -571,7 +571,7 @@ def default_ensemble(source: str):
     """
     from sage_lightning.surrogate import CannyEdgeMember, ClassifierEnsemble, TimmMember
 
-    if source in TINY_SOURCES:
+    if source in TINY_SOURCES or source in ("tiny-sd3", "tiny-flux"):  # issue 23: the tiny flow stacks too
         names = _tiny_shape_names()
         with torch.random.fork_rng(devices=[]):  # fixed random weights; the caller's global state is left as it was
             torch.manual_seed(0)
