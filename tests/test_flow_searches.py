@@ -1,4 +1,5 @@
-"""Latent search on the tiny SD3 (issue 23 item 3): in process, and from ``sage fit`` with configs/models/tiny_sd3.yaml.
+"""Latent search on the tiny SD3 and FLUX (issue 23 item 3): in process, and from ``sage fit`` with
+configs/models/tiny_sd3.yaml.
 
 Prompt and universal-token search on SD3 / FLUX need slots in the CLIP and T5 streams (issue 23 item 4): until
 then the flow models' prompt encoder refuses slot vectors with one line.
@@ -12,21 +13,25 @@ from helpers import REPO, results, sage
 
 from datamodules import ClassPromptDataModule
 from sage_lightning.errors import SageError
-from sage_lightning.flow_models import SD3Model
+from sage_lightning.flow_models import FluxModel, SD3Model
 from sage_lightning.flow_sampler import FlowSampler
 from sage_lightning.searches import LatentSearch
 from sage_lightning.text import XLConditioning, prompt_encoder, slot
 
 
-def test_latent_search_on_tiny_sd3_samples_with_the_flow_sampler_and_reaches_delta():
-    search = LatentSearch(diffusion="tiny-sd3", scheduler="flow-euler", num_steps=2, guidance_scale=5.0)
+@pytest.mark.parametrize("source, record, hidden, branches", [("tiny-sd3", SD3Model, (1, 77 + 32, 80), 2),
+                                                               ("tiny-flux", FluxModel, (1, 32, 32), 1)])
+def test_latent_search_samples_with_the_flow_sampler_and_reaches_delta(source, record, hidden, branches):
+    """SD3 at guidance 5 runs both CFG branches a step; FLUX's guidance is embedded (one call a step)."""
+    guidance = 5.0 if record is SD3Model else 1.0
+    search = LatentSearch(diffusion=source, scheduler="flow-euler", num_steps=2, guidance_scale=guidance)
     search.prepare(ClassPromptDataModule(classes=["star"]).targets)
     search.trainer = None
-    assert isinstance(search.frozen.model, SD3Model) and isinstance(search.sampler, FlowSampler)
-    assert search.max_iterations == 20 and search.latent_shape() == (4, 16, 16)  # a CPU world; SD3's latent
-    assert search.loop_length == 2 and search.cost.branches == 2  # SD3's guidance: both branches per step
+    assert isinstance(search.frozen.model, record) and isinstance(search.sampler, FlowSampler)
+    assert search.max_iterations == 20 and search.latent_shape() == (4, 16, 16)  # a CPU world; the unpacked latent
+    assert search.loop_length == 2 and search.cost.branches == search.sampler.cost.branches == branches
     cond = search.prompt_embeddings(["a photo of a star"])
-    assert isinstance(cond, XLConditioning) and cond.hidden.shape == (1, 77 + 32, 80)
+    assert isinstance(cond, XLConditioning) and cond.hidden.shape == hidden
     z = search.initial_latents(torch.tensor([0])) + search.delta[:1]
     images = search.generate(z, cond, [0])
     assert images.shape == (1, 3, 32, 32)
