@@ -212,3 +212,21 @@ def test_gradients_reach_the_initial_latent_and_checkpointing_changes_none(famil
     assert torch.allclose(grads[repr(FullGradient(checkpoint=True, decoder_checkpoint=True))], full, atol=1e-6)
     assert torch.allclose(grads[repr(LastKGradient(k=STEPS))], full, atol=1e-6)  # k = N: the exact gradient
     assert not torch.allclose(grads[repr(LastKGradient(k=1, checkpoint=True))], full, atol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["tiny-sd3", "tiny-flux"])
+def test_a_bfloat16_model_samples_float32_latents_close_to_float32_with_float32_gradients(source):
+    latents = None
+    images = []
+    for dtype in ("float32", "bfloat16"):
+        model = load_diffusion(source, scheduler=None, dtype=dtype)
+        latents = _latents(model, 32, batch=1) if latents is None else latents
+        with torch.no_grad():
+            cond, uncond = model.encode(PROMPTS[:1]), model.unconditional()
+        z = latents.clone().requires_grad_(True)
+        image = FlowSampler(model, STEPS, guidance_scale=4.0, grad_mode=LastKGradient(2, checkpoint=True),
+                            true_cfg_scale=2.0)(z, cond, uncond)
+        image.mean().backward()
+        assert image.dtype == z.grad.dtype == torch.float32 and torch.isfinite(z.grad).all()
+        images.append(image.detach())
+    assert model.transformer.dtype == torch.bfloat16 and (images[0] - images[1]).abs().max() < 5e-2
