@@ -2,8 +2,8 @@
 
 :func:`sage_lightning.loading.load_diffusion` hands a source here first (:func:`load_flow`); a source that is
 not a flow-matching model comes back as ``None`` and loads as before. A folder or hub id is told apart by the
-``_class_name`` of its ``model_index.json`` (local files first: a hub id is read from the local cache before
-the network is asked).
+``_class_name`` of its ``model_index.json``. Local files first: a hub id is read from the local cache, and the
+hub is asked only when that fails (never with ``local_files_only``).
 """
 
 from __future__ import annotations
@@ -28,19 +28,27 @@ FLOW_PIPELINES = {StableDiffusion3Pipeline.__name__: SD3Model, FluxPipeline.__na
 FLOW_SCHEDULERS = (None, "flow-euler")
 
 
+def _local_first(read: Callable[[bool], object], offline_only: bool):
+    """``read(local_files_only)`` from local files (a folder or the hub cache) first; from the hub only when that
+    fails and ``offline_only`` is False (the local failure is raised when there is no second try)."""
+    try:
+        return read(True)
+    except (OSError, ValueError):
+        if offline_only:
+            raise
+    return read(False)
+
+
 def _model_index(source: str, local_files_only: bool) -> tuple[dict | None, str, bool]:
-    """``(model_index.json or None, where to load from, offline)``: local files first for a hub id."""
+    """``(model_index.json or None, where to load from, offline only)``."""
     path, is_local = check_source(source)
-    where = str(path) if is_local else source
+    where, offline_only = (str(path) if is_local else source), local_files_only or is_local
     try:
-        return StableDiffusion3Pipeline.load_config(where, local_files_only=True), where, True
+        index = _local_first(lambda local: StableDiffusion3Pipeline.load_config(where, local_files_only=local),
+                             offline_only)
     except (OSError, ValueError):
-        if is_local or local_files_only:
-            return None, where, True
-    try:
-        return StableDiffusion3Pipeline.load_config(where, local_files_only=False), where, False
-    except (OSError, ValueError):
-        return None, where, False
+        return None, where, offline_only
+    return index, where, offline_only
 
 
 def is_flow_source(source: str, local_files_only: bool = False) -> bool:
@@ -71,21 +79,21 @@ def load_flow_scheduler(source: str, scheduler: str | None, local_files_only: bo
     """The scheduler :func:`load_flow` would use, from the scheduler's config alone (no weights)."""
     if source in FLOW_TINY_SOURCES:
         return flow_scheduler(FLOW_TINY_SOURCES[source][1](), scheduler, source)
-    _, where, offline = _model_index(source, local_files_only)
+    _, where, offline_only = _model_index(source, local_files_only)
     try:
-        config = FlowMatchEulerDiscreteScheduler.load_config(where, subfolder="scheduler", local_files_only=offline)
+        config = _local_first(lambda local: FlowMatchEulerDiscreteScheduler.load_config(
+            where, subfolder="scheduler", local_files_only=local), offline_only)
     except (OSError, ValueError) as err:
         raise _load_error("the scheduler of model", source, err) from err
     return flow_scheduler(FlowMatchEulerDiscreteScheduler.from_config(config), scheduler, source)
 
 
-def _load_pipeline(source: str, index: dict, where: str, offline: bool) -> FlowModel:
-    """The SD3 or FLUX pipeline at ``where`` as its record."""
+def _load_pipeline(source: str, index: dict, where: str, offline_only: bool) -> FlowModel:
+    """The SD3 or FLUX pipeline at ``where`` as its record (local files first)."""
     record = FLOW_PIPELINES[index["_class_name"]]
+    pipeline_class = StableDiffusion3Pipeline if record is SD3Model else FluxPipeline
     try:
-        pipe = (StableDiffusion3Pipeline if record is SD3Model else FluxPipeline).from_pretrained(
-            where, local_files_only=offline
-        )
+        pipe = _local_first(lambda local: pipeline_class.from_pretrained(where, local_files_only=local), offline_only)
     except (OSError, ValueError) as err:
         raise _load_error("model", source, err) from err
     t5_tokenizer = pipe.tokenizer_3 if record is SD3Model else pipe.tokenizer_2
@@ -119,9 +127,9 @@ def load_flow(
     if source in FLOW_TINY_SOURCES:
         model = FLOW_TINY_SOURCES[source][0](seed=seed)
     else:
-        index, where, offline = _model_index(source, local_files_only)
+        index, where, offline_only = _model_index(source, local_files_only)
         if index is None or index.get("_class_name") not in FLOW_PIPELINES:
             return None
-        model = _load_pipeline(source, index, where, offline)
+        model = _load_pipeline(source, index, where, offline_only)
     model.scheduler = flow_scheduler(model.scheduler, scheduler, source)
     return model.freeze().to(device, None if torch_dtype == torch.float32 else torch_dtype)

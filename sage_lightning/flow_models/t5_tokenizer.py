@@ -2,14 +2,15 @@
 
 Real T5 checkpoints ship ``spiece.model`` (a SentencePiece unigram model of 32k pieces); none ships offline
 here and ``sentencepiece`` is not installed. ``tokenizers``' ``UnigramTrainer`` runs, but two trainings on the
-same corpus gave different vocabularies (and took 7 to 76 s on this CPU), so a tiny stack would not be the
-same on two machines. What is built instead, deterministically and in well under a second: transformers' own
-``T5Tokenizer`` (a unigram model with T5's Metaspace pre-tokenizer, ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2
-and ``</s>`` appended) on a vocabulary taken from the real CLIP BPE that open_clip ships: its most frequent
-tokens, each as a word start ``▁text`` and as a piece inside a word, and every printable ASCII character (so no
-text falls to ``<unk>``), each scored by the log of a Zipf estimate from its BPE merge rank. It tokenizes
-English prompts into words and pieces as a T5 tokenizer does, but its ids are not those of a real T5: only
-the tiny stacks use it; a real SD3 / FLUX folder brings its own ``tokenizer_3`` / ``tokenizer_2``.
+same corpus gave the same pieces with different scores (so segmentations could differ) and took 3 to 76 s on
+this shared CPU, so a tiny stack would not be bit-for-bit the same on two machines. What is built instead,
+deterministically and in well under a second: transformers' own ``T5Tokenizer`` (a unigram model with T5's
+Metaspace pre-tokenizer, ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2 and ``</s>`` appended) on a vocabulary taken
+from the real CLIP BPE that open_clip ships: its most frequent tokens, each as a word start ``▁text`` and as a
+piece inside a word, and every printable ASCII character (so no text falls to ``<unk>``), each scored by the log
+of a Zipf estimate from its BPE merge rank. It tokenizes English prompts into words and pieces as a T5 tokenizer
+does, but its ids are not those of a real T5: only the tiny stacks use it; a real SD3 / FLUX folder brings its
+own ``tokenizer_3`` / ``tokenizer_2``.
 """
 
 from __future__ import annotations
