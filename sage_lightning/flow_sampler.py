@@ -31,9 +31,10 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from sage_lightning.cost import SamplingCost
 from sage_lightning.errors import SageError
+from sage_lightning.flow_models.encoder import FlowPromptEncoder
 from sage_lightning.flow_models.records import FlowModel
 from sage_lightning.sampler import DiffusionSampler, FullGradient, GradientMode, _decoder_checkpointing, _rows
-from sage_lightning.text import XLConditioning, split_conditioning
+from sage_lightning.text import XLConditioning, prompt_encoder, split_conditioning
 
 
 class FlowSampler:
@@ -236,3 +237,9 @@ def latent_shape_of(model) -> tuple[int, int, int]:
         return model.latent_shape()
     unet = model.unet
     return (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+
+
+def encoder_for(model):
+    """The prompt encoder of ``model``: SD3 / FLUX encode as their pipeline does (:class:`FlowPromptEncoder`), a
+    UNet model through :func:`sage_lightning.text.prompt_encoder`."""
+    return FlowPromptEncoder(model) if isinstance(model, FlowModel) else prompt_encoder(model)

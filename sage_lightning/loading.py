@@ -321,6 +321,9 @@ def _tiny_xl_scheduler() -> EulerDiscreteScheduler:
 
 # Built-in sources with random weights (debugging and tests): name -> builder(seed=...).
 TINY_SOURCES: dict = {"tiny": build_tiny, "tiny-xl": build_tiny_xl}
+# issue 23 hook: other model families register (load, load_scheduler) here when imported (flow_models: SD3 / FLUX,
+# imported by sage_lightning/__init__.py); each returns None for a source that is not its own.
+FAMILY_LOADERS: list = []
 
 
 def _tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
@@ -370,9 +373,9 @@ def load_scheduler(source: str, scheduler: str | None = "ddim", local_files_only
     budgets and step counts come from its own timesteps before the model loads."""
     import diffusers
 
-    from sage_lightning.flow_models import is_flow_source, load_flow_scheduler  # issue 23 hook: SD3 / FLUX
-    if source not in TINY_SOURCES and source != "shapesworld" and is_flow_source(source, local_files_only):
-        return load_flow_scheduler(source, scheduler, local_files_only)
+    for _, family_scheduler in FAMILY_LOADERS if source not in TINY_SOURCES and source != "shapesworld" else ():
+        if (family_own := family_scheduler(source, scheduler, local_files_only)) is not None:  # issue 23 hook
+            return family_own
     if source in TINY_SOURCES:
         own: SchedulerMixin = _tiny_scheduler() if source == "tiny" else _tiny_xl_scheduler()
     else:
@@ -436,11 +439,11 @@ def load_diffusion(
     ``scheduler`` replaces the pipeline's scheduler by that family (None keeps it).
     """
     torch_dtype = _resolve_dtype(dtype)
-    # issue 23 hook: SD3 / FLUX (flow-matching transformers) load in flow_models; None: a UNet model, as before
-    from sage_lightning.flow_models import is_flow_source, load_flow
-    if source not in TINY_SOURCES and source != "shapesworld" and is_flow_source(source, local_files_only):
-        return load_flow(source, scheduler=scheduler, dtype=dtype, device=device, local_files_only=local_files_only,
-                         seed=seed)
+    for family_load, _ in FAMILY_LOADERS if source not in TINY_SOURCES and source != "shapesworld" else ():
+        family_model = family_load(source, scheduler=scheduler, dtype=dtype, device=device,  # issue 23 hook
+                                   local_files_only=local_files_only, seed=seed)
+        if family_model is not None:
+            return family_model
     if source in TINY_SOURCES:
         model = TINY_SOURCES[source](seed=seed)
     else:

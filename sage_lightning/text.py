@@ -250,12 +250,7 @@ class XLPromptEncoder(nn.Module):
 
 
 def prompt_encoder(model) -> PromptEncoder | XLPromptEncoder:
-    """The prompt encoder of a :class:`~sage_lightning.loading.DiffusionModel` (two encoders for SDXL; SD3 / FLUX:
-    their pipeline's own encoding, :class:`~sage_lightning.flow_models.encoder.FlowPromptEncoder`)."""
-    if hasattr(model, "transformer"):  # issue 23: a flow-matching transformer
-        from sage_lightning.flow_models.encoder import FlowPromptEncoder
-
-        return FlowPromptEncoder(model)
+    """The prompt encoder of a :class:`~sage_lightning.loading.DiffusionModel` (two encoders for SDXL)."""
     second = getattr(model, "text_encoder_2", None)
     if second is None:
         return PromptEncoder(model.tokenizer, model.text_encoder)

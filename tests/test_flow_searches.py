@@ -16,7 +16,7 @@ from sage_lightning.errors import SageError
 from sage_lightning.flow_models import FluxModel, SD3Model
 from sage_lightning.flow_sampler import FlowSampler
 from sage_lightning.searches import LatentSearch
-from sage_lightning.text import XLConditioning, prompt_encoder, slot
+from sage_lightning.text import XLConditioning, slot
 
 
 @pytest.mark.parametrize("source, record, hidden, branches", [("tiny-sd3", SD3Model, (1, 77 + 32, 80), 2),
@@ -42,7 +42,7 @@ def test_latent_search_samples_with_the_flow_sampler_and_reaches_delta(source, r
 def test_slots_and_unet_schedulers_are_refused_on_flow_models_with_one_line():
     search = LatentSearch(diffusion="tiny-sd3", scheduler="flow-euler")
     search.prepare(ClassPromptDataModule(classes=["star"]).targets)
-    encoder = prompt_encoder(search.frozen.model)
+    encoder = search.frozen.encoder
     with pytest.raises(SageError, match="does not take embedding slots yet"):
         encoder([f"a photo of a {slot('x')}"], {"x": torch.zeros(32)})
     with pytest.raises(SageError, match="set model.init_args.scheduler to null or 'flow-euler'"):

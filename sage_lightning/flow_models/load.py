@@ -16,7 +16,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffu
 from sage_lightning.errors import SageError
 from sage_lightning.flow_models.records import FlowModel, FluxModel, SD3Model
 from sage_lightning.flow_models.tiny import build_tiny_flux, build_tiny_sd3, flux_scheduler, sd3_scheduler
-from sage_lightning.loading import _load_error, _resolve_dtype, check_source
+from sage_lightning.loading import FAMILY_LOADERS, _load_error, _resolve_dtype, check_source
 
 # Built-in flow-matching sources with random weights: name -> (builder(seed=...), its scheduler).
 FLOW_TINY_SOURCES: dict[str, tuple[Callable[..., FlowModel], Callable[[], FlowMatchEulerDiscreteScheduler]]] = {
@@ -133,3 +133,14 @@ def load_flow(
         model = _load_pipeline(source, index, where, offline_only)
     model.scheduler = flow_scheduler(model.scheduler, scheduler, source)
     return model.freeze().to(device, None if torch_dtype == torch.float32 else torch_dtype)
+
+
+def family_scheduler(source: str, scheduler: str | None, local_files_only: bool = False):
+    """:func:`load_flow_scheduler` for an SD3 / FLUX source; None for any other (``loading.load_scheduler``'s hook)."""
+    if not is_flow_source(source, local_files_only):
+        return None
+    return load_flow_scheduler(source, scheduler, local_files_only)
+
+
+if (load_flow, family_scheduler) not in FAMILY_LOADERS:  # loading.load_diffusion / load_scheduler ask us first
+    FAMILY_LOADERS.append((load_flow, family_scheduler))
