@@ -127,6 +127,8 @@ NoiseGenerator = torch.Generator | list[torch.Generator] | None
 def loop_length(scheduler: SchedulerMixin, num_steps: int) -> int:
     """UNet calls per image (per guidance branch) of ``scheduler`` at ``num_steps``: its own timestep count."""
     fresh = type(scheduler).from_config(scheduler.config)
+    if fresh.config.get("use_dynamic_shifting"):  # flow matching (FLUX): one Euler step per timestep, whatever mu
+        return num_steps
     fresh.set_timesteps(num_steps, device="cpu")
     return len(fresh.timesteps)
 

@@ -21,6 +21,8 @@ COMBOS = [
     ["latent_search.yaml", "trainer/ddp_cpu.yaml"],
     ["latent_search.yaml", "models/sdxl.yaml", "trainer/gpu.yaml"],
     ["latent_search_tiny.yaml", "models/tiny_xl.yaml"],
+    ["latent_search_tiny.yaml", "models/tiny_sd3.yaml"],
+    ["latent_search_tiny.yaml", "models/tiny_flux.yaml"],
     ["prompt_search.yaml", "models/sd15.yaml"],
     ["prompt_search.yaml", "models/sd15.yaml", "models/gpt2_candidates.yaml"],
     ["universal_token.yaml", "models/sd15.yaml", "models/sd21.yaml"],

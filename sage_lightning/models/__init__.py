@@ -9,6 +9,7 @@ ShapesWorld and Stable Diffusion go through the same code.
 - ``schedulers``: scheduler families and a model's own scheduler.
 - ``pipelines`` / ``lm``: loading a diffusion model / the candidate language model.
 - ``ensembles``: the default discriminator of a source.
+- ``families``: other model families' loaders (``sage_lightning.flow_models``: SD3 / FLUX) register here.
 - ``clip_score``: CLIP for the CLIP score and the failure-type analysis.
 
 Worlds (``sage_lightning.worlds``) sit above this package: it reaches them by name, never by import.
@@ -47,3 +48,6 @@ __all__ = [
     "tiny_xl_scheduler",
     "write_clip_bpe_files",
 ]
+
+# The families this package ships beside the UNet models register their loaders (models.families) on import.
+from sage_lightning import flow_models  # noqa: E402, F401  (SD3 / FLUX)

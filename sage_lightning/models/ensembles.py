@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sage_lightning.errors import SageError
+from sage_lightning.flow_models import FLOW_TINY_SOURCES
 from sage_lightning.models.tiny import TINY_SOURCES
 from sage_lightning.surrogate import CannyEdgeMember, ClassifierEnsemble, TimmMember
 from sage_lightning.worlds import DEFAULT_WORLD, find_world
@@ -23,11 +24,11 @@ def tiny_ensemble(class_names: list[str]) -> ClassifierEnsemble:
 def default_ensemble(source: str) -> ClassifierEnsemble:
     """The discriminator D that goes with a model source when the config names none.
 
-    A world (``shapesworld``): the world's own classifiers. ``tiny``, ``tiny-xl``: random timm test models on
-    the default world's class names (:func:`tiny_ensemble`). Other sources have no default: a config must list
-    the members (see configs/models/).
+    A world (``shapesworld``): the world's own classifiers. ``tiny``, ``tiny-xl``, ``tiny-sd3``, ``tiny-flux``:
+    random timm test models on the default world's class names (:func:`tiny_ensemble`). Other sources have no
+    default: a config must list the members (see configs/models/).
     """
-    if source in TINY_SOURCES:
+    if source in TINY_SOURCES or source in FLOW_TINY_SOURCES:
         world = find_world(DEFAULT_WORLD)
         return tiny_ensemble(list(world.class_names))
     world = find_world(source)

@@ -6,10 +6,12 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from sage_lightning.errors import SageError
+from sage_lightning.models.families import FAMILY_LOADERS
 from sage_lightning.models.records import DiffusionModel, DiffusionXLModel
 from sage_lightning.models.schedulers import check_scheduler, make_scheduler
 from sage_lightning.models.sources import check_source, load_error
 from sage_lightning.models.tiny import TINY_SOURCES
+from sage_lightning.worlds import find_world
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,10 +39,16 @@ def load_diffusion(
     ``source``: ``"shapesworld"`` (the embedded default; a world by its name), ``"tiny"`` / ``"tiny-xl"`` (random
     weights, ``seed``), a local folder saved by ``save_pretrained`` of a ``StableDiffusionPipeline`` or a
     ``StableDiffusionXLPipeline``, or a hub id such as ``"runwayml/stable-diffusion-v1-5"`` or
-    ``"stabilityai/stable-diffusion-xl-base-1.0"``.
+    ``"stabilityai/stable-diffusion-xl-base-1.0"``; an SD3 / FLUX source goes to its family's loader
+    (:mod:`sage_lightning.models.families`).
     ``scheduler`` replaces the pipeline's scheduler by that family (None keeps it).
     """
     torch_dtype = _resolve_dtype(dtype)
+    for family_load, _ in FAMILY_LOADERS if source not in TINY_SOURCES and find_world(source) is None else ():
+        family_model = family_load(source, scheduler=scheduler, dtype=dtype, device=device,  # SD3 / FLUX first
+                                   local_files_only=local_files_only, seed=seed)
+        if family_model is not None:
+            return family_model
     if source in TINY_SOURCES:
         model = TINY_SOURCES[source](seed=seed)
     else:

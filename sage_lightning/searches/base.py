@@ -19,6 +19,7 @@ from torch import Tensor
 
 from sage_lightning.cost import UNET_EVALUATIONS, SamplingCost
 from sage_lightning.errors import SageError
+from sage_lightning.flow_sampler import encoder_for, latent_shape_of, sampler_for
 from sage_lightning.models import DiffusionModel, check_source, default_ensemble, load_diffusion, load_scheduler
 from sage_lightning.optim import SignSGD, check_lr
 from sage_lightning.sampler import DiffusionSampler, GradientMode, ResidualGradient, loop_length
@@ -42,7 +43,7 @@ from sage_lightning.searches.settings import clamp_constraint as clamp_constrain
 from sage_lightning.surrogate import ClassifierEnsemble, EnsembleOutput
 from sage_lightning.surrogate.views import check_views
 from sage_lightning.targets import Target, noise_generator
-from sage_lightning.text import PromptEncoder, XLConditioning, XLPromptEncoder, prompt_encoder
+from sage_lightning.text import PromptEncoder, XLConditioning, XLPromptEncoder
 
 RUNNING, FOUND, EXHAUSTED = 0, 1, 2
 MAX_GUIDANCE = 100.0  # larger scales overflow float32 images into NaN
@@ -169,9 +170,8 @@ class TargetSearch(L.LightningModule):
         return self._ensemble_arg
 
     def latent_shape(self) -> tuple[int, int, int]:
-        """The shape ``[C, h, w]`` of one initial latent (the UNet's input)."""
-        unet = self.frozen.model.unet
-        return (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        """The shape ``[C, h, w]`` of one initial latent (the UNet's input; SD3 / FLUX: unpacked, issue 23)."""
+        return latent_shape_of(self.frozen.model)
 
     def adversarial_rows(self) -> Tensor:
         """The parameter whose rows (one per target) the constraint callbacks act on; a search without one says so."""
@@ -180,7 +180,7 @@ class TargetSearch(L.LightningModule):
 
     @property
     def sampler(self) -> DiffusionSampler:
-        return DiffusionSampler(self.frozen.model, self.num_steps, self.guidance_scale, self.grad_mode, self.eta)
+        return sampler_for(self.frozen.model, self.num_steps, self.guidance_scale, self.grad_mode, self.eta)
 
     @property
     def loop_length(self) -> int:
@@ -209,7 +209,7 @@ class TargetSearch(L.LightningModule):
         if self.micro_conditioning:
             model = with_micro_conditioning(model, self.micro_conditioning)
         ensemble.requires_grad_(False).eval()
-        self._frozen = _Frozen(model, ensemble, prompt_encoder(model))
+        self._frozen = _Frozen(model, ensemble, encoder_for(model))
         self.targets = targets
         self.class_index = torch.tensor(target_class_indices(targets, ensemble.class_names))
         self.status = torch.zeros(len(targets), dtype=torch.long)

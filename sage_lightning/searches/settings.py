@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 
 from sage_lightning.errors import SageError
+from sage_lightning.flow_models import FLOW_TINY_SOURCES
 from sage_lightning.models import TINY_SOURCES, DiffusionModel, DiffusionXLModel
 from sage_lightning.targets import Target
 
@@ -16,8 +17,9 @@ CPU_WORLD_ITERATIONS = 20  # ShapesWorld and the tiny stack: a budget that runs 
 
 def default_max_iterations(diffusion: str) -> int:
     """The iteration budget a model gets when its config names none: the paper's 100, except on the CPU worlds
-    (``shapesworld``, ``tiny``, ``tiny-xl``), where 20 keeps a run to minutes on a CPU."""
-    return CPU_WORLD_ITERATIONS if diffusion == "shapesworld" or diffusion in TINY_SOURCES else PAPER_ITERATIONS
+    (``shapesworld``, ``tiny``, ``tiny-xl``, ``tiny-sd3``, ``tiny-flux``), where 20 keeps a run to minutes on a CPU."""
+    cpu_world = diffusion == "shapesworld" or diffusion in TINY_SOURCES or diffusion in FLOW_TINY_SOURCES
+    return CPU_WORLD_ITERATIONS if cpu_world else PAPER_ITERATIONS
 
 
 LATENT_BOX = (-1.0, 1.0)  # METHOD.md: the latent perturbation delta is clamped to [-1, 1]
