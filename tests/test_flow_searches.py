@@ -1,5 +1,6 @@
 """Latent search on the tiny SD3 and FLUX (issue 23 item 3): in process, and from ``sage fit`` with
-configs/models/tiny_sd3.yaml.
+configs/models/tiny_sd3.yaml; resumed after SIGKILL and on two DDP processes, equal to one uninterrupted device
+(slow: ``pytest -m slow``).
 
 Prompt and universal-token search on SD3 / FLUX need slots in the CLIP and T5 streams (issue 23 item 4): until
 then the flow models' prompt encoder refuses slot vectors with one line.
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import REPO, results, sage
+from helpers import REPO, kill_after_first_checkpoint, results, sage
+from safetensors.torch import load_file
 
-from datamodules import ClassPromptDataModule
+from sage_lightning.datamodules import ClassPromptDataModule
 from sage_lightning.errors import SageError
 from sage_lightning.flow_models import FluxModel, SD3Model
 from sage_lightning.flow_sampler import FlowSampler
@@ -59,3 +61,40 @@ def test_sage_fit_runs_the_latent_search_on_tiny_sd3(tmp_path):
     assert len(rows) == 2 and all(r["class"] == "star" for r in rows)
     assert all((run / r["latent"]).exists() and (run / r["image"]).exists() for r in rows)
     assert all(r["iterations"] <= 2 for r in rows)
+
+
+SMALL = ["--data.init_args.classes", "[star, ring]", "--data.init_args.seeds_per_class", "2",
+         "--model.init_args.num_steps", "3", "--model.init_args.max_iterations", "3"]
+
+
+def _args(group: str, run, *extra: str) -> list[str]:
+    return ["fit", "--config", str(REPO / "configs" / "latent_search_tiny.yaml"),
+            "--config", str(REPO / "configs" / "models" / f"{group}.yaml"), "--trainer.default_root_dir", str(run),
+            *SMALL, *extra]
+
+
+def _tensors(run) -> dict[str, dict[str, list]]:
+    return {p.relative_to(run).as_posix(): {k: v.tolist() for k, v in load_file(p).items()}
+            for p in sorted(run.rglob("*.safetensors"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", ["tiny_sd3", "tiny_flux"])
+def test_resume_after_sigkill_equals_the_uninterrupted_run(group, tmp_path):
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    sage(*_args(group, reference))
+    kill_after_first_checkpoint(run, *_args(group, run))
+    assert not (run / "summary.json").exists()
+    sage("fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last")
+    assert results(run) == results(reference) and _tensors(run) == _tensors(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", ["tiny_sd3", "tiny_flux"])
+def test_ddp_on_two_cpu_processes_equals_one_device(group, tmp_path):
+    one = ["--data.init_args.batch_size", "1"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    sage(*_args(group, single, *one))
+    sage(*_args(group, ddp, *one, "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    assert results(ddp) == results(single) and _tensors(ddp) == _tensors(single)
+
