@@ -32,7 +32,8 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from sage_lightning.cost import SamplingCost
 from sage_lightning.errors import SageError
 from sage_lightning.flow_models.encoder import FlowPromptEncoder
-from sage_lightning.flow_models.records import FlowModel
+from sage_lightning.flow_models.load import flow_family
+from sage_lightning.flow_models.records import FlowModel, FluxModel
 from sage_lightning.sampler import DiffusionSampler, FullGradient, GradientMode, _decoder_checkpointing, _rows
 from sage_lightning.text import XLConditioning, prompt_encoder, split_conditioning
 
@@ -243,3 +244,14 @@ def encoder_for(model):
     """The prompt encoder of ``model``: SD3 / FLUX encode as their pipeline does (:class:`FlowPromptEncoder`), a
     UNet model through :func:`sage_lightning.text.prompt_encoder`."""
     return FlowPromptEncoder(model) if isinstance(model, FlowModel) else prompt_encoder(model)
+
+
+def search_cost(source: str, loop_length: int, guidance_scale: float, grad_mode: GradientMode,
+                local_files_only: bool = False) -> SamplingCost:
+    """The cost model of a search's sampling settings, before any weights load. FLUX's ``guidance_scale`` is its
+    guidance embedding: one transformer call per step whatever its value (true CFG is not a search setting);
+    every other model runs a second, unconditional branch when ``guidance_scale > 1``."""
+    if flow_family(source, local_files_only) is FluxModel:
+        return SamplingCost(loop_length, 1, grad_mode.graphed_steps(loop_length), bool(grad_mode.checkpoint))
+    return SamplingCost.of(loop_length, guidance_scale, grad_mode)
+

@@ -98,3 +98,15 @@ def test_ddp_on_two_cpu_processes_equals_one_device(group, tmp_path):
     sage(*_args(group, ddp, *one, "--trainer.devices", "2", "--trainer.strategy", "ddp"))
     assert results(ddp) == results(single) and _tensors(ddp) == _tensors(single)
 
+
+
+@pytest.mark.parametrize("source, guidance, branches", [("tiny-flux", 3.5, 1), ("tiny-flux", 1.0, 1),
+                                                          ("tiny-sd3", 5.0, 2), ("tiny-sd3", 1.0, 1), ("tiny", 7.5, 2)])
+def test_the_cost_counts_the_transformer_calls_a_step_makes(source, guidance, branches):
+    """FLUX's guidance is an embedding inside one call; SD3 and the UNets run a negative branch when guided."""
+    scheduler = None if source == "tiny" else "flow-euler"
+    search = LatentSearch(diffusion=source, scheduler=scheduler or "ddim", num_steps=4, guidance_scale=guidance)
+    assert search.cost.branches == branches and search.cost.image() == 4 * branches
+    if source != "tiny":
+        search.prepare(ClassPromptDataModule(classes=["star"]).targets)
+        assert search.sampler.cost.branches == branches  # the sampler that runs agrees

@@ -9,6 +9,7 @@ hub is asked only when that fails (never with ``local_files_only``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
@@ -20,6 +21,8 @@ from sage_lightning.models.families import FAMILY_LOADERS
 from sage_lightning.models.pipelines import _resolve_dtype
 from sage_lightning.models.sources import check_source
 from sage_lightning.models.sources import load_error as _load_error
+from sage_lightning.models.tiny import TINY_SOURCES
+from sage_lightning.worlds import find_world
 
 # Built-in flow-matching sources with random weights: name -> (builder(seed=...), its scheduler).
 FLOW_TINY_SOURCES: dict[str, tuple[Callable[..., FlowModel], Callable[[], FlowMatchEulerDiscreteScheduler]]] = {
@@ -60,6 +63,18 @@ def is_flow_source(source: str, local_files_only: bool = False) -> bool:
         return True
     index, _, _ = _model_index(source, local_files_only)
     return index is not None and index.get("_class_name") in FLOW_PIPELINES
+
+
+@lru_cache(maxsize=32)
+def flow_family(source: str, local_files_only: bool = False) -> type[FlowModel] | None:
+    """``SD3Model`` or ``FluxModel`` for a flow source (from its name or ``model_index.json``; no weights), None for
+    any other source (a world, a tiny UNet stack, a UNet pipeline)."""
+    if source in FLOW_TINY_SOURCES:
+        return SD3Model if source == "tiny-sd3" else FluxModel
+    if source in TINY_SOURCES or find_world(source) is not None:
+        return None
+    index, _, _ = _model_index(source, local_files_only)
+    return FLOW_PIPELINES.get(index.get("_class_name")) if index is not None else None
 
 
 def flow_scheduler(scheduler: FlowMatchEulerDiscreteScheduler, name: str | None, source: str):

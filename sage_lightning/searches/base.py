@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sage_lightning.cost import UNET_EVALUATIONS, SamplingCost
 from sage_lightning.errors import SageError
-from sage_lightning.flow_sampler import encoder_for, latent_shape_of, sampler_for
+from sage_lightning.flow_sampler import encoder_for, latent_shape_of, sampler_for, search_cost
 from sage_lightning.models import DiffusionModel, check_source, default_ensemble, load_diffusion, load_scheduler
 from sage_lightning.optim import SignSGD, check_lr
 from sage_lightning.sampler import DiffusionSampler, GradientMode, ResidualGradient, loop_length
@@ -257,9 +257,9 @@ class TargetSearch(L.LightningModule):
 
     @property
     def cost(self) -> SamplingCost:
-        """The cost model of this search's sampling settings (:mod:`sage_lightning.cost`); needs no model weights
-        (only the scheduler's config), so a baseline can size its budget before anything loads."""
-        return SamplingCost.of(self.loop_length, self.guidance_scale, self.grad_mode)
+        """The cost model of the sampling settings (:func:`~sage_lightning.flow_sampler.search_cost`); no weights."""
+        return search_cost(self.diffusion_source, self.loop_length, self.guidance_scale, self.grad_mode,
+                           self.local_files_only)
 
     def unet_evaluations(self, iterations: int) -> int:
         """UNet evaluations a target used after ``iterations`` updates (:meth:`SamplingCost.gradient_search`)."""
