@@ -57,24 +57,21 @@ def _model_index(source: str, local_files_only: bool) -> tuple[dict | None, str,
     return index, where, offline_only
 
 
-def is_flow_source(source: str, local_files_only: bool = False) -> bool:
-    """Whether ``source`` is a tiny flow stack or a folder / hub id of an SD3 or FLUX pipeline."""
-    if source in FLOW_TINY_SOURCES:
-        return True
-    index, _, _ = _model_index(source, local_files_only)
-    return index is not None and index.get("_class_name") in FLOW_PIPELINES
-
-
 @lru_cache(maxsize=32)
 def flow_family(source: str, local_files_only: bool = False) -> type[FlowModel] | None:
     """``SD3Model`` or ``FluxModel`` for a flow source (from its name or ``model_index.json``; no weights), None for
-    any other source (a world, a tiny UNet stack, a UNet pipeline)."""
+    any other source (a world, a tiny UNet stack, a UNet pipeline): the one test of whether a source is ours."""
     if source in FLOW_TINY_SOURCES:
         return SD3Model if source == "tiny-sd3" else FluxModel
     if source in TINY_SOURCES or find_world(source) is not None:
         return None
     index, _, _ = _model_index(source, local_files_only)
     return FLOW_PIPELINES.get(index.get("_class_name")) if index is not None else None
+
+
+def is_flow_source(source: str, local_files_only: bool = False) -> bool:
+    """Whether ``source`` is a tiny flow stack or a folder / hub id of an SD3 or FLUX pipeline."""
+    return flow_family(source, local_files_only) is not None
 
 
 def flow_scheduler(scheduler: FlowMatchEulerDiscreteScheduler, name: str | None, source: str):
@@ -141,14 +138,13 @@ def load_flow(
     ``"stabilityai/stable-diffusion-3-medium-diffusers"`` or ``"black-forest-labs/FLUX.1-dev"``.
     ``scheduler``: ``None`` or ``"flow-euler"`` (:func:`flow_scheduler`).
     """
+    if not is_flow_source(source, local_files_only):
+        return None
     torch_dtype = _resolve_dtype(dtype)
     if source in FLOW_TINY_SOURCES:
         model = FLOW_TINY_SOURCES[source][0](seed=seed)
     else:
-        index, where, offline_only = _model_index(source, local_files_only)
-        if index is None or index.get("_class_name") not in FLOW_PIPELINES:
-            return None
-        model = _load_pipeline(source, index, where, offline_only)
+        model = _load_pipeline(source, *_model_index(source, local_files_only))
     model.scheduler = flow_scheduler(model.scheduler, scheduler, source)
     return model.freeze().to(device, None if torch_dtype == torch.float32 else torch_dtype)
 

@@ -11,7 +11,6 @@ from sage_lightning.models.records import DiffusionModel, DiffusionXLModel
 from sage_lightning.models.schedulers import check_scheduler, make_scheduler
 from sage_lightning.models.sources import check_source, load_error
 from sage_lightning.models.tiny import TINY_SOURCES
-from sage_lightning.worlds import find_world
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,7 +43,7 @@ def load_diffusion(
     ``scheduler`` replaces the pipeline's scheduler by that family (None keeps it).
     """
     torch_dtype = _resolve_dtype(dtype)
-    for family_load, _ in FAMILY_LOADERS if source not in TINY_SOURCES and find_world(source) is None else ():
+    for family_load, _ in FAMILY_LOADERS:  # each returns None for a source not its own (a world, a tiny UNet)
         family_model = family_load(source, scheduler=scheduler, dtype=dtype, device=device,  # SD3 / FLUX first
                                    local_files_only=local_files_only, seed=seed)
         if family_model is not None:

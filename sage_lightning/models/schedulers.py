@@ -18,7 +18,6 @@ from sage_lightning.errors import SageError
 from sage_lightning.models.families import FAMILY_LOADERS
 from sage_lightning.models.sources import check_source
 from sage_lightning.models.tiny import TINY_SCHEDULERS
-from sage_lightning.worlds import find_world
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
@@ -63,7 +62,7 @@ def load_scheduler(source: str, scheduler: str | None = "ddim", local_files_only
     budgets and step counts come from its own timesteps before the model loads."""
     import diffusers
 
-    for _, family_scheduler in FAMILY_LOADERS if source not in TINY_SCHEDULERS and find_world(source) is None else ():
+    for _, family_scheduler in FAMILY_LOADERS:  # each returns None for a source not its own
         if (family_own := family_scheduler(source, scheduler, local_files_only)) is not None:  # SD3 / FLUX first
             return family_own
     if source in TINY_SCHEDULERS:
