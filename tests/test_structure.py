@@ -226,3 +226,25 @@ def test_each_module_imports_first_in_a_fresh_interpreter(first):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["3"]
+
+
+def test_every_module_imports_first():
+    """Each project module imports in an interpreter where no project module is loaded yet (third-party ones stay
+    cached between modules, so one process checks them all): a cycle through a package's ``__init__``, which the
+    graph above does not see, fails here (``import sage_lightning.searches`` once did, through flow_models)."""
+    names = sorted(name for name in _module_paths() if not name.endswith("__main__"))
+    code = (
+        "import importlib, sys, traceback\n"
+        "failed = []\n"
+        f"for name in {names!r}:\n"
+        "    for loaded in [m for m in sys.modules if m == 'sage_lightning' or m.startswith('sage_lightning.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as err:\n"
+        "        failed.append(f'{name}: {type(err).__name__}: {err}')\n"
+        "print('\\n'.join(failed))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "", proc.stdout
