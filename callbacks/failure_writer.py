@@ -65,7 +65,6 @@ class FailureWriter(L.Callback):
         out = pl_module.step_outputs
         t = pl_module.targets[target]
         iterations = int(out.iterations[k])
-        checks = pl_module.check_forward_equivalents(target)  # the neighbourhood check's images (LatentSearch)
         z = out.latents[k]
         names = member_names(pl_module.frozen.ensemble)
         output_names = pl_module.frozen.ensemble.output_names
@@ -73,8 +72,8 @@ class FailureWriter(L.Callback):
             "target": target, "class": t.class_name, "prompt": t.prompt, "seed": t.seed,
             "found": bool(out.found[k]), "already_failing": bool(out.found[k]) and iterations == 0,
             "iterations": iterations,
-            "unet_evaluations": pl_module.unet_evaluations(iterations) + checks,  # the checks' images: forwards
-            "forward_equivalents": pl_module.forward_equivalents(iterations) + checks,
+            "unet_evaluations": pl_module.unet_evaluations(iterations),
+            "forward_equivalents": pl_module.forward_equivalents(iterations),
             "loss": float(out.output.per_sample_loss[k]),
             "probs": {n: float(out.output.probs[m, k]) for m, n in enumerate(names)},
             "top1": {n: output_names[int(out.output.topk[m, k, 0])] for m, n in enumerate(names)},

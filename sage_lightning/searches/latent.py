@@ -14,8 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from sage_lightning.searches.base import LATENT_BOX, TargetSearch, clamp_constraint
-from sage_lightning.searches.neighbourhood import NeighbourhoodCheck, check_neighbourhoods
-from sage_lightning.surrogate.ensemble import EnsembleOutput
 from sage_lightning.targets import seeded_latent
 
 
@@ -26,27 +24,11 @@ class LatentSearch(TargetSearch):
 
         search = LatentSearch(diffusion="shapesworld", max_iterations=20)
         trainer.fit(search, datamodule=ClassPromptDataModule(classes=["star"], seeds_per_class=4))
-
-    Args:
-        failure_check: (ours) D's verdict over the latent's neighbourhood
-            (:class:`~sage_lightning.searches.neighbourhood.NeighbourhoodCheck`): a failure counts only when D also
-            fails on most small re-draws of the latent; None: D's verdict on the latent alone (the paper's).
-        *args, **kwargs: :class:`TargetSearch`'s.
     """
-
-    def __init__(self, *args, failure_check: NeighbourhoodCheck | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.failure_check = failure_check
-        self.neighbourhood_checks = torch.zeros(0, dtype=torch.long)
 
     def constraints(self) -> list[tuple[str, dict]]:
         """delta in the box [-1, 1], z on the Gaussian shell |z| = sqrt(d) (METHOD.md, "Latent-space search")."""
         return [clamp_constraint(LATENT_BOX), ("sage_lightning.callbacks.projection.LatentProjection", {})]
-
-    def prepare(self, targets_of) -> None:
-        super().prepare(targets_of)
-        if len(self.neighbourhood_checks) != len(self.targets):
-            self.neighbourhood_checks = torch.zeros(len(self.targets), dtype=torch.long)
 
     def init_parameters(self) -> None:
         self.delta = nn.Parameter(torch.zeros(len(self.targets), *self.latent_shape()))
@@ -65,33 +47,7 @@ class LatentSearch(TargetSearch):
         z = self.initial_latents(rows) + self.delta[rows]
         cond = self.prompt_embeddings([self.targets[int(i)].prompt for i in rows])
         images = self.generate(z, cond, [self.targets[int(i)].seed for i in rows])
-        output = self.judged(ids, z, self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device)))
+        output = self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device))
         active = self.advance(ids, images, z, output)
         self.log("loss", output.loss, prog_bar=True, batch_size=len(ids))
         return self.step_loss(output.per_sample_loss, active)
-
-    def judged(self, ids: Tensor, latents: Tensor, output: EnsembleOutput) -> EnsembleOutput:
-        """D's verdict on a batch, over each failing latent's neighbourhood when the search has a ``failure_check``."""
-        return output if self.failure_check is None else check_neighbourhoods(self, ids, latents, output)
-
-    # ------------------------------------------------------------------------- cost of the checks
-    def check_forward_equivalents(self, target: int) -> int:
-        """Forward-equivalents (= UNet evaluations: forwards only) of target ``target``'s neighbourhood checks."""
-        if self.failure_check is None:
-            return 0
-        return int(self.neighbourhood_checks[target]) * self.failure_check.images() * self.cost.image()
-
-    def forward_equivalents_spent(self) -> int:
-        checks = sum(self.check_forward_equivalents(t) for t in range(len(self.neighbourhood_checks)))
-        return super().forward_equivalents_spent() + checks
-
-    # ------------------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["sage_state"]["neighbourhood_checks"] = self.neighbourhood_checks.clone()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        saved = checkpoint["sage_state"].get("neighbourhood_checks")  # none in checkpoints of runs without checks
-        if saved is not None:
-            self.neighbourhood_checks.copy_(saved)

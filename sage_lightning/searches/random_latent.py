@@ -81,5 +81,5 @@ class RandomLatentSearch(LatentSearch):
         z = torch.stack([self.draw(int(i), int(self.iterations[i])) for i in rows]).to(self.device)
         cond = self.prompt_embeddings([self.targets[int(i)].prompt for i in rows])
         images = self.generate(z, cond, [self.noise_seed(int(i), int(self.iterations[i])) for i in rows])
-        output = self.judged(ids, z, self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device)))
+        output = self.frozen.ensemble(images, self.class_index[rows.cpu()].to(self.device))
         self.advance(ids, images, z, output)
