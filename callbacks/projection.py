@@ -42,12 +42,21 @@ class LatentProjection(L.Callback):
             the shell's small rescaling). A sign-step search drifts whole channels (a global colour or
             brightness shift of the image): a channel mean of 5 sigma is an outlier of N(0, I) that the norm
             does not see, and the entries' KS test does.
+        channel_shift_sigmas: (ours, off by default) keep each channel's mean of *delta* within this many standard
+            deviations of a N(0, I) channel mean (0: z keeps z0's channel means), alternated with the shell as
+            above. A constant offset of a latent channel is a global colour or brightness shift of the image (the
+            same shape recoloured or washed out, which fools D without being a failure of the generator); with 0
+            the search can only move what is drawn where.
     """
 
-    def __init__(self, channel_mean_sigmas: float | None = None) -> None:
+    def __init__(self, channel_mean_sigmas: float | None = None, channel_shift_sigmas: float | None = None) -> None:
         if channel_mean_sigmas is not None and not channel_mean_sigmas > 0:
             raise ValueError(f"channel_mean_sigmas={channel_mean_sigmas} must be > 0 (e.g. 3.0), or null for none")
+        if channel_shift_sigmas is not None and not channel_shift_sigmas >= 0:
+            raise ValueError(f"channel_shift_sigmas={channel_shift_sigmas} must be >= 0 (0: z keeps z0's channel "
+                             "means), or null for none")
         self.channel_mean_sigmas = channel_mean_sigmas
+        self.channel_shift_sigmas = channel_shift_sigmas
 
     def _onto_shell(self, z0: Tensor, delta: Tensor, box: tuple[float, float] | None) -> Tensor:
         if box is None:
@@ -65,8 +74,10 @@ class LatentProjection(L.Callback):
         z0 = pl_module.initial_latents(rows)
         box = run_box(trainer)
         step = delta[rows]
-        for _ in range(2 if self.channel_mean_sigmas else 1):
+        for _ in range(2 if self.channel_mean_sigmas or self.channel_shift_sigmas is not None else 1):
             if self.channel_mean_sigmas:
                 step = bound_channel_means(z0 + step, self.channel_mean_sigmas) - z0
+            if self.channel_shift_sigmas is not None:
+                step = bound_channel_means(step, self.channel_shift_sigmas)
             step = self._onto_shell(z0, step, box)
         delta[rows] = step

@@ -131,3 +131,24 @@ def test_channel_mean_bound_pulls_a_drifted_channel_back_and_stays_on_the_shell(
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5) and bounded.abs().max() <= 1.0
     with pytest.raises(ValueError, match="channel_mean_sigmas"):
         LatentProjection(channel_mean_sigmas=0.0)
+
+
+def test_channel_shift_zero_keeps_z0s_channel_means_and_the_shell(search):
+    """``channel_shift_sigmas=0``: a step that shifts whole channels (a global recolouring) and also moves single
+    entries keeps z0's channel means (up to the shell's rescaling) and only the entries' pattern moves; z on the
+    shell, delta in the box."""
+    step = torch.zeros(search.delta.shape)
+    step[:, 2] = -0.3
+    step[:, 0, 3, 3] = 0.8
+    z0 = search.initial_latents(torch.arange(len(search.targets)))
+    clamp = ClampPerturbation(-1.0, 1.0)
+    kept = _step(search, step, [clamp, LatentProjection(channel_shift_sigmas=0.0)])
+    shift = (z0 + kept).flatten(2).mean(-1) - z0.flatten(2).mean(-1)
+    assert shift.abs().max() < 0.01, shift  # -0.3 without the option
+    assert (kept[:, 0, 3, 3] > 0.5).all()  # the entry's own move survives
+    ratio = (z0 + kept).flatten(1).norm(dim=1) / math.sqrt(z0[0].numel())
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5) and kept.abs().max() <= 1.0
+    plain = _step(search, step, [clamp, LatentProjection()])
+    assert ((z0 + plain)[:, 2].flatten(1).mean(1) - z0[:, 2].flatten(1).mean(1) < -0.2).all()
+    with pytest.raises(ValueError, match="channel_shift_sigmas=-1"):
+        LatentProjection(channel_shift_sigmas=-1.0)
