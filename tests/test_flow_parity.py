@@ -103,6 +103,20 @@ def test_a_unet_scheduler_name_or_a_missing_folder_is_one_clear_error(sd3_dir, t
         load_diffusion(str(tmp_path / "no_such_model"), scheduler=None)
 
 
+def test_loading_a_folder_reads_its_model_index_once(flux, monkeypatch, tmp_path):
+    """Family detection and loading share one read of model_index.json (FluxPipeline.from_pretrained's own read of
+    it is diffusers' and not counted: only our reads go through StableDiffusion3Pipeline.load_config)."""
+    folder = tmp_path / "flux"
+    flux.pipeline().save_pretrained(folder, safe_serialization=True)
+    reads = []
+    load_config = StableDiffusion3Pipeline.load_config
+    monkeypatch.setattr(StableDiffusion3Pipeline, "load_config",
+                        lambda *args, **kwargs: reads.append(args) or load_config(*args, **kwargs))
+    assert isinstance(load_diffusion(str(folder), scheduler=None), FluxModel)
+    assert type(load_scheduler(str(folder), None)).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert len(reads) == 1
+
+
 def test_the_offline_t5_tokenizer_is_deterministic_and_covers_any_text():
     tokenizer = t5_tokenizer()
     ids = tokenizer("a photo of a red star, 3x!").input_ids
