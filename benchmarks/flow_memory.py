@@ -5,17 +5,17 @@ transformer call of Stable Diffusion 3 medium and FLUX.1 dev (their published co
 materialised), for each of its blocks, and for one VAE decode (whole, and with the decoder checkpointed: its
 outer graph plus its largest block recomputed). Attention is counted as a fused kernel saves it (q, k, v, the
 output and one log-sum-exp per query row: ``FusedAttentionAccounting``), not as the math path's score matrices,
-which a GPU run never keeps. The gradient modes then combine these over ``--steps`` sampling steps (METHOD.md,
-"Gradient modes"):
-
-- full, nothing checkpointed: every step's graph at once;
-- full, per-block checkpointing: every block's input of every step, plus one block's graph in backward;
-- last_k: the last k steps' graphs (k=5), the first ones without a graph;
-- residual: SAGE's shortcut, one step's graph.
+which a GPU run never keeps. The gradient modes of :mod:`sage_lightning.sampler` then combine these over
+``--steps`` sampling steps as :class:`~sage_lightning.flow_sampler.FlowSampler` runs them (METHOD.md, "Gradient
+modes"): each graphed step (``mode.graphed_steps``) keeps its whole graph, or with ``checkpoint`` (per block, as the
+sampler checkpoints) every block's input and the graph outside the blocks, plus one block's graph recomputed in
+backward; the steps before the graph keep nothing. Rows: full without checkpointing, and full, last_k (k=5) and
+residual (step 0.5: the last half of the steps graphed) with the transformer's blocks and the VAE decoder
+checkpointed, as configs/models/sd3.yaml and flux.yaml run them.
 
 Each adds the VAE decode (checkpointed where the mode checkpoints). Text encoders hold no graph (the prompt is
-fixed). Upper bounds up to storages shared between saved tensors, which are counted once per use.
-
+fixed). FLUX is counted with its embedded guidance (one call a step); true CFG doubles its transformer part.
+Upper bounds up to storages shared between saved tensors, which are counted once per use.
     python benchmarks/flow_memory.py --sizes 512,1024 --steps 28
 """
 
@@ -28,6 +28,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+
+from sage_lightning.sampler import FullGradient, GradientMode, LastKGradient, ResidualGradient
 
 GIB = 2**30
 LAST_K = 5
@@ -109,7 +111,7 @@ def _meta(shape: tuple[int, ...], dtype: torch.dtype, grad: bool = False) -> tor
     return torch.zeros(shape, device="meta", dtype=dtype, requires_grad=grad)
 
 
-def sd3_call(size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, Callable[[], torch.Tensor], int]:
+def sd3_call(size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
     """SD3 medium, one guided call (negative and positive batched: batch 2; CLIP 77 + T5 256 tokens)."""
     model = SD3Transformer2DModel(**SD3_MEDIUM).to(dtype)
     latent = _meta((2, 16, size // 8, size // 8), dtype, grad=True)
@@ -117,10 +119,10 @@ def sd3_call(size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, Callable[[
     def call() -> torch.Tensor:
         return model(hidden_states=latent, encoder_hidden_states=_meta((2, 77 + 256, 4096), dtype),
                      pooled_projections=_meta((2, 2048), dtype), timestep=_meta((2,), dtype)).sample
-    return model, call, latent.numel() * latent.element_size()
+    return model, call
 
 
-def flux_call(size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, Callable[[], torch.Tensor], int]:
+def flux_call(size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
     """FLUX.1 dev, one call (distilled guidance embedding: batch 1; T5 512 tokens; 2x2-packed latents)."""
     model = FluxTransformer2DModel(**FLUX_DEV).to(dtype)
     tokens = (size // 16) ** 2
@@ -131,18 +133,24 @@ def flux_call(size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, Callable[
                      pooled_projections=_meta((1, 768), dtype), timestep=_meta((1,), dtype),
                      img_ids=_meta((tokens, 3), dtype), txt_ids=_meta((512, 3), dtype),
                      guidance=_meta((1,), dtype)).sample
-    return model, call, latent.numel() * latent.element_size()
+    return model, call
 
 
 MODELS = {"sd3-medium": sd3_call, "flux-dev": flux_call}
+BLOCKS = {"checkpoint": True, "decoder_checkpoint": True}
+MODES: dict[str, GradientMode] = {  # the sampler's own gradient modes, labelled for the table
+    "full, nothing checkpointed": FullGradient(),
+    "full, per-block checkpointing": FullGradient(**BLOCKS),
+    f"last_k (k={LAST_K}), per-block checkpointing": LastKGradient(LAST_K, **BLOCKS),
+    "residual (step 0.5), per-block checkpointing": ResidualGradient(0.5, 1.0, **BLOCKS),
+}
 
 
 def transformer_bytes(name: str, size: int, dtype: torch.dtype) -> dict[str, float]:
     """Saved bytes of one call: ``step`` (all), ``block`` (the largest block), ``boundaries`` (every block's
-    input and the graph outside the blocks: what per-block checkpointing keeps), ``latent`` (the step's input:
-    what per-step checkpointing keeps)."""
+    input and the graph outside the blocks: what per-block checkpointing keeps)."""
     with torch.device("meta"):
-        model, call, latent_bytes = MODELS[name](size, dtype)
+        model, call = MODELS[name](size, dtype)
     blocks = {f"{kind}{i}": b for kind in ("transformer_blocks", "single_transformer_blocks")
               for i, b in enumerate(getattr(model, kind, []))}
     inputs: dict[str, int] = {}
@@ -156,8 +164,7 @@ def transformer_bytes(name: str, size: int, dtype: torch.dtype) -> dict[str, flo
     with meter.counting():
         call()
     outside = meter.total - sum(meter.regions.values())  # embeddings, final norm and projection
-    return {"step": meter.total, "block": max(meter.regions.values()), "boundaries": sum(inputs.values()) + outside,
-            "latent": latent_bytes}
+    return {"step": meter.total, "block": max(meter.regions.values()), "boundaries": sum(inputs.values()) + outside}
 
 
 def decoder_bytes(size: int, dtype: torch.dtype) -> dict[str, float]:
@@ -178,17 +185,19 @@ def decoder_bytes(size: int, dtype: torch.dtype) -> dict[str, float]:
     return {"whole": whole.total, "checkpointed": outer + max(inner.regions.values())}
 
 
+def saved_peak(mode: GradientMode, steps: int, t: dict[str, float], d: dict[str, float]) -> float:
+    """Saved-tensor peak of one iteration in ``mode`` (``t``: :func:`transformer_bytes`, ``d``:
+    :func:`decoder_bytes`)."""
+    graphed = mode.graphed_steps(steps)
+    transformer = graphed * t["boundaries"] + t["block"] if mode.checkpoint else graphed * t["step"]
+    return transformer + (d["checkpointed"] if mode.decoder_checkpoint else d["whole"])
+
+
 def mode_table(name: str, size: int, steps: int, dtype: torch.dtype) -> list[str]:
-    """Rows ``| model | px | mode | GiB |`` of the saved-tensor peak of each gradient mode."""
+    """Rows ``| model | px | mode | GiB |`` of the saved-tensor peak of each gradient mode (:data:`MODES`)."""
     t, d = transformer_bytes(name, size, dtype), decoder_bytes(size, dtype)
-    modes = {
-        "full, nothing checkpointed": steps * t["step"] + d["whole"],
-        "full, per-step checkpointing": steps * t["latent"] + t["step"] + d["checkpointed"],
-        "full, per-block checkpointing": steps * t["boundaries"] + t["block"] + d["checkpointed"],
-        f"last_k (k={LAST_K}), per-block checkpointing": LAST_K * t["boundaries"] + t["block"] + d["checkpointed"],
-        "residual (one step's graph)": t["step"] + d["checkpointed"],
-    }
-    return [f"| {name} | {size} | {mode} | {value / GIB:,.2f} |" for mode, value in modes.items()]
+    return [f"| {name} | {size} | {label} | {saved_peak(mode, steps, t, d) / GIB:,.2f} |"
+            for label, mode in MODES.items()]
 
 
 def main(argv: list[str] | None = None) -> list[str]:

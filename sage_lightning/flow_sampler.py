@@ -223,12 +223,22 @@ class FlowSampler:
         return self.decode(self.denoise(latents, cond, uncond))
 
 
-def sampler_for(model, num_steps: int, guidance_scale: float, grad_mode: GradientMode | None, eta: float = 0.0):
-    """The sampler of ``model``: :class:`FlowSampler` for SD3 / FLUX, else the UNet's ``DiffusionSampler``."""
+def check_true_cfg(flux: bool, true_cfg_scale: float) -> None:
+    """SageError when ``true_cfg_scale`` is set (not 1) on a model other than FLUX."""
+    if true_cfg_scale != 1.0 and not flux:
+        raise SageError(f"true_cfg_scale={true_cfg_scale} is FLUX's true classifier-free guidance: leave it at 1 on "
+                        "other models (their guidance_scale runs the negative branch)")
+
+
+def sampler_for(model, num_steps: int, guidance_scale: float, grad_mode: GradientMode | None, eta: float = 0.0,
+                true_cfg_scale: float = 1.0):
+    """The sampler of ``model``: :class:`FlowSampler` for SD3 / FLUX, else the UNet's ``DiffusionSampler``.
+    ``true_cfg_scale``: FLUX's true CFG (:func:`check_true_cfg`)."""
+    check_true_cfg(isinstance(model, FluxModel), true_cfg_scale)
     if isinstance(model, FlowModel):
         if eta:
             raise SageError(f"eta={eta}: the flow-matching sampler is deterministic, set eta to 0")
-        return FlowSampler(model, num_steps, guidance_scale, grad_mode)
+        return FlowSampler(model, num_steps, guidance_scale, grad_mode, true_cfg_scale)
     return DiffusionSampler(model, num_steps, guidance_scale, grad_mode, eta)
 
 
@@ -247,11 +257,12 @@ def encoder_for(model):
 
 
 def search_cost(source: str, loop_length: int, guidance_scale: float, grad_mode: GradientMode,
-                local_files_only: bool = False) -> SamplingCost:
+                local_files_only: bool = False, true_cfg_scale: float = 1.0) -> SamplingCost:
     """The cost model of a search's sampling settings, before any weights load. FLUX's ``guidance_scale`` is its
-    guidance embedding: one transformer call per step whatever its value (true CFG is not a search setting);
-    every other model runs a second, unconditional branch when ``guidance_scale > 1``."""
-    if flow_family(source, local_files_only) is FluxModel:
-        return SamplingCost(loop_length, 1, grad_mode.graphed_steps(loop_length), bool(grad_mode.checkpoint))
-    return SamplingCost.of(loop_length, guidance_scale, grad_mode)
+    guidance embedding, inside its one transformer call a step; its true CFG (``true_cfg_scale > 1``) adds a second
+    call on the negative prompt. Every other model runs a second, unconditional branch when ``guidance_scale > 1``
+    (and refuses ``true_cfg_scale``)."""
+    flux = flow_family(source, local_files_only) is FluxModel
+    check_true_cfg(flux, true_cfg_scale)
+    return SamplingCost.of(loop_length, true_cfg_scale if flux else guidance_scale, grad_mode)
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from helpers import REPO
 
+from sage_lightning.sampler import FullGradient, LastKGradient, ResidualGradient
+
 spec = importlib.util.spec_from_file_location("flow_memory", REPO / "benchmarks" / "flow_memory.py")
 flow_memory = importlib.util.module_from_spec(spec)
 sys.modules["flow_memory"] = flow_memory
@@ -31,10 +33,19 @@ def test_fused_attention_saves_inputs_output_and_row_statistics_only():
 def test_modes_order_and_block_attribution(monkeypatch):
     monkeypatch.setattr(flow_memory, "SD3_MEDIUM", TINY_SD3)
     t = flow_memory.transformer_bytes("sd3-medium", 64, torch.float32)
-    assert 0 < t["block"] < t["step"] and t["latent"] == 2 * 16 * 8 * 8 * 4
-    assert t["latent"] < t["boundaries"] < 2 * t["step"]
+    assert 0 < t["block"] < t["step"] and 2 * 16 * 8 * 8 * 4 < t["boundaries"] < 2 * t["step"]
     rows = flow_memory.mode_table("sd3-medium", 64, 28, torch.float32)
     gib = {r.split(" | ")[2]: float(r.split(" | ")[3].rstrip(" |").replace(",", "")) for r in rows}
     assert gib["full, nothing checkpointed"] > gib["full, per-block checkpointing"]
-    assert gib["full, nothing checkpointed"] > gib["full, per-step checkpointing"]
-    assert gib["last_k (k=5), per-block checkpointing"] < gib["full, per-block checkpointing"]
+    assert gib["full, per-block checkpointing"] > gib["residual (step 0.5), per-block checkpointing"]
+    assert gib["residual (step 0.5), per-block checkpointing"] > gib["last_k (k=5), per-block checkpointing"]
+
+
+def test_the_peak_follows_the_samplers_graphed_steps_and_checkpointing():
+    """What a mode keeps is what the sampler graphs: ``graphed_steps`` steps, each whole or (per-block
+    checkpointing) its block inputs plus one block recomputed; the decoder whole or checkpointed."""
+    t, d = {"step": 100.0, "block": 7.0, "boundaries": 20.0}, {"whole": 50.0, "checkpointed": 5.0}
+    peak = flow_memory.saved_peak
+    assert peak(FullGradient(), 28, t, d) == 28 * 100 + 50
+    assert peak(ResidualGradient(0.5, checkpoint=True, decoder_checkpoint=True), 28, t, d) == 14 * 20 + 7 + 5
+    assert peak(LastKGradient(5, checkpoint=True), 28, t, d) == 5 * 20 + 7 + 50

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from sage_lightning.datamodules import ClassPromptDataModule
 from sage_lightning.errors import SageError
 from sage_lightning.flow_models import FluxModel, SD3Model
-from sage_lightning.flow_sampler import FlowSampler
+from sage_lightning.flow_sampler import FlowSampler, sampler_for
+from sage_lightning.models import load_diffusion
 from sage_lightning.searches import LatentSearch
 from sage_lightning.text import XLConditioning, slot
 
@@ -99,14 +100,35 @@ def test_ddp_on_two_cpu_processes_equals_one_device(group, tmp_path):
     assert results(ddp) == results(single) and _tensors(ddp) == _tensors(single)
 
 
+COSTS = [("tiny-flux", 3.5, 1.0, 1), ("tiny-flux", 1.0, 1.0, 1), ("tiny-flux", 3.5, 2.0, 2), ("tiny-sd3", 5.0, 1.0, 2),
+         ("tiny-sd3", 1.0, 1.0, 1), ("tiny", 7.5, 1.0, 2)]
 
-@pytest.mark.parametrize("source, guidance, branches", [("tiny-flux", 3.5, 1), ("tiny-flux", 1.0, 1),
-                                                          ("tiny-sd3", 5.0, 2), ("tiny-sd3", 1.0, 1), ("tiny", 7.5, 2)])
-def test_the_cost_counts_the_transformer_calls_a_step_makes(source, guidance, branches):
-    """FLUX's guidance is an embedding inside one call; SD3 and the UNets run a negative branch when guided."""
-    scheduler = None if source == "tiny" else "flow-euler"
-    search = LatentSearch(diffusion=source, scheduler=scheduler or "ddim", num_steps=4, guidance_scale=guidance)
+
+@pytest.mark.parametrize("source, guidance, true_cfg, branches", COSTS)
+def test_the_cost_counts_the_transformer_calls_a_step_makes(source, guidance, true_cfg, branches):
+    """FLUX's guidance is an embedding inside one call, its true CFG a second call on the negative prompt; SD3 and
+    the UNets run a negative branch when guided. The search's cost, before any weights load, equals the branch
+    evaluations the sampler really runs for one image (an SD3 call on [negative; positive] counts 2)."""
+    scheduler = "ddim" if source == "tiny" else "flow-euler"
+    search = LatentSearch(diffusion=source, scheduler=scheduler, num_steps=4, guidance_scale=guidance,
+                          true_cfg_scale=true_cfg)
     assert search.cost.branches == branches and search.cost.image() == 4 * branches
-    if source != "tiny":
-        search.prepare(ClassPromptDataModule(classes=["star"]).targets)
-        assert search.sampler.cost.branches == branches  # the sampler that runs agrees
+    search.prepare(ClassPromptDataModule(classes=["star"]).targets)
+    search.trainer = None
+    model = search.frozen.model
+    network = getattr(model, "transformer", None) or model.unet
+    rows = []
+    network.register_forward_pre_hook(lambda _m, args, kwargs: rows.append(len((args or [kwargs["hidden_states"]])[0])),
+                                      with_kwargs=True)
+    with torch.no_grad():
+        search.generate(search.initial_latents(torch.tensor([0])), search.prompt_embeddings(["a photo of a star"]))
+    assert sum(rows) == search.cost.image() == search.sampler.cost.image()
+
+
+def test_true_cfg_is_a_flux_setting_refused_elsewhere_in_one_line():
+    with pytest.raises(SageError, match="true_cfg_scale=2.0 is FLUX's true classifier-free guidance"):
+        LatentSearch(diffusion="tiny-sd3", scheduler="flow-euler", true_cfg_scale=2.0).cost.image()
+    with pytest.raises(SageError, match="true_cfg_scale=2.0 is FLUX's true classifier-free guidance"):
+        sampler_for(load_diffusion("tiny"), 4, 3.0, None, true_cfg_scale=2.0)
+    with pytest.raises(SageError, match="true_cfg_scale=-1 must be in"):
+        LatentSearch(diffusion="tiny-flux", true_cfg_scale=-1)
