@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import REPO, kill_after_first_checkpoint, results, sage
+from helpers import REPO, kill_after_first_checkpoint, model_args, results, sage
 from safetensors.torch import load_file
 
 from sage_lightning.datamodules import ClassPromptDataModule
@@ -18,7 +18,9 @@ from sage_lightning.errors import SageError
 from sage_lightning.flow_models import FluxModel, SD3Model
 from sage_lightning.flow_sampler import FlowSampler, sampler_for
 from sage_lightning.models import load_diffusion
+from sage_lightning.sampler import ResidualGradient
 from sage_lightning.searches import LatentSearch
+from sage_lightning.searches.settings import PAPER_ITERATIONS, default_max_iterations
 from sage_lightning.text import XLConditioning, slot
 
 
@@ -62,6 +64,35 @@ def test_sage_fit_runs_the_latent_search_on_tiny_sd3(tmp_path):
     assert len(rows) == 2 and all(r["class"] == "star" for r in rows)
     assert all((run / r["latent"]).exists() and (run / r["image"]).exists() for r in rows)
     assert all(r["iterations"] <= 2 for r in rows)
+
+
+@pytest.mark.parametrize("group, source, guidance, tiny", [
+    ("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", 7.0, "tiny-sd3"),
+    ("flux", "black-forest-labs/FLUX.1-dev", 3.5, "tiny-flux"),
+])
+def test_the_real_model_groups_compose_with_the_latent_search_and_run_on_the_tiny_stacks(group, source, guidance, tiny,
+                                                                                      tmp_path):
+    """configs/models/sd3.yaml and flux.yaml through the CLI: the pipelines' 28 steps and guidance in bfloat16,
+    per-block and decoder checkpointing on the search's own gradient mode, the ImageNet ensemble, the paper's 100
+    iterations; with the source and ensemble swapped for a tiny stack's, one iteration runs as configured."""
+    args = model_args("latent_search.yaml", f"models/{group}.yaml")
+    assert (args["diffusion"], args["scheduler"], args["num_steps"], args["guidance_scale"], args["dtype"]) == (
+        source, "flow-euler", 28, guidance, "bfloat16")
+    assert args["grad_mode"]["class_path"].endswith("ResidualGradient") and args["grad_mode"]["init_args"] == {
+        "step": 0.5, "weight": 1.0, "checkpoint": True, "decoder_checkpoint": True}
+    members = args["ensemble"]["init_args"]["members"]
+    assert len(members) == 4 and members[0]["init_args"]["class_names"] == "imagenet"
+    assert args["max_iterations"] is None and default_max_iterations(source) == PAPER_ITERATIONS == 100
+    run = tmp_path / "run"
+    sage("fit", "--config", str(REPO / "configs" / "latent_search.yaml"),
+         "--config", str(REPO / "configs" / "models" / f"{group}.yaml"), "--trainer.default_root_dir", str(run),
+         "--model.init_args.diffusion", tiny, "--model.init_args.ensemble", "null", "--data.init_args.classes",
+         "[star]", "--data.init_args.seeds_per_class", "1", "--model.init_args.max_iterations", "1")
+    (row,) = results(run)
+    search = LatentSearch(**{**args, "diffusion": tiny, "ensemble": None, "grad_mode": ResidualGradient(
+        0.5, 1.0, checkpoint=True, decoder_checkpoint=True)})
+    assert row["iterations"] == 1 and row["forward_equivalents"] == search.forward_equivalents(1)
+    assert search.cost.image() == 28 * (2 if group == "sd3" else 1) and search.cost.checkpoint
 
 
 SMALL = ["--data.init_args.classes", "[star, ring]", "--data.init_args.seeds_per_class", "2",
