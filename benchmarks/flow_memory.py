@@ -17,6 +17,12 @@ Each adds the VAE decode (checkpointed where the mode checkpoints). Text encoder
 fixed). FLUX is counted with its embedded guidance (one call a step); true CFG doubles its transformer part.
 Upper bounds up to storages shared between saved tensors, which are counted once per use.
     python benchmarks/flow_memory.py --sizes 512,1024 --steps 28
+
+``--measure`` runs each mode instead, on random weights (benchmarks/flow_measure.py; a GPU for the full-size
+stacks, ``--models tiny-sd3,tiny-flux --device cpu`` for the tiny ones) and prints seconds, peak GPU memory and
+iteration / plain pipeline call:
+
+    python benchmarks/flow_memory.py --measure --models sd3-medium,flux-dev --sizes 512,1024 --device cuda
 """
 
 from __future__ import annotations
@@ -200,24 +206,43 @@ def mode_table(name: str, size: int, steps: int, dtype: torch.dtype) -> list[str
             for label, mode in MODES.items()]
 
 
+def measured_rows(name: str, size: int, args: argparse.Namespace) -> list[str]:
+    """``--measure``: time and peak memory of each mode on ``name``'s stack, random weights (flow_measure.py)."""
+    from flow_measure import GUIDANCE, build_stack, measure, measured_table
+
+    model = build_stack(name, getattr(torch, args.dtype), args.device)
+    rows = measure(model, MODES, size, args.steps, GUIDANCE[name], args.true_cfg, args.repeats)
+    return measured_table(name, size, rows)
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS), help="with --measure also tiny-sd3, tiny-flux")
     parser.add_argument("--sizes", default="512,1024", help="image sides in px")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--measure", action="store_true", help="run each mode on random weights (flow_measure.py)")
+    parser.add_argument("--device", default="cuda", help="--measure: where the stacks run")
+    parser.add_argument("--repeats", type=int, default=1, help="--measure: runs per mode, the best one counts")
+    parser.add_argument("--true-cfg", type=float, default=1.0, help="--measure: FLUX's true CFG scale")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    rows = ["| model | px | gradient mode | saved tensors, GiB |", "|---|---|---|---|"]
+    known = (*MODELS, "tiny-sd3", "tiny-flux") if args.measure else tuple(MODELS)
+    if args.measure:
+        rows = ["| model | px | gradient mode | s per iteration | peak GPU memory, GiB | iteration / plain call |",
+                "|---|---|---|---|---|---|"]
+    else:
+        rows = ["| model | px | gradient mode | saved tensors, GiB |", "|---|---|---|---|"]
     for name in args.models.split(","):
-        if name not in MODELS:
-            parser.error(f"--models: unknown {name!r}; use {', '.join(MODELS)}")
+        if name not in known:
+            parser.error(f"--models: unknown {name!r}; use {', '.join(known)}")
         for size in (int(s) for s in args.sizes.split(",")):
             if size % 16 or size <= 0:
                 parser.error(f"--sizes: {size} px is not a positive multiple of 16")
-            rows += mode_table(name, size, args.steps, dtype)
-    print(f"\nSaved-tensor peak of one search iteration, {args.steps} steps, {args.dtype}, meta device "
-          f"(weights and the optimiser's state come on top):\n")
+            rows += measured_rows(name, size, args) if args.measure else mode_table(name, size, args.steps, dtype)
+    what = ("Measured on random weights (peak: all allocated GPU memory, weights included)" if args.measure else
+            "Saved-tensor peak on the meta device (weights and the optimiser's state come on top)")
+    print(f"\n{what}: one search iteration, {args.steps} steps, {args.dtype}:\n")
     print("\n".join(rows))
     return rows
 
