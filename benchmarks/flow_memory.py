@@ -5,18 +5,24 @@ transformer call of Stable Diffusion 3 medium and FLUX.1 dev (their published co
 materialised), for each of its blocks, and for one VAE decode (whole, and with the decoder checkpointed: its
 outer graph plus its largest block recomputed). Attention is counted as a fused kernel saves it (q, k, v, the
 output and one log-sum-exp per query row: ``FusedAttentionAccounting``), not as the math path's score matrices,
-which a GPU run never keeps. The gradient modes then combine these over ``--steps`` sampling steps (METHOD.md,
-"Gradient modes"):
-
-- full, nothing checkpointed: every step's graph at once;
-- full, per-block checkpointing: every block's input of every step, plus one block's graph in backward;
-- last_k: the last k steps' graphs (k=5), the first ones without a graph;
-- residual: SAGE's shortcut, one step's graph.
+which a GPU run never keeps. The gradient modes of :mod:`sage_lightning.sampler` then combine these over
+``--steps`` sampling steps as :class:`~sage_lightning.flow_sampler.FlowSampler` runs them (METHOD.md, "Gradient
+modes"): each graphed step (``mode.graphed_steps``) keeps its whole graph, or with ``checkpoint`` (per block, as the
+sampler checkpoints) every block's input and the graph outside the blocks, plus one block's graph recomputed in
+backward; the steps before the graph keep nothing. Rows: full without checkpointing, and full, last_k (k=5) and
+residual (step 0.5: the last half of the steps graphed) with the transformer's blocks and the VAE decoder
+checkpointed, as configs/models/sd3.yaml and flux.yaml run them.
 
 Each adds the VAE decode (checkpointed where the mode checkpoints). Text encoders hold no graph (the prompt is
-fixed). Upper bounds up to storages shared between saved tensors, which are counted once per use.
-
+fixed). FLUX is counted with its embedded guidance (one call a step); true CFG doubles its transformer part.
+Upper bounds up to storages shared between saved tensors, which are counted once per use.
     python benchmarks/flow_memory.py --sizes 512,1024 --steps 28
+
+``--measure`` runs each mode instead, on random weights (benchmarks/flow_measure.py; a GPU for the full-size
+stacks, ``--models tiny-sd3,tiny-flux --device cpu`` for the tiny ones) and prints seconds, peak GPU memory and
+iteration / plain pipeline call:
+
+    python benchmarks/flow_memory.py --measure --models sd3-medium,flux-dev --sizes 512,1024 --device cuda
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+
+from sage_lightning.sampler import FullGradient, GradientMode, LastKGradient, ResidualGradient
 
 GIB = 2**30
 LAST_K = 5
@@ -109,7 +117,7 @@ def _meta(shape: tuple[int, ...], dtype: torch.dtype, grad: bool = False) -> tor
     return torch.zeros(shape, device="meta", dtype=dtype, requires_grad=grad)
 
 
-def sd3_call(size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, Callable[[], torch.Tensor], int]:
+def sd3_call(size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
     """SD3 medium, one guided call (negative and positive batched: batch 2; CLIP 77 + T5 256 tokens)."""
     model = SD3Transformer2DModel(**SD3_MEDIUM).to(dtype)
     latent = _meta((2, 16, size // 8, size // 8), dtype, grad=True)
@@ -117,10 +125,10 @@ def sd3_call(size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, Callable[[
     def call() -> torch.Tensor:
         return model(hidden_states=latent, encoder_hidden_states=_meta((2, 77 + 256, 4096), dtype),
                      pooled_projections=_meta((2, 2048), dtype), timestep=_meta((2,), dtype)).sample
-    return model, call, latent.numel() * latent.element_size()
+    return model, call
 
 
-def flux_call(size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, Callable[[], torch.Tensor], int]:
+def flux_call(size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
     """FLUX.1 dev, one call (distilled guidance embedding: batch 1; T5 512 tokens; 2x2-packed latents)."""
     model = FluxTransformer2DModel(**FLUX_DEV).to(dtype)
     tokens = (size // 16) ** 2
@@ -131,18 +139,24 @@ def flux_call(size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, Callable[
                      pooled_projections=_meta((1, 768), dtype), timestep=_meta((1,), dtype),
                      img_ids=_meta((tokens, 3), dtype), txt_ids=_meta((512, 3), dtype),
                      guidance=_meta((1,), dtype)).sample
-    return model, call, latent.numel() * latent.element_size()
+    return model, call
 
 
 MODELS = {"sd3-medium": sd3_call, "flux-dev": flux_call}
+BLOCKS = {"checkpoint": True, "decoder_checkpoint": True}
+MODES: dict[str, GradientMode] = {  # the sampler's own gradient modes, labelled for the table
+    "full, nothing checkpointed": FullGradient(),
+    "full, per-block checkpointing": FullGradient(**BLOCKS),
+    f"last_k (k={LAST_K}), per-block checkpointing": LastKGradient(LAST_K, **BLOCKS),
+    "residual (step 0.5), per-block checkpointing": ResidualGradient(0.5, 1.0, **BLOCKS),
+}
 
 
 def transformer_bytes(name: str, size: int, dtype: torch.dtype) -> dict[str, float]:
     """Saved bytes of one call: ``step`` (all), ``block`` (the largest block), ``boundaries`` (every block's
-    input and the graph outside the blocks: what per-block checkpointing keeps), ``latent`` (the step's input:
-    what per-step checkpointing keeps)."""
+    input and the graph outside the blocks: what per-block checkpointing keeps)."""
     with torch.device("meta"):
-        model, call, latent_bytes = MODELS[name](size, dtype)
+        model, call = MODELS[name](size, dtype)
     blocks = {f"{kind}{i}": b for kind in ("transformer_blocks", "single_transformer_blocks")
               for i, b in enumerate(getattr(model, kind, []))}
     inputs: dict[str, int] = {}
@@ -156,8 +170,7 @@ def transformer_bytes(name: str, size: int, dtype: torch.dtype) -> dict[str, flo
     with meter.counting():
         call()
     outside = meter.total - sum(meter.regions.values())  # embeddings, final norm and projection
-    return {"step": meter.total, "block": max(meter.regions.values()), "boundaries": sum(inputs.values()) + outside,
-            "latent": latent_bytes}
+    return {"step": meter.total, "block": max(meter.regions.values()), "boundaries": sum(inputs.values()) + outside}
 
 
 def decoder_bytes(size: int, dtype: torch.dtype) -> dict[str, float]:
@@ -178,37 +191,58 @@ def decoder_bytes(size: int, dtype: torch.dtype) -> dict[str, float]:
     return {"whole": whole.total, "checkpointed": outer + max(inner.regions.values())}
 
 
+def saved_peak(mode: GradientMode, steps: int, t: dict[str, float], d: dict[str, float]) -> float:
+    """Saved-tensor peak of one iteration in ``mode`` (``t``: :func:`transformer_bytes`, ``d``:
+    :func:`decoder_bytes`)."""
+    graphed = mode.graphed_steps(steps)
+    transformer = graphed * t["boundaries"] + t["block"] if mode.checkpoint else graphed * t["step"]
+    return transformer + (d["checkpointed"] if mode.decoder_checkpoint else d["whole"])
+
+
 def mode_table(name: str, size: int, steps: int, dtype: torch.dtype) -> list[str]:
-    """Rows ``| model | px | mode | GiB |`` of the saved-tensor peak of each gradient mode."""
+    """Rows ``| model | px | mode | GiB |`` of the saved-tensor peak of each gradient mode (:data:`MODES`)."""
     t, d = transformer_bytes(name, size, dtype), decoder_bytes(size, dtype)
-    modes = {
-        "full, nothing checkpointed": steps * t["step"] + d["whole"],
-        "full, per-step checkpointing": steps * t["latent"] + t["step"] + d["checkpointed"],
-        "full, per-block checkpointing": steps * t["boundaries"] + t["block"] + d["checkpointed"],
-        f"last_k (k={LAST_K}), per-block checkpointing": LAST_K * t["boundaries"] + t["block"] + d["checkpointed"],
-        "residual (one step's graph)": t["step"] + d["checkpointed"],
-    }
-    return [f"| {name} | {size} | {mode} | {value / GIB:,.2f} |" for mode, value in modes.items()]
+    return [f"| {name} | {size} | {label} | {saved_peak(mode, steps, t, d) / GIB:,.2f} |"
+            for label, mode in MODES.items()]
+
+
+def measured_rows(name: str, size: int, args: argparse.Namespace) -> list[str]:
+    """``--measure``: time and peak memory of each mode on ``name``'s stack, random weights (flow_measure.py)."""
+    from flow_measure import GUIDANCE, build_stack, measure, measured_table
+
+    model = build_stack(name, getattr(torch, args.dtype), args.device)
+    rows = measure(model, MODES, size, args.steps, GUIDANCE[name], args.true_cfg, args.repeats)
+    return measured_table(name, size, rows)
 
 
 def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS), help="with --measure also tiny-sd3, tiny-flux")
     parser.add_argument("--sizes", default="512,1024", help="image sides in px")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--measure", action="store_true", help="run each mode on random weights (flow_measure.py)")
+    parser.add_argument("--device", default="cuda", help="--measure: where the stacks run")
+    parser.add_argument("--repeats", type=int, default=1, help="--measure: runs per mode, the best one counts")
+    parser.add_argument("--true-cfg", type=float, default=1.0, help="--measure: FLUX's true CFG scale")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    rows = ["| model | px | gradient mode | saved tensors, GiB |", "|---|---|---|---|"]
+    known = (*MODELS, "tiny-sd3", "tiny-flux") if args.measure else tuple(MODELS)
+    if args.measure:
+        rows = ["| model | px | gradient mode | s per iteration | peak GPU memory, GiB | iteration / plain call |",
+                "|---|---|---|---|---|---|"]
+    else:
+        rows = ["| model | px | gradient mode | saved tensors, GiB |", "|---|---|---|---|"]
     for name in args.models.split(","):
-        if name not in MODELS:
-            parser.error(f"--models: unknown {name!r}; use {', '.join(MODELS)}")
+        if name not in known:
+            parser.error(f"--models: unknown {name!r}; use {', '.join(known)}")
         for size in (int(s) for s in args.sizes.split(",")):
             if size % 16 or size <= 0:
                 parser.error(f"--sizes: {size} px is not a positive multiple of 16")
-            rows += mode_table(name, size, args.steps, dtype)
-    print(f"\nSaved-tensor peak of one search iteration, {args.steps} steps, {args.dtype}, meta device "
-          f"(weights and the optimiser's state come on top):\n")
+            rows += measured_rows(name, size, args) if args.measure else mode_table(name, size, args.steps, dtype)
+    what = ("Measured on random weights (peak: all allocated GPU memory, weights included)" if args.measure else
+            "Saved-tensor peak on the meta device (weights and the optimiser's state come on top)")
+    print(f"\n{what}: one search iteration, {args.steps} steps, {args.dtype}:\n")
     print("\n".join(rows))
     return rows
 

@@ -16,7 +16,8 @@ The search variable is the initial latent in its unpacked shape ``[B, C, h, w]``
 gradient modes are :mod:`sage_lightning.sampler`'s: ``FullGradient`` (exact), ``LastKGradient`` (exact through the
 last ``k`` Euler steps, identity skip from the initial noise), ``ResidualGradient`` (SAGE's residual shortcut on the
 flow ODE: ``x_k <- x_k + w (z - z.detach())`` at step ``k``, so ``dL/dz = w dL/dx_k``); ``checkpoint`` recomputes
-each transformer call (both guidance branches) in backward, ``decoder_checkpoint`` the VAE decoder's blocks.
+the transformer block by block in backward (diffusers' gradient checkpointing of its joint / single blocks, each
+keeping only its inputs), ``decoder_checkpoint`` the VAE decoder's blocks.
 Only the model inputs are cast to the model's dtype; the loop keeps the latents' dtype.
 """
 
@@ -27,14 +28,13 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from sage_lightning.cost import SamplingCost
 from sage_lightning.errors import SageError
 from sage_lightning.flow_models.encoder import FlowPromptEncoder
 from sage_lightning.flow_models.load import flow_family
 from sage_lightning.flow_models.records import FlowModel, FluxModel
-from sage_lightning.sampler import DiffusionSampler, FullGradient, GradientMode, _decoder_checkpointing, _rows
+from sage_lightning.sampler import DiffusionSampler, FullGradient, GradientMode, _rows, block_checkpointing
 from sage_lightning.text import XLConditioning, prompt_encoder, split_conditioning
 
 
@@ -149,12 +149,12 @@ class FlowSampler:
         return out
 
     def _velocity(self, x: Tensor, t: Tensor, inputs: tuple[Tensor, ...], use_checkpoint: bool) -> Tensor:
-        """One step's velocity; ``checkpoint``: the whole call (both branches) is recomputed in backward."""
+        """One step's velocity; ``checkpoint``: each transformer block (SD3's joint blocks, FLUX's double and
+        single blocks) keeps only its inputs and is recomputed in backward, in every branch."""
         fn = self._flux_velocity if self.model.packs_latents else self._sd3_velocity
         needs_graph = torch.is_grad_enabled() and any(e.requires_grad for e in (x, *inputs))
-        if use_checkpoint and needs_graph:
-            return activation_checkpoint(fn, x, t, *inputs, use_reentrant=True)
-        return fn(x, t, *inputs)
+        with block_checkpointing(self.model.transformer, use_checkpoint and needs_graph):
+            return fn(x, t, *inputs)
 
     def _inputs(self, cond: XLConditioning, uncond: XLConditioning | None, batch: int, h: int, w: int, device):
         """What every velocity call takes besides ``x`` and ``t``: SD3 ``(hidden, pooled)`` (``[neg; pos]`` when
@@ -214,7 +214,7 @@ class FlowSampler:
         vae = self.model.vae
         scaled = self.model.vae_input(latents)
         checkpointed = getattr(self.grad_mode, "decoder_checkpoint", False) and torch.is_grad_enabled()
-        with _decoder_checkpointing(vae, checkpointed and scaled.requires_grad):
+        with block_checkpointing(vae, checkpointed and scaled.requires_grad):
             image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
         return (image.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
 
@@ -223,12 +223,22 @@ class FlowSampler:
         return self.decode(self.denoise(latents, cond, uncond))
 
 
-def sampler_for(model, num_steps: int, guidance_scale: float, grad_mode: GradientMode | None, eta: float = 0.0):
-    """The sampler of ``model``: :class:`FlowSampler` for SD3 / FLUX, else the UNet's ``DiffusionSampler``."""
+def check_true_cfg(flux: bool, true_cfg_scale: float) -> None:
+    """SageError when ``true_cfg_scale`` is set (not 1) on a model other than FLUX."""
+    if true_cfg_scale != 1.0 and not flux:
+        raise SageError(f"true_cfg_scale={true_cfg_scale} is FLUX's true classifier-free guidance: leave it at 1 on "
+                        "other models (their guidance_scale runs the negative branch)")
+
+
+def sampler_for(model, num_steps: int, guidance_scale: float, grad_mode: GradientMode | None, eta: float = 0.0,
+                true_cfg_scale: float = 1.0):
+    """The sampler of ``model``: :class:`FlowSampler` for SD3 / FLUX, else the UNet's ``DiffusionSampler``.
+    ``true_cfg_scale``: FLUX's true CFG (:func:`check_true_cfg`)."""
+    check_true_cfg(isinstance(model, FluxModel), true_cfg_scale)
     if isinstance(model, FlowModel):
         if eta:
             raise SageError(f"eta={eta}: the flow-matching sampler is deterministic, set eta to 0")
-        return FlowSampler(model, num_steps, guidance_scale, grad_mode)
+        return FlowSampler(model, num_steps, guidance_scale, grad_mode, true_cfg_scale)
     return DiffusionSampler(model, num_steps, guidance_scale, grad_mode, eta)
 
 
@@ -247,11 +257,12 @@ def encoder_for(model):
 
 
 def search_cost(source: str, loop_length: int, guidance_scale: float, grad_mode: GradientMode,
-                local_files_only: bool = False) -> SamplingCost:
+                local_files_only: bool = False, true_cfg_scale: float = 1.0) -> SamplingCost:
     """The cost model of a search's sampling settings, before any weights load. FLUX's ``guidance_scale`` is its
-    guidance embedding: one transformer call per step whatever its value (true CFG is not a search setting);
-    every other model runs a second, unconditional branch when ``guidance_scale > 1``."""
-    if flow_family(source, local_files_only) is FluxModel:
-        return SamplingCost(loop_length, 1, grad_mode.graphed_steps(loop_length), bool(grad_mode.checkpoint))
-    return SamplingCost.of(loop_length, guidance_scale, grad_mode)
+    guidance embedding, inside its one transformer call a step; its true CFG (``true_cfg_scale > 1``) adds a second
+    call on the negative prompt. Every other model runs a second, unconditional branch when ``guidance_scale > 1``
+    (and refuses ``true_cfg_scale``)."""
+    flux = flow_family(source, local_files_only) is FluxModel
+    check_true_cfg(flux, true_cfg_scale)
+    return SamplingCost.of(loop_length, true_cfg_scale if flux else guidance_scale, grad_mode)
 

@@ -307,7 +307,7 @@ class DiffusionSampler:
         else:
             scaled = latents / vae.config.scaling_factor
         checkpointed = getattr(self.grad_mode, "decoder_checkpoint", False) and torch.is_grad_enabled()
-        with _decoder_checkpointing(vae, checkpointed and scaled.requires_grad):
+        with block_checkpointing(vae, checkpointed and scaled.requires_grad):
             image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
         return (image.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
 
@@ -332,14 +332,15 @@ def _reentrant_checkpoint(module, *args):
 
 
 @contextmanager
-def _decoder_checkpointing(vae, enabled: bool):
-    """Checkpoint the VAE decoder's mid and up blocks for one decode (diffusers' own gradient checkpointing,
-    switched off again after, so the shared frozen VAE is left as it was)."""
+def block_checkpointing(model, enabled: bool):
+    """Checkpoint the blocks of a diffusers model for one call: the VAE decoder's mid and up blocks, a flow
+    transformer's joint and single blocks (diffusers' own gradient checkpointing, reentrant, switched off again
+    after, so the shared frozen model is left as it was)."""
     if not enabled:
         yield
         return
-    vae.enable_gradient_checkpointing(_reentrant_checkpoint)
+    model.enable_gradient_checkpointing(_reentrant_checkpoint)
     try:
         yield
     finally:
-        vae.disable_gradient_checkpointing()
+        model.disable_gradient_checkpointing()

@@ -72,3 +72,19 @@ def results(run: Path) -> list[dict]:
     return sorted(
         (json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()), key=lambda r: r["target"]
     )
+
+
+def model_args(*files: str) -> dict:
+    """``model.init_args`` as ``sage fit`` resolves the config files under configs/ (``--print_config``, in
+    process)."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from sage_lightning.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["fit", *[arg for name in files for arg in ("--config", str(REPO / "configs" / name))], "--print_config"])
+    return yaml.safe_load(out.getvalue())["model"]["init_args"]

@@ -23,6 +23,8 @@ COMBOS = [
     ["latent_search_tiny.yaml", "models/tiny_xl.yaml"],
     ["latent_search_tiny.yaml", "models/tiny_sd3.yaml"],
     ["latent_search_tiny.yaml", "models/tiny_flux.yaml"],
+    ["latent_search.yaml", "models/sd3.yaml", "trainer/gpu.yaml"],
+    ["latent_search.yaml", "models/flux.yaml", "trainer/gpu.yaml"],
     ["prompt_search.yaml", "models/sd15.yaml"],
     ["prompt_search.yaml", "models/sd15.yaml", "models/gpt2_candidates.yaml"],
     ["universal_token.yaml", "models/sd15.yaml", "models/sd21.yaml"],
@@ -51,7 +53,7 @@ def test_config_groups_parse(files, capsys):
         own = yaml.safe_load((CONFIGS / files[0]).read_text())["model"]["init_args"]["grad_mode"]
         grad = printed["model"]["init_args"]["grad_mode"]
         assert grad["class_path"] == own["class_path"], (files, grad)
-        if files[1] in ("models/sd15.yaml", "models/sdxl.yaml"):
+        if files[1] in ("models/sd15.yaml", "models/sdxl.yaml", "models/sd3.yaml", "models/flux.yaml"):
             assert grad["init_args"]["checkpoint"] is True
     if files[1:2] == ["models/sd15.yaml"]:
         members = printed["model"]["init_args"]["ensemble"]["init_args"]["members"]

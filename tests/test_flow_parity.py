@@ -14,6 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from sage_lightning import sampler as sampler_module
 from sage_lightning.errors import SageError
 from sage_lightning.flow_models import FluxModel, SD3Model, build_tiny_flux, build_tiny_sd3, t5_tokenizer
 from sage_lightning.flow_sampler import FlowSampler
@@ -100,6 +101,20 @@ def test_a_unet_scheduler_name_or_a_missing_folder_is_one_clear_error(sd3_dir, t
         load_diffusion(sd3_dir, scheduler="ddim")
     with pytest.raises(SageError, match="does not exist"):
         load_diffusion(str(tmp_path / "no_such_model"), scheduler=None)
+
+
+def test_loading_a_folder_reads_its_model_index_once(flux, monkeypatch, tmp_path):
+    """Family detection and loading share one read of model_index.json (FluxPipeline.from_pretrained's own read of
+    it is diffusers' and not counted: only our reads go through StableDiffusion3Pipeline.load_config)."""
+    folder = tmp_path / "flux"
+    flux.pipeline().save_pretrained(folder, safe_serialization=True)
+    reads = []
+    load_config = StableDiffusion3Pipeline.load_config
+    monkeypatch.setattr(StableDiffusion3Pipeline, "load_config",
+                        lambda *args, **kwargs: reads.append(args) or load_config(*args, **kwargs))
+    assert isinstance(load_diffusion(str(folder), scheduler=None), FluxModel)
+    assert type(load_scheduler(str(folder), None)).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert len(reads) == 1
 
 
 def test_the_offline_t5_tokenizer_is_deterministic_and_covers_any_text():
@@ -212,6 +227,41 @@ def test_gradients_reach_the_initial_latent_and_checkpointing_changes_none(famil
     assert torch.allclose(grads[repr(FullGradient(checkpoint=True, decoder_checkpoint=True))], full, atol=1e-6)
     assert torch.allclose(grads[repr(LastKGradient(k=STEPS))], full, atol=1e-6)  # k = N: the exact gradient
     assert not torch.allclose(grads[repr(LastKGradient(k=1, checkpoint=True))], full, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("mode", [FullGradient, lambda **kw: LastKGradient(k=2, **kw),
+                                  lambda **kw: ResidualGradient(step=1, weight=0.5, **kw)],
+                         ids=["full", "last_k", "residual"])
+def test_checkpointing_runs_every_transformer_block_checkpointed_and_keeps_the_gradient(family, mode, sd3, flux,
+                                                                                       monkeypatch):
+    """``checkpoint``: each joint / single block of each transformer call of each graphed step runs under a
+    (reentrant) checkpoint, the transformer is left unchecked after; the gradient equals the unchecked one."""
+    model = sd3 if family == "sd3" else flux
+    latents = _latents(model, 32, batch=1)
+    with torch.no_grad():
+        cond, uncond = model.encode(PROMPTS[:1]), model.unconditional()
+    checkpointed: list[str] = []
+
+    def counting(module, *args):
+        checkpointed.append(type(module).__name__)
+        return reentrant(module, *args)
+
+    reentrant = sampler_module._reentrant_checkpoint
+    monkeypatch.setattr(sampler_module, "_reentrant_checkpoint", counting)
+    grads = []
+    for kwargs in ({}, {"checkpoint": True, "decoder_checkpoint": True}):
+        z = latents.clone().requires_grad_(True)
+        sampler = FlowSampler(model, STEPS, guidance_scale=4.0, grad_mode=mode(**kwargs), true_cfg_scale=2.0)
+        sampler(z, cond, uncond).mean().backward()
+        grads.append(z.grad)
+    blocks = [*model.transformer.transformer_blocks, *getattr(model.transformer, "single_transformer_blocks", [])]
+    block_calls = [n for n in checkpointed if n.endswith("TransformerBlock")]
+    calls = sampler.cost.branches if family == "flux" else 1  # SD3 batches its two branches in one call
+    assert len(block_calls) == len(blocks) * sampler.cost.graphed_steps * calls > 0
+    assert {"UNetMidBlock2D", "UpDecoderBlock2D"} <= set(checkpointed)  # the VAE decoder's blocks
+    assert not model.transformer.gradient_checkpointing and not model.vae.decoder.gradient_checkpointing
+    assert torch.equal(grads[1], grads[0]), (grads[1] - grads[0]).abs().max()
 
 
 @pytest.mark.parametrize("source", ["tiny-sd3", "tiny-flux"])

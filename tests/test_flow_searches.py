@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import REPO, kill_after_first_checkpoint, results, sage
+from helpers import REPO, kill_after_first_checkpoint, model_args, results, sage
 from safetensors.torch import load_file
 
 from sage_lightning.datamodules import ClassPromptDataModule
 from sage_lightning.errors import SageError
 from sage_lightning.flow_models import FluxModel, SD3Model
-from sage_lightning.flow_sampler import FlowSampler
+from sage_lightning.flow_sampler import FlowSampler, sampler_for
+from sage_lightning.models import load_diffusion
+from sage_lightning.sampler import ResidualGradient
 from sage_lightning.searches import LatentSearch
+from sage_lightning.searches.settings import PAPER_ITERATIONS, default_max_iterations
 from sage_lightning.text import XLConditioning, slot
 
 
@@ -63,6 +66,35 @@ def test_sage_fit_runs_the_latent_search_on_tiny_sd3(tmp_path):
     assert all(r["iterations"] <= 2 for r in rows)
 
 
+@pytest.mark.parametrize("group, source, guidance, tiny", [
+    ("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", 7.0, "tiny-sd3"),
+    ("flux", "black-forest-labs/FLUX.1-dev", 3.5, "tiny-flux"),
+])
+def test_the_real_model_groups_compose_with_the_latent_search_and_run_on_the_tiny_stacks(group, source, guidance, tiny,
+                                                                                      tmp_path):
+    """configs/models/sd3.yaml and flux.yaml through the CLI: the pipelines' 28 steps and guidance in bfloat16,
+    per-block and decoder checkpointing on the search's own gradient mode, the ImageNet ensemble, the paper's 100
+    iterations; with the source and ensemble swapped for a tiny stack's, one iteration runs as configured."""
+    args = model_args("latent_search.yaml", f"models/{group}.yaml")
+    assert (args["diffusion"], args["scheduler"], args["num_steps"], args["guidance_scale"], args["dtype"]) == (
+        source, "flow-euler", 28, guidance, "bfloat16")
+    assert args["grad_mode"]["class_path"].endswith("ResidualGradient") and args["grad_mode"]["init_args"] == {
+        "step": 0.5, "weight": 1.0, "checkpoint": True, "decoder_checkpoint": True}
+    members = args["ensemble"]["init_args"]["members"]
+    assert len(members) == 4 and members[0]["init_args"]["class_names"] == "imagenet"
+    assert args["max_iterations"] is None and default_max_iterations(source) == PAPER_ITERATIONS == 100
+    run = tmp_path / "run"
+    sage("fit", "--config", str(REPO / "configs" / "latent_search.yaml"),
+         "--config", str(REPO / "configs" / "models" / f"{group}.yaml"), "--trainer.default_root_dir", str(run),
+         "--model.init_args.diffusion", tiny, "--model.init_args.ensemble", "null", "--data.init_args.classes",
+         "[star]", "--data.init_args.seeds_per_class", "1", "--model.init_args.max_iterations", "1")
+    (row,) = results(run)
+    search = LatentSearch(**{**args, "diffusion": tiny, "ensemble": None, "grad_mode": ResidualGradient(
+        0.5, 1.0, checkpoint=True, decoder_checkpoint=True)})
+    assert row["iterations"] == 1 and row["forward_equivalents"] == search.forward_equivalents(1)
+    assert search.cost.image() == 28 * (2 if group == "sd3" else 1) and search.cost.checkpoint
+
+
 SMALL = ["--data.init_args.classes", "[star, ring]", "--data.init_args.seeds_per_class", "2",
          "--model.init_args.num_steps", "3", "--model.init_args.max_iterations", "3"]
 
@@ -99,14 +131,35 @@ def test_ddp_on_two_cpu_processes_equals_one_device(group, tmp_path):
     assert results(ddp) == results(single) and _tensors(ddp) == _tensors(single)
 
 
+COSTS = [("tiny-flux", 3.5, 1.0, 1), ("tiny-flux", 1.0, 1.0, 1), ("tiny-flux", 3.5, 2.0, 2), ("tiny-sd3", 5.0, 1.0, 2),
+         ("tiny-sd3", 1.0, 1.0, 1), ("tiny", 7.5, 1.0, 2)]
 
-@pytest.mark.parametrize("source, guidance, branches", [("tiny-flux", 3.5, 1), ("tiny-flux", 1.0, 1),
-                                                          ("tiny-sd3", 5.0, 2), ("tiny-sd3", 1.0, 1), ("tiny", 7.5, 2)])
-def test_the_cost_counts_the_transformer_calls_a_step_makes(source, guidance, branches):
-    """FLUX's guidance is an embedding inside one call; SD3 and the UNets run a negative branch when guided."""
-    scheduler = None if source == "tiny" else "flow-euler"
-    search = LatentSearch(diffusion=source, scheduler=scheduler or "ddim", num_steps=4, guidance_scale=guidance)
+
+@pytest.mark.parametrize("source, guidance, true_cfg, branches", COSTS)
+def test_the_cost_counts_the_transformer_calls_a_step_makes(source, guidance, true_cfg, branches):
+    """FLUX's guidance is an embedding inside one call, its true CFG a second call on the negative prompt; SD3 and
+    the UNets run a negative branch when guided. The search's cost, before any weights load, equals the branch
+    evaluations the sampler really runs for one image (an SD3 call on [negative; positive] counts 2)."""
+    scheduler = "ddim" if source == "tiny" else "flow-euler"
+    search = LatentSearch(diffusion=source, scheduler=scheduler, num_steps=4, guidance_scale=guidance,
+                          true_cfg_scale=true_cfg)
     assert search.cost.branches == branches and search.cost.image() == 4 * branches
-    if source != "tiny":
-        search.prepare(ClassPromptDataModule(classes=["star"]).targets)
-        assert search.sampler.cost.branches == branches  # the sampler that runs agrees
+    search.prepare(ClassPromptDataModule(classes=["star"]).targets)
+    search.trainer = None
+    model = search.frozen.model
+    network = getattr(model, "transformer", None) or model.unet
+    rows = []
+    network.register_forward_pre_hook(lambda _m, args, kwargs: rows.append(len((args or [kwargs["hidden_states"]])[0])),
+                                      with_kwargs=True)
+    with torch.no_grad():
+        search.generate(search.initial_latents(torch.tensor([0])), search.prompt_embeddings(["a photo of a star"]))
+    assert sum(rows) == search.cost.image() == search.sampler.cost.image()
+
+
+def test_true_cfg_is_a_flux_setting_refused_elsewhere_in_one_line():
+    with pytest.raises(SageError, match="true_cfg_scale=2.0 is FLUX's true classifier-free guidance"):
+        LatentSearch(diffusion="tiny-sd3", scheduler="flow-euler", true_cfg_scale=2.0).cost.image()
+    with pytest.raises(SageError, match="true_cfg_scale=2.0 is FLUX's true classifier-free guidance"):
+        sampler_for(load_diffusion("tiny"), 4, 3.0, None, true_cfg_scale=2.0)
+    with pytest.raises(SageError, match="true_cfg_scale=-1 must be in"):
+        LatentSearch(diffusion="tiny-flux", true_cfg_scale=-1)

@@ -182,6 +182,7 @@ def test_a_diverged_search_stops_with_one_line_and_results_stay_strict_json(caps
     [
         (["--model.init_args.guidance_scale", "1e38"], "guidance_scale=1e+38 must be in [0, 100]"),
         (["--model.init_args.guidance_scale", "nan"], "guidance_scale"),
+        (["--model.init_args.true_cfg_scale", "-2"], "true_cfg_scale=-2.0 must be in [0, 100]"),
         (["--model.init_args.lr", "1e39"], "lr=1e+39 must be > 0 and at most 10"),
         (["--model.init_args.lr", "inf"], "lr"),
         (["--trainer.callbacks",

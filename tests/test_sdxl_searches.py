@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import REPO, kill_after_first_checkpoint, results, sage
+from helpers import REPO, kill_after_first_checkpoint, model_args, results, sage
 from safetensors.torch import load_file
 
 from sage_lightning.candidates import WordListCandidates
@@ -196,25 +196,12 @@ def test_latent_search_ddp_on_two_cpu_processes_equals_one_device(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ configs
-def _model_args(*files: str) -> dict:
-    """``model.init_args`` as ``sage fit`` resolves the config files (``--print_config``, in process)."""
-    import contextlib
-    import io
-
-    from sage_lightning.cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        main(["fit", *[arg for name in files for arg in ("--config", str(CONFIGS / name))], "--print_config"])
-    return yaml.safe_load(out.getvalue())["model"]["init_args"]
-
-
 @pytest.mark.parametrize(
     ("search", "mode"),
     [("latent_search", "ResidualGradient"), ("prompt_search", "FullGradient"), ("universal_token", "FullGradient")],
 )
 def test_sdxl_config_checkpoints_every_step_and_the_decoder_and_keeps_each_searchs_gradient(search, mode):
-    args = _model_args(f"{search}.yaml", "models/sdxl.yaml")
+    args = model_args(f"{search}.yaml", "models/sdxl.yaml")
     assert args["diffusion"] == "stabilityai/stable-diffusion-xl-base-1.0"
     sampling = (args["scheduler"], args["num_steps"], args["guidance_scale"], args["dtype"])
     assert sampling == ("euler", 50, 5.0, "float16")

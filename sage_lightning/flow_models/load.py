@@ -45,8 +45,10 @@ def _local_first(read: Callable[[bool], object], offline_only: bool):
     return read(False)
 
 
+@lru_cache(maxsize=32)
 def _model_index(source: str, local_files_only: bool) -> tuple[dict | None, str, bool]:
-    """``(model_index.json or None, where to load from, offline only)``."""
+    """``(model_index.json or None, where to load from, offline only)``, read once per source: family detection,
+    loading and the scheduler's config all ask here (callers only read the dict)."""
     path, is_local = check_source(source)
     where, offline_only = (str(path) if is_local else source), local_files_only or is_local
     try:
@@ -57,10 +59,10 @@ def _model_index(source: str, local_files_only: bool) -> tuple[dict | None, str,
     return index, where, offline_only
 
 
-@lru_cache(maxsize=32)
 def flow_family(source: str, local_files_only: bool = False) -> type[FlowModel] | None:
-    """``SD3Model`` or ``FluxModel`` for a flow source (from its name or ``model_index.json``; no weights), None for
-    any other source (a world, a tiny UNet stack, a UNet pipeline): the one test of whether a source is ours."""
+    """``SD3Model`` or ``FluxModel`` for a flow source (from its name or ``model_index.json``, :func:`_model_index`;
+    no weights), None for any other source (a world, a tiny UNet stack, a UNet pipeline): the one test of whether a
+    source is ours."""
     if source in FLOW_TINY_SOURCES:
         return SD3Model if source == "tiny-sd3" else FluxModel
     if source in TINY_SOURCES or find_world(source) is not None:

@@ -10,8 +10,6 @@ by DDP, which leaves the sign (the only thing a sign-gradient step uses) unchang
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 import torch.distributed as dist
@@ -33,6 +31,7 @@ from sage_lightning.searches.settings import LATENT_BOX as LATENT_BOX
 from sage_lightning.searches.settings import MICRO_CONDITIONING as MICRO_CONDITIONING
 from sage_lightning.searches.settings import PAPER_ITERATIONS as PAPER_ITERATIONS
 from sage_lightning.searches.settings import (
+    check_guidance,
     check_micro_conditioning,
     default_max_iterations,
     import_class,
@@ -46,7 +45,6 @@ from sage_lightning.targets import Target, noise_generator
 from sage_lightning.text import PromptEncoder, XLConditioning, XLPromptEncoder
 
 RUNNING, FOUND, EXHAUSTED = 0, 1, 2
-MAX_GUIDANCE = 100.0  # larger scales overflow float32 images into NaN
 
 
 class _Frozen:
@@ -83,6 +81,8 @@ class TargetSearch(L.LightningModule):
         micro_conditioning: SDXL's size conditioning (``add_time_ids``), any of ``original_size: [h, w]``,
             ``crops_coords_top_left: [top, left]``, ``target_size: [h, w]``, as ``StableDiffusionXLPipeline``'s
             arguments of those names; None (or a key left out): the pipeline's defaults (the image size, (0, 0)).
+        true_cfg_scale: FLUX's true classifier-free guidance (> 1: a second transformer call a step on the empty
+            prompt, as ``FluxPipeline(true_cfg_scale=..., negative_prompt="")``); other models refuse it.
     """
 
     def __init__(
@@ -100,6 +100,7 @@ class TargetSearch(L.LightningModule):
         eta: float = 0.0,
         micro_conditioning: dict[str, list[int]] | None = None,
         views: list[str] | None = None,
+        true_cfg_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.views = None if views is None else check_views(views)
@@ -113,14 +114,11 @@ class TargetSearch(L.LightningModule):
         if num_steps < 1:
             raise SageError(f"num_steps={num_steps} must be at least 1")
         check_lr(lr)
-        if not (math.isfinite(guidance_scale) and 0 <= guidance_scale <= MAX_GUIDANCE):
-            raise SageError(
-                f"guidance_scale={guidance_scale} must be in [0, {MAX_GUIDANCE:g}] (Stable Diffusion uses 7.5; "
-                "1 or less disables guidance)"
-            )
+        check_guidance(guidance_scale, true_cfg_scale)
         self.diffusion_source, self.scheduler_name, self.dtype_name = diffusion, scheduler, dtype
         self.local_files_only = local_files_only
         self.num_steps, self.guidance_scale, self.lr = num_steps, guidance_scale, lr
+        self.true_cfg_scale = true_cfg_scale
         self.max_iterations = max_iterations
         self.grad_mode = grad_mode or ResidualGradient()
         # A plain attribute, not a submodule: a config-given D is never checkpointed, moved or DDP-synced.
@@ -180,7 +178,8 @@ class TargetSearch(L.LightningModule):
 
     @property
     def sampler(self) -> DiffusionSampler:
-        return sampler_for(self.frozen.model, self.num_steps, self.guidance_scale, self.grad_mode, self.eta)
+        return sampler_for(self.frozen.model, self.num_steps, self.guidance_scale, self.grad_mode, self.eta,
+                           self.true_cfg_scale)
 
     @property
     def loop_length(self) -> int:
@@ -259,7 +258,7 @@ class TargetSearch(L.LightningModule):
     def cost(self) -> SamplingCost:
         """The cost model of the sampling settings (:func:`~sage_lightning.flow_sampler.search_cost`); no weights."""
         return search_cost(self.diffusion_source, self.loop_length, self.guidance_scale, self.grad_mode,
-                           self.local_files_only)
+                           self.local_files_only, self.true_cfg_scale)
 
     def unet_evaluations(self, iterations: int) -> int:
         """UNet evaluations a target used after ``iterations`` updates (:meth:`SamplingCost.gradient_search`)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 
 from sage_lightning.errors import SageError
 from sage_lightning.flow_models import FLOW_TINY_SOURCES
@@ -20,6 +21,17 @@ def default_max_iterations(diffusion: str) -> int:
     (``shapesworld``, ``tiny``, ``tiny-xl``, ``tiny-sd3``, ``tiny-flux``), where 20 keeps a run to minutes on a CPU."""
     cpu_world = diffusion == "shapesworld" or diffusion in TINY_SOURCES or diffusion in FLOW_TINY_SOURCES
     return CPU_WORLD_ITERATIONS if cpu_world else PAPER_ITERATIONS
+
+
+MAX_GUIDANCE = 100.0  # larger scales overflow float32 images into NaN
+
+
+def check_guidance(guidance_scale: float, true_cfg_scale: float) -> None:
+    """SageError unless both guidance scales are finite numbers in [0, :data:`MAX_GUIDANCE`]."""
+    for name, value in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)):
+        if not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
+            raise SageError(f"{name}={value} must be in [0, {MAX_GUIDANCE:g}] (Stable Diffusion uses 7.5; 1 or less "
+                            "disables guidance)")
 
 
 LATENT_BOX = (-1.0, 1.0)  # METHOD.md: the latent perturbation delta is clamped to [-1, 1]
