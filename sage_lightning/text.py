@@ -240,11 +240,12 @@ class XLPromptEncoder(CandidateWords, nn.Module):
         """Both encoders' input embeddings of ``ids`` side by side, ``[n, D1 + D2]``."""
         return side_by_side([part.embedding_rows(ids) for part in self.parts])
 
-    def _outputs(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None) -> list:
+    def _outputs(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None, first: int | None = None) -> list:
+        """Each encoder's output (``first``: only the first ``first`` encoders run)."""
         pieces = {name: vec.split(self.widths, dim=-1) for name, vec in (slots or {}).items()}
         return [
             part.encode(prompts, {name: split[i] for name, split in pieces.items()}, output_hidden_states=True)
-            for i, part in enumerate(self.parts)
+            for i, part in enumerate(self.parts[:first])
         ]
 
     def forward(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None = None) -> XLConditioning:

@@ -133,3 +133,16 @@ def test_the_universal_token_export_carries_the_stream_widths_and_reloads(stack,
         text_encoder.get_input_embeddings().weight.data[tokenizer.convert_tokens_to_ids(placeholder)] = share
         loaded["tokenizer" + suffix] = tokenizer
     assert _equal(dataclasses.replace(flow, **loaded).encode([f"a photo of a ring {placeholder}"]), expected)
+
+
+def test_the_text_term_reads_the_clip_streams_pooled_features(stack):
+    """The universal token's ``cos(text(p + e), text(p))``: the pooled features of the CLIP streams (T5 has none),
+    each unit length; its gradient reaches the CLIP shares of the token and leaves T5's at zero."""
+    source, _, _, widths = stack
+    search = UniversalTokenSearch(target="star", diffusion=source, scheduler="flow-euler", num_steps=1)
+    search.prepare(lambda known: [Target(0, "ring", "a photo of a ring", 0)])
+    pooled = search.frozen.encoder.pooled(["a photo of a ring"])
+    assert pooled.shape == (1, 32 * (len(widths) - 1)) and torch.isclose(pooled.norm(), torch.tensor(1.0))
+    search.text_similarity(["a photo of a ring"]).sum().backward()
+    *clip, t5 = search.token.grad.split(widths)
+    assert all(share.abs().sum() > 0 for share in clip) and not t5.any()

@@ -70,4 +70,4 @@ class FlowPromptEncoder(XLPromptEncoder):
     def pooled(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None = None) -> Tensor:
         """The CLIP streams' pooled features (T5 has none), each L2-normalised, side by side (the universal
         token's text-similarity term; :func:`~sage_lightning.text.unit_pooled`)."""
-        return unit_pooled(self._outputs(prompts, slots)[:-1])
+        return unit_pooled(self._outputs(prompts, slots, first=len(self.parts) - 1))
