@@ -77,7 +77,8 @@ class TokenWriter(FailureWriter):
     @staticmethod
     def metadata(pl_module) -> dict[str, str]:
         model = pl_module.frozen.model
-        encoders = [e for e in (model.text_encoder, getattr(model, "text_encoder_2", None)) if e is not None]
+        encoders = [getattr(model, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        encoders = [e for e in encoders if e is not None]
         meta = {
             "placeholder": pl_module.placeholder,
             "slot": "[*]",
@@ -87,7 +88,7 @@ class TokenWriter(FailureWriter):
             "diffusion": pl_module.diffusion_source,
         }
         widths = getattr(pl_module.frozen.encoder, "widths", None)
-        if widths:  # SDXL: the embedding's first widths[0] entries belong to text_encoder, the rest to text_encoder_2
+        if widths:  # SDXL, SD3, FLUX: the embedding's first widths[0] entries belong to text_encoder, and so on
             meta["widths"] = ",".join(str(w) for w in widths)
         return meta
 

@@ -202,7 +202,8 @@ class WordFilter:
     """Which proposals may enter the prompt, and their token embeddings in the text encoder's space.
 
     Args:
-        tokenizer: the diffusion model's CLIP tokenizer.
+        tokenizer: the diffusion model's CLIP tokenizer, or a list of tokenizers (SD3 / FLUX: CLIP's and T5's,
+            the prompt encoder's ``word_tokenizers``): ids are the first one's, ``drop`` asks one token of each.
         excluded: words never allowed (the class's names and synonyms); their plurals (+s, +es) and each
             word of a multi-word name are excluded too, and so is every word that begins with the stem of one
             of them (:func:`stem`: its first ``max(4, len - 2)`` letters, so "circular" for circle, "triangular"
@@ -218,14 +219,20 @@ class WordFilter:
     ) -> None:
         if multi_token not in ("drop", "mean"):
             raise SageError(f"multi_token={multi_token!r}: use 'drop' or 'mean'")
-        self.tokenizer, self.multi_token = tokenizer, multi_token
+        self.tokenizers = list(tokenizer) if isinstance(tokenizer, list | tuple) else [tokenizer]
+        self.tokenizer, self.multi_token = self.tokenizers[0], multi_token
         excluded = list(excluded)
         self.excluded = {f.lower() for w in excluded for f in _forms(w)}
         self.excluded |= {f.lower() for w in excluded_whole for f in _forms(w)[:3]}
         self.stems = tuple(sorted({stem(w) for w in excluded for w in w.split() if len(w) >= 4}))
 
-    def token_ids(self, word: str) -> list[int]:
-        return list(self.tokenizer(word, add_special_tokens=False).input_ids)
+    def token_ids(self, word: str, tokenizer=None) -> list[int]:
+        """``word``'s ids in ``tokenizer`` (default: the first), no special tokens."""
+        return list((tokenizer or self.tokenizer)(word, add_special_tokens=False).input_ids)
+
+    def one_token_each(self, word: str) -> bool:
+        """Whether ``word`` is one token in every tokenizer after the first (the first is checked by ``accept``)."""
+        return all(len(self.token_ids(word, t)) == 1 for t in self.tokenizers[1:])
 
     def accept(self, candidates: Iterable[Candidate]) -> list[tuple[Candidate, list[int]]]:
         """Accepted candidates (order kept) with their CLIP token ids."""
@@ -234,7 +241,7 @@ class WordFilter:
             if not is_whole_word(c.word) or c.word.lower() in self.excluded or c.word.lower().startswith(self.stems):
                 continue
             ids = self.token_ids(c.word)
-            if ids and (len(ids) == 1 or self.multi_token == "mean"):
+            if ids and ((len(ids) == 1 and self.one_token_each(c.word)) or self.multi_token == "mean"):
                 kept.append((c, ids))
         return kept
 

@@ -45,7 +45,23 @@ class TokenizedPrompt:
     slots: dict[str, int]
 
 
-class PromptEncoder(nn.Module):
+class CandidateWords:
+    """How a prompt encoder embeds a whole candidate word (:class:`PromptEncoder`, :class:`XLPromptEncoder`: one
+    vocabulary, read by ``word_ids`` and ``embedding_rows``)."""
+
+    def word_embedding(self, word: str) -> Tensor:
+        """``word``'s slot vector ``[embed_dim]`` (float32): the mean of its tokens' input embeddings (the
+        candidates' mean rule; a one-token word: its row)."""
+        return self.embedding_rows(self.word_ids(word)).float().mean(0)
+
+    @property
+    def word_tokenizers(self) -> list:
+        """The tokenizers a candidate word must be one token in (``multi_token: drop``): the first one (SDXL's
+        two share one vocabulary)."""
+        return [self.tokenizer]
+
+
+class PromptEncoder(CandidateWords, nn.Module):
     """Encode prompts into the text encoder's last hidden states ``[B, 77, D]``; slots take free vectors.
 
     Example::
@@ -55,17 +71,23 @@ class PromptEncoder(nn.Module):
         h = enc([f"a photo of a dog {slot('x')}"], {"x": e_x})   # [1, 77, D], differentiable in e_x
     """
 
-    def __init__(self, tokenizer, text_encoder: nn.Module) -> None:
+    def __init__(self, tokenizer, text_encoder: nn.Module, max_length: int | None = None) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
-        self.max_length = int(tokenizer.model_max_length)
+        self.max_length = int(max_length or tokenizer.model_max_length)
+        # CLIP starts a prompt with BOS; T5 (SD3 / FLUX) has none and ends it with EOS only.
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.prefix_ids: list[int] = [] if bos is None else [int(bos)]
         # A plain, non-special token id stands at slot positions before the hook overwrites it.
         self.slot_placeholder_id = int(tokenizer.convert_tokens_to_ids("!"))
 
     @property
     def token_embedding(self) -> nn.Embedding:
-        return self.text_encoder.get_input_embeddings()
+        """The token-embedding module the encoder's forward calls (T5's ``encoder.embed_tokens``: the table is
+        tied to ``get_input_embeddings()``, but that is another module, one a hook on would never fire)."""
+        inner = getattr(getattr(self.text_encoder, "encoder", None), "embed_tokens", None)
+        return inner if isinstance(inner, nn.Embedding) else self.text_encoder.get_input_embeddings()
 
     @property
     def embed_dim(self) -> int:
@@ -76,8 +98,8 @@ class PromptEncoder(nn.Module):
         return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text.strip() else []
 
     def tokenize(self, prompt: str) -> TokenizedPrompt:
-        """Ids ``[BOS, ..., EOS, pad...]`` as the tokenizer would give, with a slot id at each slot."""
-        ids: list[int] = [self.tokenizer.bos_token_id]
+        """Ids ``[BOS, ..., EOS, pad...]`` as the tokenizer would give (no BOS for T5), with a slot id at each slot."""
+        ids: list[int] = list(self.prefix_ids)
         slots: dict[str, int] = {}
         last = 0
         for match in SLOT.finditer(prompt):
@@ -178,7 +200,7 @@ def split_conditioning(cond: Tensor | XLConditioning) -> tuple[Tensor, Tensor | 
     return cond, None
 
 
-class XLPromptEncoder(nn.Module):
+class XLPromptEncoder(CandidateWords, nn.Module):
     """Both SDXL text encoders behind :class:`PromptEncoder`'s interface; returns :class:`XLConditioning`.
 
     As ``StableDiffusionXLPipeline.encode_prompt``: each encoder reads the prompt through its own tokenizer
@@ -188,10 +210,14 @@ class XLPromptEncoder(nn.Module):
     """
 
     def __init__(
-        self, tokenizers: Sequence, text_encoders: Sequence[nn.Module], force_zeros_for_empty_prompt: bool = True
+        self, tokenizers: Sequence, text_encoders: Sequence[nn.Module], force_zeros_for_empty_prompt: bool = True,
+        max_lengths: Sequence[int | None] | None = None,
     ) -> None:
         super().__init__()
-        self.parts = nn.ModuleList([PromptEncoder(t, e) for t, e in zip(tokenizers, text_encoders, strict=True)])
+        lengths = list(max_lengths or [None] * len(tokenizers))
+        self.parts = nn.ModuleList(
+            [PromptEncoder(*part) for part in zip(tokenizers, text_encoders, lengths, strict=True)]
+        )
         self.tokenizer = tokenizers[0]
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
 
@@ -212,14 +238,14 @@ class XLPromptEncoder(nn.Module):
 
     def embedding_rows(self, ids: Sequence[int]) -> Tensor:
         """Both encoders' input embeddings of ``ids`` side by side, ``[n, D1 + D2]``."""
-        rows = [part.embedding_rows(ids) for part in self.parts]
-        return torch.cat([r.to(rows[0].device, torch.promote_types(rows[0].dtype, r.dtype)) for r in rows], -1)
+        return side_by_side([part.embedding_rows(ids) for part in self.parts])
 
-    def _outputs(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None) -> list:
+    def _outputs(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None, first: int | None = None) -> list:
+        """Each encoder's output (``first``: only the first ``first`` encoders run)."""
         pieces = {name: vec.split(self.widths, dim=-1) for name, vec in (slots or {}).items()}
         return [
             part.encode(prompts, {name: split[i] for name, split in pieces.items()}, output_hidden_states=True)
-            for i, part in enumerate(self.parts)
+            for i, part in enumerate(self.parts[:first])
         ]
 
     def forward(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None = None) -> XLConditioning:
@@ -242,11 +268,21 @@ class XLPromptEncoder(nn.Module):
     def pooled(self, prompts: Sequence[str], slots: Mapping[str, Tensor] | None = None) -> Tensor:
         """Each encoder's pooled feature (the first's EOS state, the second's ``text_embeds``), L2-normalised and
         side by side ``[B, D1' + P]``: a cosine between two of them is the mean of the two encoders' cosines."""
-        outputs = self._outputs(prompts, slots)
-        features = [out[0] if out[0].ndim == 2 else out.pooler_output for out in outputs]
-        device = features[0].device
-        unit = [nn.functional.normalize(f.to(device).float(), dim=-1) for f in features]
-        return torch.cat(unit, -1) / len(unit) ** 0.5
+        return unit_pooled(self._outputs(prompts, slots))
+
+
+def unit_pooled(outputs: Sequence) -> Tensor:
+    """The pooled features of CLIP encoders' ``outputs`` (a projection's ``text_embeds``, else the EOS state),
+    each L2-normalised, side by side and scaled so that a cosine is the mean of the encoders' cosines."""
+    features = [out[0] if out[0].ndim == 2 else out.pooler_output for out in outputs]
+    device = features[0].device
+    unit = [nn.functional.normalize(f.to(device).float(), dim=-1) for f in features]
+    return torch.cat(unit, -1) / len(unit) ** 0.5
+
+
+def side_by_side(rows: Sequence[Tensor]) -> Tensor:
+    """Encoders' rows ``[n, D_i]`` concatenated along the last dimension (the first one's device, a common dtype)."""
+    return torch.cat([r.to(rows[0].device, torch.promote_types(rows[0].dtype, r.dtype)) for r in rows], -1)
 
 
 def prompt_encoder(model) -> PromptEncoder | XLPromptEncoder:

@@ -1,9 +1,7 @@
-"""Latent search on the tiny SD3 and FLUX (issue 23 item 3): in process, and from ``sage fit`` with
-configs/models/tiny_sd3.yaml; resumed after SIGKILL and on two DDP processes, equal to one uninterrupted device
-(slow: ``pytest -m slow``).
-
-Prompt and universal-token search on SD3 / FLUX need slots in the CLIP and T5 streams (issue 23 item 4): until
-then the flow models' prompt encoder refuses slot vectors with one line.
+"""The searches on the tiny SD3 and FLUX (issue 23 items 3 and 4): latent search in process and from ``sage fit``
+with configs/models/tiny_sd3.yaml; latent, prompt and universal-token search resumed after SIGKILL and on two DDP
+processes, equal to one uninterrupted device (slow: ``pytest -m slow``). Slots in the CLIP and T5 streams:
+tests/test_flow_slots.py.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from sage_lightning.models import load_diffusion
 from sage_lightning.sampler import ResidualGradient
 from sage_lightning.searches import LatentSearch
 from sage_lightning.searches.settings import PAPER_ITERATIONS, default_max_iterations
-from sage_lightning.text import XLConditioning, slot
+from sage_lightning.text import XLConditioning
 
 
 @pytest.mark.parametrize("source, record, hidden, branches", [("tiny-sd3", SD3Model, (1, 77 + 32, 80), 2),
@@ -44,12 +42,7 @@ def test_latent_search_samples_with_the_flow_sampler_and_reaches_delta(source, r
     assert search.delta.grad.abs().sum() > 0
 
 
-def test_slots_and_unet_schedulers_are_refused_on_flow_models_with_one_line():
-    search = LatentSearch(diffusion="tiny-sd3", scheduler="flow-euler")
-    search.prepare(ClassPromptDataModule(classes=["star"]).targets)
-    encoder = search.frozen.encoder
-    with pytest.raises(SageError, match="does not take embedding slots yet"):
-        encoder([f"a photo of a {slot('x')}"], {"x": torch.zeros(32)})
+def test_unet_schedulers_are_refused_on_flow_models_with_one_line():
     with pytest.raises(SageError, match="set model.init_args.scheduler to null or 'flow-euler'"):
         LatentSearch(diffusion="tiny-sd3", scheduler="ddim").prepare(ClassPromptDataModule(classes=["star"]).targets)
 
@@ -95,14 +88,20 @@ def test_the_real_model_groups_compose_with_the_latent_search_and_run_on_the_tin
     assert search.cost.image() == 28 * (2 if group == "sd3" else 1) and search.cost.checkpoint
 
 
-SMALL = ["--data.init_args.classes", "[star, ring]", "--data.init_args.seeds_per_class", "2",
-         "--model.init_args.num_steps", "3", "--model.init_args.max_iterations", "3"]
+DATA = ["--data.init_args.classes", "[star, ring]", "--data.init_args.seeds_per_class", "2"]
+SMALL = {  # each search's shortest run that still checkpoints mid-run (a pass, a word, a token step)
+    "latent_search": [*DATA, "--model.init_args.num_steps", "3", "--model.init_args.max_iterations", "3"],
+    "prompt_search": ["--data.init_args.classes", "[star, ring]", "--model.init_args.num_steps", "2",
+                      "--model.init_args.max_words", "2", "--model.init_args.eval_seeds", "2"],
+    "universal_token": ["--data.init_args.classes", "[ring, heart]", "--model.init_args.num_steps", "2",
+                        "--model.init_args.max_iterations", "3", "--model.init_args.eval_batch_size", "1"],
+}
 
 
-def _args(group: str, run, *extra: str) -> list[str]:
-    return ["fit", "--config", str(REPO / "configs" / "latent_search_tiny.yaml"),
+def _args(group: str, run, *extra: str, search: str = "latent_search") -> list[str]:
+    return ["fit", "--config", str(REPO / "configs" / f"{search}_tiny.yaml"),
             "--config", str(REPO / "configs" / "models" / f"{group}.yaml"), "--trainer.default_root_dir", str(run),
-            *SMALL, *extra]
+            *SMALL[search], *extra]
 
 
 def _tensors(run) -> dict[str, dict[str, list]]:
@@ -110,24 +109,30 @@ def _tensors(run) -> dict[str, dict[str, list]]:
             for p in sorted(run.rglob("*.safetensors"))}
 
 
+SEARCHES = [(search, group) for search in SMALL for group in ("tiny_sd3", "tiny_flux")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("group", ["tiny_sd3", "tiny_flux"])
-def test_resume_after_sigkill_equals_the_uninterrupted_run(group, tmp_path):
+@pytest.mark.parametrize("search, group", SEARCHES)
+def test_resume_after_sigkill_equals_the_uninterrupted_run(search, group, tmp_path):
     reference, run = tmp_path / "reference", tmp_path / "run"
-    sage(*_args(group, reference))
-    kill_after_first_checkpoint(run, *_args(group, run))
+    sage(*_args(group, reference, search=search))
+    kill_after_first_checkpoint(run, *_args(group, run, search=search))
     assert not (run / "summary.json").exists()
     sage("fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last")
     assert results(run) == results(reference) and _tensors(run) == _tensors(reference)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group", ["tiny_sd3", "tiny_flux"])
-def test_ddp_on_two_cpu_processes_equals_one_device(group, tmp_path):
-    one = ["--data.init_args.batch_size", "1"]
+@pytest.mark.parametrize("search, group", SEARCHES)
+def test_ddp_on_two_cpu_processes_equals_one_device(search, group, tmp_path):
+    """Two ranks of batch 1 equal one device whose batch is the global one (the universal token's step sign is
+    the global batch's; the other searches' targets are independent, batch 1 on both sides)."""
+    one = ["--data.init_args.batch_size", "2" if search == "universal_token" else "1"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    sage(*_args(group, single, *one))
-    sage(*_args(group, ddp, *one, "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    sage(*_args(group, single, *one, search=search))
+    sage(*_args(group, ddp, "--data.init_args.batch_size", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                search=search))
     assert results(ddp) == results(single) and _tensors(ddp) == _tensors(single)
 
 

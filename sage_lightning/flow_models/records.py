@@ -92,6 +92,15 @@ class FlowModel(ABC):
         return latents / config.scaling_factor + (config.shift_factor or 0.0)
 
     @abstractmethod
+    def text_streams(self) -> list[tuple[object, torch.nn.Module, int | None]]:
+        """``(tokenizer, text encoder, max length or None: the tokenizer's)`` of each text stream, T5 last."""
+
+    @abstractmethod
+    def assemble(self, outputs: Sequence) -> XLConditioning:
+        """The conditioning from each stream's encoder output (``output_hidden_states=True``), put together as the
+        pipeline's ``encode_prompt`` does."""
+
+    @abstractmethod
     def encode(self, prompts: Sequence[str]) -> XLConditioning:
         """``prompts`` encoded as the pipeline's ``encode_prompt`` does (differentiable in the encoders)."""
 
@@ -109,6 +118,20 @@ class SD3Model(FlowModel):
 
     def modules(self) -> list[torch.nn.Module]:
         return [*super().modules(), self.text_encoder_3]
+
+    def text_streams(self) -> list[tuple[object, torch.nn.Module, int | None]]:
+        """CLIP-L, CLIP-G (77 tokens each) and T5 (``max_sequence_length``)."""
+        clip_l, clip_g = (self.tokenizer, self.text_encoder, None), (self.tokenizer_2, self.text_encoder_2, None)
+        return [clip_l, clip_g, (self.tokenizer_3, self.text_encoder_3, self.max_sequence_length)]
+
+    def assemble(self, outputs: Sequence) -> XLConditioning:
+        """Both CLIPs' penultimate states side by side, zero-padded to T5's width, then T5's states along the
+        sequence; pooled: both projections side by side (``StableDiffusion3Pipeline.encode_prompt``)."""
+        device = self.transformer.device
+        clip = [out.hidden_states[-2].to(dtype=self.text_encoder.dtype, device=device) for out in outputs[:2]]
+        t5 = outputs[2][0].to(dtype=self.text_encoder_3.dtype, device=device)
+        clip = torch.nn.functional.pad(torch.cat(clip, dim=-1), (0, t5.shape[-1] - sum(c.shape[-1] for c in clip)))
+        return XLConditioning(torch.cat([clip, t5], dim=-2), torch.cat([outputs[0][0], outputs[1][0]], dim=-1))
 
     def pipeline(self) -> StableDiffusion3Pipeline:
         """The equivalent diffusers pipeline (shares the modules)."""
@@ -135,6 +158,17 @@ class FluxModel(FlowModel):
     def image_size(self) -> int:
         """The VAE's sample size (FLUX's: 1024, what FluxPipeline's default 128 x scale factor 8 gives)."""
         return int(self.vae.config.sample_size)
+
+    def text_streams(self) -> list[tuple[object, torch.nn.Module, int | None]]:
+        """CLIP (77 tokens) and T5 (``max_sequence_length``)."""
+        return [(self.tokenizer, self.text_encoder, None),
+                (self.tokenizer_2, self.text_encoder_2, self.max_sequence_length)]
+
+    def assemble(self, outputs: Sequence) -> XLConditioning:
+        """T5's last hidden states; pooled: CLIP's pooled output (``FluxPipeline.encode_prompt``)."""
+        device = self.transformer.device
+        pooled = outputs[0].pooler_output.to(dtype=self.text_encoder.dtype, device=device)
+        return XLConditioning(outputs[1][0].to(dtype=self.text_encoder_2.dtype, device=device), pooled)
 
     def pipeline(self) -> FluxPipeline:
         """The equivalent diffusers pipeline (shares the modules; no IP-adapter image encoder)."""

@@ -134,7 +134,9 @@ class PromptRounds(TargetSearch):
             known = class_synonyms(self.frozen.ensemble.class_names)
             excluded = [class_name, *self.synonyms.get(class_name, []), *known.get(class_name, [])]
             others = [w for name, words in known.items() for w in (name, *words)] if self.exclude_class_names else []
-            self.filters[class_name] = WordFilter(self.frozen.model.tokenizer, excluded, self.multi_token, others)
+            self.filters[class_name] = WordFilter(
+                self.frozen.encoder.word_tokenizers, excluded, self.multi_token, others
+            )
         return self.filters[class_name]
 
     # ---------------------------------------------------------------------------------- prompts
@@ -149,7 +151,7 @@ class PromptRounds(TargetSearch):
         encoder = self.frozen.encoder
         if not accepted:
             return [], torch.zeros(0, encoder.embed_dim)
-        rows = [encoder.embedding_rows(ids).float().mean(0) for _, ids in accepted]
+        rows = [encoder.word_embedding(c.word) for c, _ in accepted]
         return [c for c, _ in accepted], torch.stack(rows).cpu()
 
     def eval_seed_list(self, target: int) -> list[int]:
