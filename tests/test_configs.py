@@ -30,6 +30,8 @@ COMBOS = [
     ["universal_token.yaml", "models/sd15.yaml", "models/sd21.yaml"],
     ["universal_token.yaml", "models/sd15.yaml", "models/clip_score_l14.yaml"],
     ["prompt_search.yaml", "models/sdxl.yaml"],
+    ["prompt_search.yaml", "models/sd3.yaml", "models/gpt2_candidates.yaml", "trainer/gpu.yaml"],
+    ["universal_token.yaml", "models/flux.yaml", "models/clip_score_l14.yaml", "trainer/gpu.yaml"],
 ]
 
 
