@@ -90,7 +90,7 @@ def test_the_real_model_groups_compose_with_the_latent_search_and_run_on_the_tin
 
 DATA = ["--data.init_args.classes", "[star, ring]", "--data.init_args.seeds_per_class", "2"]
 SMALL = {  # each search's shortest run that still checkpoints mid-run (a pass, a word, a token step)
-    "latent_search": [*DATA, "--model.init_args.num_steps", "3", "--model.init_args.max_iterations", "3"],
+    "latent_search": [*DATA, "--model.init_args.num_steps", "3", "--model.init_args.max_iterations", "10"],
     "prompt_search": ["--data.init_args.classes", "[star, ring]", "--model.init_args.num_steps", "2",
                       "--model.init_args.max_words", "2", "--model.init_args.eval_seeds", "2"],
     "universal_token": ["--data.init_args.classes", "[ring, heart]", "--model.init_args.num_steps", "2",
