@@ -96,19 +96,19 @@ def read(out: Path) -> list[dict]:
 
 
 def row(name: str, rows: list[dict], seconds: float) -> list[str]:
-    classes = sorted({r["class"] for r in rows})
-    by_class = {c: [r for r in rows if r["class"] == c] for c in classes}
-    template = [c for c in classes if any(r["reason"] == "template fails" for r in by_class[c])]
+    """One table row, counted per target (a class and seed; one per class unless ``--seeds-per-class`` says more)."""
+    targets = sorted({r["target"] for r in rows})
+    template = {r["target"] for r in rows if r["reason"] == "template fails"}
     found = [r for r in rows if r["found"] and r["words"]]
-    found_classes = sorted({r["class"] for r in found})
-    confirmed = sorted({r["class"] for r in found if r["judge"] and r["judge"]["confirmed"]})
+    found_targets = {r["target"] for r in found}
+    confirmed = {r["target"] for r in found if r["judge"] and r["judge"]["confirmed"]}
     judged = any(r["judge"] for r in rows)
-    n = len(classes)
-    m = n - len(template)  # SSR leaves out the classes whose template already fails (README, "What a run writes")
+    n = len(targets)
+    m = n - len(template)  # SSR leaves out the targets whose template already fails (README, "What a run writes")
     cost = statistics.median(r["forward_equivalents"] for r in found) if found else None
     words = statistics.median(len(r["words"]) for r in found) if found else None
     return [
-        name, str(n), f"{len(template)}/{n}", f"{len(found_classes)}/{m} ({len(found_classes) / max(m, 1):.0%})",
+        name, str(n), f"{len(template)}/{n}", f"{len(found_targets)}/{m} ({len(found_targets) / max(m, 1):.0%})",
         f"{len(confirmed)}/{m} ({len(confirmed) / max(m, 1):.0%})" if judged else "no judge",
         "-" if cost is None else f"{cost:,.0f}", "-" if words is None else f"{words:g}",
         f"{max(r['forward_equivalents'] for r in rows):,}", "-" if seconds != seconds else f"{seconds:.0f}",
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--diffusion", default="shapesworld", help="model source (default shapesworld)")
     parser.add_argument("--classes", default="all", help="class list for data.classes (default all)")
+    parser.add_argument("--seeds-per-class", type=int, default=1, help="targets per class (default 1)")
+    parser.add_argument("--base-seed", type=int, default=0,
+                        help="first target seed (default 0; every target its own seed from here)")
     parser.add_argument("--max-words", type=int, default=4, help="L (default 4)")
     parser.add_argument("--steps-per-word", type=int, default=10, help="K (default 10)")
     parser.add_argument("--eval-seeds", type=int, default=8, help="S (default 8)")
@@ -145,15 +148,18 @@ def main(argv: list[str] | None = None) -> int:
         *source, "--model.init_args.num_steps", str(args.num_steps),
         "--model.init_args.max_words", str(args.max_words), "--model.init_args.eval_seeds", str(args.eval_seeds),
         "--model.init_args.judge", "shapesworld", "--data.init_args.classes", args.classes,
-        "--data.init_args.seeds_per_class", "1", "--data.init_args.batch_size", str(args.batch_size),
+        "--data.init_args.seeds_per_class", str(args.seeds_per_class),
+        "--data.init_args.batch_size", str(args.batch_size),
     ]
+    if args.seeds_per_class > 1 or args.base_seed:  # every target its own seed (the default run keeps seed 0 per class)
+        common += ["--data.init_args.base_seed", str(args.base_seed), "--data.init_args.distinct_seeds", "true"]
     k = ["--model.init_args.steps_per_word", str(args.steps_per_word)]
     t_sage = run_sage(out / "sage", ["prompt_search.yaml", *world], common + k, args.threads)
     match = ["--model.init_args.match_sage_steps_per_word", str(args.steps_per_word)]
     t_rand = run_sage(out / "random", ["prompt_search.yaml", *world, "prompt_random.yaml"], common + match,
                       args.threads)
 
-    head = ["method", "classes", "template already fails", "failing prompt found (D)", "confirmed by judge",
+    head = ["method", "targets", "template already fails", "failing prompt found (D)", "confirmed by judge",
             "median forward-eq. / found failure", "median words", "budget / class (forward-eq.)", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     sage_rows, rand_rows = read(out / "sage"), read(out / "random")
