@@ -18,6 +18,7 @@ from torch import Tensor
 from torchmetrics.multimodal import CLIPScore
 
 from sage_lightning.errors import SageError
+from sage_lightning.flow_models import is_tiny_source
 from sage_lightning.models import load_clip as load_clip_for_score
 
 SCORE_KEYS = {True: "clip_score/with_token", False: "clip_score/without_token"}
@@ -61,8 +62,7 @@ class ClipScoreLogger(L.Callback):
         """Refuses, before anything loads, to score a model's images with another world's CLIP."""
         source = getattr(pl_module, "diffusion_source", None)
         # the tiny random stacks read the real CLIP vocabulary and mean nothing: ShapesWorld's CLIP is fine for them
-        if self.model == "shapesworld" and source not in (None, "shapesworld", "tiny", "tiny-xl", "tiny-sd3",
-                                                          "tiny-flux"):
+        if self.model == "shapesworld" and source not in (None, "shapesworld") and not is_tiny_source(source):
             raise SageError(
                 f"ClipScoreLogger would score {source!r}'s images with ShapesWorld's CLIP: set its model to a "
                 "CLIP for that model (a hub id such as openai/clip-vit-large-patch14, or a folder)"

@@ -7,6 +7,7 @@ Kept apart from :mod:`sage_lightning.models` (UNet models), which hands SD3 / FL
 from sage_lightning.flow_models.load import (
     FLOW_TINY_SOURCES,
     is_flow_source,
+    is_tiny_source,
     load_flow,
     load_flow_scheduler,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "build_tiny_flux",
     "build_tiny_sd3",
     "is_flow_source",
+    "is_tiny_source",
     "load_flow",
     "load_flow_scheduler",
     "t5_tokenizer",

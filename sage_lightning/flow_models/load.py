@@ -29,6 +29,13 @@ FLOW_TINY_SOURCES: dict[str, tuple[Callable[..., FlowModel], Callable[[], FlowMa
     "tiny-sd3": (build_tiny_sd3, sd3_scheduler),
     "tiny-flux": (build_tiny_flux, flux_scheduler),
 }
+
+
+def is_tiny_source(source: str) -> bool:
+    """Whether ``source`` names a built-in stack of random weights (UNet or flow): tests and debugging only."""
+    return source in TINY_SOURCES or source in FLOW_TINY_SOURCES
+
+
 FLOW_PIPELINES = {StableDiffusion3Pipeline.__name__: SD3Model, FluxPipeline.__name__: FluxModel}
 # Scheduler names a flow model accepts: None keeps the model's own; "flow-euler" rebuilds it from its config.
 FLOW_SCHEDULERS = (None, "flow-euler")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from sage_lightning.errors import SageError
-from sage_lightning.models.tiny import TINY_SOURCES
 from sage_lightning.surrogate import CannyEdgeMember, ClassifierEnsemble, TimmMember
 from sage_lightning.worlds import DEFAULT_WORLD, find_world
 
@@ -27,9 +26,9 @@ def default_ensemble(source: str) -> ClassifierEnsemble:
     random timm test models on the default world's class names (:func:`tiny_ensemble`). Other sources have no
     default: a config must list the members (see configs/models/).
     """
-    from sage_lightning.flow_models import FLOW_TINY_SOURCES  # here: flow_models stands on this package
+    from sage_lightning.flow_models import is_tiny_source  # here: flow_models stands on this package
 
-    if source in TINY_SOURCES or source in FLOW_TINY_SOURCES:
+    if is_tiny_source(source):
         world = find_world(DEFAULT_WORLD)
         return tiny_ensemble(list(world.class_names))
     world = find_world(source)

@@ -8,8 +8,8 @@ import importlib
 import math
 
 from sage_lightning.errors import SageError
-from sage_lightning.flow_models import FLOW_TINY_SOURCES
-from sage_lightning.models import TINY_SOURCES, DiffusionModel, DiffusionXLModel
+from sage_lightning.flow_models import is_tiny_source
+from sage_lightning.models import DiffusionModel, DiffusionXLModel
 from sage_lightning.targets import Target
 
 PAPER_ITERATIONS = 100  # SAGE's pseudo-code: at most 100 sign-gradient iterations per target
@@ -19,7 +19,7 @@ CPU_WORLD_ITERATIONS = 20  # ShapesWorld and the tiny stack: a budget that runs 
 def default_max_iterations(diffusion: str) -> int:
     """The iteration budget a model gets when its config names none: the paper's 100, except on the CPU worlds
     (``shapesworld``, ``tiny``, ``tiny-xl``, ``tiny-sd3``, ``tiny-flux``), where 20 keeps a run to minutes on a CPU."""
-    cpu_world = diffusion == "shapesworld" or diffusion in TINY_SOURCES or diffusion in FLOW_TINY_SOURCES
+    cpu_world = diffusion == "shapesworld" or is_tiny_source(diffusion)
     return CPU_WORLD_ITERATIONS if cpu_world else PAPER_ITERATIONS
 
 
