@@ -34,7 +34,14 @@ from sage_lightning.errors import SageError
 from sage_lightning.flow_models.encoder import FlowPromptEncoder
 from sage_lightning.flow_models.load import flow_family
 from sage_lightning.flow_models.records import FlowModel, FluxModel
-from sage_lightning.sampler import DiffusionSampler, FullGradient, GradientMode, _rows, block_checkpointing
+from sage_lightning.sampler import (
+    DiffusionSampler,
+    FullGradient,
+    GradientMode,
+    _rows,
+    block_checkpointing,
+    decode_to_images,
+)
 from sage_lightning.text import XLConditioning, prompt_encoder, split_conditioning
 
 
@@ -211,12 +218,7 @@ class FlowSampler:
 
     def decode(self, latents: Tensor) -> Tensor:
         """VAE decode of ``[B, C, h, w]`` latents to images in [0, 1] (the pipelines' unscale and shift)."""
-        vae = self.model.vae
-        scaled = self.model.vae_input(latents)
-        checkpointed = getattr(self.grad_mode, "decoder_checkpoint", False) and torch.is_grad_enabled()
-        with block_checkpointing(vae, checkpointed and scaled.requires_grad):
-            image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
-        return (image.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
+        return decode_to_images(self.model.vae, self.model.vae_input(latents), self.grad_mode, latents.dtype)
 
     def __call__(self, latents: Tensor, cond: XLConditioning, uncond: XLConditioning | None = None,
                  generator=None) -> Tensor:

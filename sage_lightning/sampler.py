@@ -306,10 +306,7 @@ class DiffusionSampler:
             scaled = latents * std / vae.config.scaling_factor + mean
         else:
             scaled = latents / vae.config.scaling_factor
-        checkpointed = getattr(self.grad_mode, "decoder_checkpoint", False) and torch.is_grad_enabled()
-        with block_checkpointing(vae, checkpointed and scaled.requires_grad):
-            image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
-        return (image.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
+        return decode_to_images(vae, scaled, self.grad_mode, latents.dtype)
 
     def __call__(
         self, latents: Tensor, cond: Tensor, uncond: Tensor | None = None, generator: NoiseGenerator = None
@@ -329,6 +326,16 @@ def _rows(tensor: Tensor, batch: int) -> Tensor:
 def _reentrant_checkpoint(module, *args):
     """diffusers' per-block checkpoint function, reentrant: memory stays flat (STACK_NOTES.md)."""
     return activation_checkpoint(module.__call__, *args, use_reentrant=True)
+
+
+def decode_to_images(vae, scaled: Tensor, grad_mode: GradientMode, dtype: torch.dtype) -> Tensor:
+    """Images ``[B, 3, H, W]`` in [0, 1] (``dtype``) from the VAE's input ``scaled`` (latents already unscaled as
+    the pipeline does), decoded in the VAE's own dtype; the decoder's blocks checkpointed when ``grad_mode`` asks
+    (``decoder_checkpoint``) and a gradient flows."""
+    checkpointed = getattr(grad_mode, "decoder_checkpoint", False) and torch.is_grad_enabled()
+    with block_checkpointing(vae, checkpointed and scaled.requires_grad):
+        image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+    return (image.to(dtype) / 2 + 0.5).clamp(0, 1)
 
 
 @contextmanager
