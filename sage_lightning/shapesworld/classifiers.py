@@ -28,7 +28,9 @@ config holds ``model_name`` and ``model_kwargs`` for ``timm.create_model`` (incl
 surrogate's ``TimmMember`` preprocess exactly as in training), ``class_names``, ``reject_names``,
 ``input`` (rgb/canny), the Canny settings, and the training record.
 
-Rebuild: ``python -m sage_lightning.shapesworld.classifiers train --name all [--extra pool.npz]``.
+Rebuild: ``python -m sage_lightning.shapesworld.classifiers train --name all [--extra pool.npz]``; ``--adv-eps``
+adds PGD adversarial training of the RGB members (``adversarial.py``), ``--out DIR`` writes a candidate member
+outside the shipped weights.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sage_lightning.shapesworld.adversarial import pgd_images
 from sage_lightning.shapesworld.augment import contrast_augment, geometric_augment, style_augment
 from sage_lightning.shapesworld.generator import IMAGE_SIZE, SHAPES, make_batch
 from sage_lightning.shapesworld.rejects import REJECT_NAME, make_rejects
@@ -217,10 +220,14 @@ class ClassifierModule(L.LightningModule):
     ``init_from``: a shipped member folder whose weights start the training (the head is left out where its
     size differs, e.g. the 10-class members before the ``none`` output)."""
 
-    def __init__(self, name: str, steps: int, lr: float = 3e-3, seed: int = 0, init_from: str | None = None) -> None:
+    def __init__(self, name: str, steps: int, lr: float = 3e-3, seed: int = 0, init_from: str | None = None,
+                 adv_eps: float = 0.0, adv_steps: int = 3) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.cfg = full_config(name)
+        if adv_eps > 0 and self.cfg["input"] != "rgb":
+            raise ValueError(f"adversarial training (adv_eps={adv_eps}) attacks RGB pixels; member {name!r} "
+                             "sees Canny maps: train it with adv_eps 0")
         torch.manual_seed(seed)
         self.net = ShapesClassifier(self.cfg)
         if init_from:
@@ -251,7 +258,12 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch, _):
         images, labels = batch
-        logits = self.net.classify_prepared(self.inputs(images, train=True))
+        x = self.inputs(images, train=True)
+        if self.hparams.adv_eps > 0:  # clean and PGD-attacked halves of one batch (adversarial.py)
+            attacked = pgd_images(self.net, self.net.classify_prepared, x, labels, self.hparams.adv_eps,
+                                  self.hparams.adv_steps, self.gen)
+            x, labels = torch.cat([x, attacked]), torch.cat([labels, labels])
+        logits = self.net.classify_prepared(x)
         loss = F.cross_entropy(logits, labels, label_smoothing=0.05)
         self.log("loss", loss, prog_bar=True)
         return loss
@@ -279,7 +291,8 @@ def params_of(module: nn.Module) -> int:
 
 def train(name: str, steps: int = 1500, batch_size: int = 128, n_train: int = 24000, n_reject: int = 6000,
           seed: int = 0, n_test: int = 2000, export: bool = True, extra: str | None = None,
-          init_from: str | None = None, lr: float = 3e-3, data_cache: str | None = None) -> dict:
+          init_from: str | None = None, lr: float = 3e-3, data_cache: str | None = None, adv_eps: float = 0.0,
+          adv_steps: int = 3, out: str | None = None) -> dict:
     """Train member ``name`` (seeded), measure it on ``n_test`` fresh drawings and rejects, and ship it.
 
     ``data_cache``: an ``.npz`` path where the training set is saved once and reloaded (several members'
@@ -298,7 +311,8 @@ def train(name: str, steps: int = 1500, batch_size: int = 128, n_train: int = 24
     ds = torch.utils.data.TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(seed))
-    module = ClassifierModule(name, steps=steps, seed=seed, init_from=init_from, lr=lr)
+    module = ClassifierModule(name, steps=steps, seed=seed, init_from=init_from, lr=lr, adv_eps=adv_eps,
+                              adv_steps=adv_steps)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, deterministic=False)
     trainer.fit(module, loader)
@@ -311,16 +325,18 @@ def train(name: str, steps: int = 1500, batch_size: int = 128, n_train: int = 24
               "n_reject_images": int(counts[1]), "extra_images": int(counts[2]), "seed": seed,
               "train_data_seed": 1000 + seed,
               "test_seed": 987_654 + seed, "fresh_accuracy": acc, "reject_accuracy": reject_acc, "n_test": n_test,
-              "params": params_of(net.model), "init_from": init_from, "train_seconds": round(time.time() - t0, 1)}
+              "params": params_of(net.model), "init_from": init_from, "adv_eps": adv_eps, "adv_steps": adv_steps,
+              "train_seconds": round(time.time() - t0, 1)}
     print(f"[{name}] fresh accuracy {acc:.4f} on {n_test}; rejects {reject_acc:.4f}; {record['params']} params; "
           f"{record['train_seconds']} s", flush=True)
     if export:
-        export_classifier(name, net, record)
+        export_classifier(name, net, record, Path(out) if out else None)
     return record
 
 
-def export_classifier(name: str, net: ShapesClassifier, record: dict) -> None:
-    """Write ``weights/classifiers/<name>/`` through the world's exporter (fp16, atomic) and the manifest."""
+def export_classifier(name: str, net: ShapesClassifier, record: dict, root: Path | None = None) -> None:
+    """Write ``weights/classifiers/<name>/`` through the world's exporter (fp16, atomic) and the manifest; with
+    ``root``, ``root/<name>/`` and no manifest (a candidate D, measured before it is shipped)."""
     from safetensors.torch import save_file
 
     from sage_lightning.shapesworld import world
@@ -333,7 +349,9 @@ def export_classifier(name: str, net: ShapesClassifier, record: dict) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
-    world.replace_dir(CLASSIFIERS_DIR / name, write)
+    world.replace_dir(_weights_dir(name, root), write)
+    if root is not None:
+        return
     world.update_world(f"classifier_{name}", fresh_accuracy=record["fresh_accuracy"], params=record["params"],
                        steps=record["steps"], seed=record["seed"])
 
@@ -350,6 +368,10 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--extra", default=None, help=".npz of judge-labelled generator images (images, labels)")
     t.add_argument("--init-from", default=None, help="member folder whose weights start training (warm start)")
     t.add_argument("--data-cache", default=None, help=".npz where the training set is saved once and reused")
+    t.add_argument("--adv-eps", type=float, default=0.0, help="PGD radius in [0, 1] pixels (0: no adversarial "
+                   "training; RGB members only)")
+    t.add_argument("--adv-steps", type=int, default=3, help="PGD steps per training batch")
+    t.add_argument("--out", default=None, help="write the member under OUT/<name>/ instead of the shipped weights")
     e = sub.add_parser("eval", help="accuracy of shipped members on fresh images")
     e.add_argument("--n", type=int, default=2000)
     e.add_argument("--seed", type=int, default=31337)
@@ -357,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "train":
         for name in NAMES if args.name == "all" else (args.name,):
             train(name, steps=args.steps, seed=args.seed, export=not args.no_export, extra=args.extra,
-                  init_from=args.init_from, lr=args.lr, data_cache=args.data_cache)
+                  init_from=args.init_from, lr=args.lr, data_cache=args.data_cache, adv_eps=args.adv_eps,
+                  adv_steps=args.adv_steps, out=args.out)
     else:
         images, _, ids, _ = make_batch(args.n, seed=args.seed)
         for name in NAMES:
