@@ -66,35 +66,3 @@ def test_training_step_learns_on_clean_and_attacked_images(batch, monkeypatch):
 def test_edge_member_refuses_pixel_attacks():
     with pytest.raises(ValueError, match="Canny"):
         ClassifierModule("edge", steps=10, adv_eps=0.03)
-
-
-def test_pgd_takes_one_radius_per_image(batch):
-    x, y = batch
-    net = _net()
-    eps = torch.linspace(0.005, 0.04, len(x))
-    adv = pgd_images(net, net.classify_prepared, x, y, eps, 2, torch.Generator().manual_seed(2))
-    reach = (adv - x).abs().amax((1, 2, 3))
-    assert (reach <= eps + 1e-6).all() and (reach > 0.5 * eps).all()
-
-
-def test_attack_radius_shrinks_with_a_washed_out_images_contrast(batch, monkeypatch):
-    """The step attacks each image within adv_eps times its contrast factor (augment.contrast_augment)."""
-    import sage_lightning.shapesworld.classifiers as classifiers
-
-    x, y = batch
-    module = ClassifierModule("resnet", steps=10, adv_eps=0.03, adv_steps=1)
-    module.log = lambda *a, **k: None
-    seen = {}
-
-    def record(model, classify, x01, labels, eps, steps, gen):
-        seen["eps"] = eps
-        return x01
-
-    monkeypatch.setattr(classifiers, "pgd_images", record)
-    gen_state = module.gen.get_state()
-    images_u8 = (x.repeat(4, 1, 1, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
-    module.training_step((images_u8, y.repeat(4)), 0)
-    module.gen.set_state(gen_state)
-    _, contrast = module.augmented(images_u8)
-    assert (contrast < 1).any() and (contrast == 1).any()
-    assert torch.allclose(seen["eps"], 0.03 * contrast)

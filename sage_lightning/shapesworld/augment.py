@@ -46,17 +46,16 @@ def geometric_augment(x: Tensor, gen: torch.Generator) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def contrast_augment(x: Tensor, gen: torch.Generator, p: float = 0.35, least: float = 0.1) -> tuple[Tensor, Tensor]:
+def contrast_augment(x: Tensor, gen: torch.Generator, p: float = 0.35, least: float = 0.1) -> Tensor:
     """Contrast lowered towards each image's border colour (its background) by a factor log-uniform in
-    [``least``, 1], with probability ``p`` per image: a washed-out shape is still that shape. Returns the images
-    and each one's factor ``[B]`` (1 where the contrast was kept)."""
+    [``least``, 1], with probability ``p`` per image: a washed-out shape is still that shape."""
     b = x.shape[0]
     border = torch.cat([x[..., :2, :].flatten(2), x[..., -2:, :].flatten(2), x[..., :, :2].flatten(2),
                         x[..., :, -2:].flatten(2)], 2)
     background = border.median(2).values.view(b, 3, 1, 1)
     k = torch.exp(math.log(least) * torch.rand(b, 1, 1, 1, generator=gen))
     k = torch.where(torch.rand(b, 1, 1, 1, generator=gen) < p, k, torch.ones_like(k))
-    return (background + k * (x - background)).clamp(0, 1), k.view(b)
+    return (background + k * (x - background)).clamp(0, 1)
 
 
 def style_augment(x: Tensor, gen: torch.Generator, strength: float = 1.0) -> Tensor:

@@ -242,26 +242,25 @@ class ClassifierModule(L.LightningModule):
                  if k in own and own[k].shape == v.shape}
         self.net.model.load_state_dict(state, strict=False)
 
-    def augmented(self, images_u8: Tensor) -> tuple[Tensor, Tensor]:
-        """A training batch augmented and prepared for the net, and each image's contrast factor ``[B]``
-        (``augment.contrast_augment``; 1 where the contrast was kept)."""
-        x = geometric_augment(images_u8.permute(0, 3, 1, 2).float() / 255.0, self.gen)
-        contrast = torch.ones(len(x))
+    def inputs(self, images_u8: Tensor, train: bool) -> Tensor:
+        x = images_u8.permute(0, 3, 1, 2).float() / 255.0
+        if not train:
+            return self.net.prepare(x)
+        x = geometric_augment(x, self.gen)
         if self.net.is_edge:
             # mild photometric change only: Canny's fixed thresholds see luminance contrast; with the
             # contrast stretch the member also sees shapes washed out as far as the RGB members do
             if self.net.config["canny"].get("stretch_contrast", False):
-                x, contrast = contrast_augment(x, self.gen)
-            return self.net.prepare(style_augment(x, self.gen, strength=0.35)), contrast
-        x, contrast = contrast_augment(x, self.gen)
-        return style_augment(x, self.gen), contrast
+                x = contrast_augment(x, self.gen)
+            x = style_augment(x, self.gen, strength=0.35)
+            return self.net.prepare(x)
+        return style_augment(contrast_augment(x, self.gen), self.gen)
 
     def training_step(self, batch, _):
         images, labels = batch
-        x, contrast = self.augmented(images)
-        if self.hparams.adv_eps > 0:  # clean and PGD-attacked halves of one batch (adversarial.py); the ball
-            # shrinks with a washed-out image's contrast, so the attack never erases a faint shape a person sees
-            attacked = pgd_images(self.net, self.net.classify_prepared, x, labels, self.hparams.adv_eps * contrast,
+        x = self.inputs(images, train=True)
+        if self.hparams.adv_eps > 0:  # clean and PGD-attacked halves of one batch (adversarial.py)
+            attacked = pgd_images(self.net, self.net.classify_prepared, x, labels, self.hparams.adv_eps,
                                   self.hparams.adv_steps, self.gen)
             x, labels = torch.cat([x, attacked]), torch.cat([labels, labels])
         logits = self.net.classify_prepared(x)
