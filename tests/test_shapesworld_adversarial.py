@@ -66,3 +66,26 @@ def test_training_step_learns_on_clean_and_attacked_images(batch, monkeypatch):
 def test_edge_member_refuses_pixel_attacks():
     with pytest.raises(ValueError, match="Canny"):
         ClassifierModule("edge", steps=10, adv_eps=0.03)
+
+
+@pytest.mark.parametrize(("name", "eps", "twin"), [("resnet_adv", 0.031, "resnet"), ("densenet_adv", 0.031, "densenet"),
+                                                   ("resnet", 0.0, None)])
+def test_members_train_with_their_own_recipe(name, eps, twin, monkeypatch):
+    """``train`` (and so ``sage-shapesworld build``) trains the *_adv members with PGD, warm-started from their
+    plain twin's shipped weights; the plain members without either."""
+    import sage_lightning.shapesworld.classifiers as classifiers
+
+    class Built(Exception):
+        pass
+
+    seen = {}
+
+    def capture(member, **kwargs):
+        seen.update(kwargs)
+        raise Built
+
+    monkeypatch.setattr(classifiers, "ClassifierModule", capture)
+    with pytest.raises(Built):
+        classifiers.train(name, n_train=4, n_reject=4, export=False)
+    assert seen["adv_eps"] == eps
+    assert seen["init_from"] == (str(classifiers.CLASSIFIERS_DIR / twin) if twin else None)

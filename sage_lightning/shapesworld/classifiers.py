@@ -1,6 +1,6 @@
 """ShapesWorld's surrogate-ensemble members: small timm classifiers trained here with Lightning, seeded.
 
-Three members (the discriminator D of SAGE in this world; the geometric judge is never one of them), each
+Five members (the discriminator D of SAGE in this world; the geometric judge is never one of them), each
 with the ten shapes and one reject output, ``none`` (no clean shape: an empty field, a blob, fragments, a
 smear; ``rejects.py``), so that D can say "nothing of the kind is drawn" (issue 19 item 2):
 
@@ -12,6 +12,9 @@ smear; ``rejects.py``), so that D can say "nothing of the kind is drawn" (issue 
   -> uint8, ``cv2.cvtColor(RGB2GRAY)``, the grayscale's 1st-99th percentiles stretched to 0-255
   (``stretch_contrast``: a faint shape keeps its edges), ``cv2.Canny(gray, 100, 200)``, 0/1, ``1 - edges``:
   black edges on white, replicated to 3 channels).
+- ``resnet_adv``, ``densenet_adv``: the two RGB architectures fine-tuned from ``resnet`` and ``densenet`` with PGD
+  adversarial training at 8/255 (``adversarial.py``): they hold where SAGE's search fools the others (a clean
+  cross recoloured) but lose faint shapes, which the three above keep, and D fails only when every member does.
 
 Training data (``train``): the generator's drawings (label: their shape), reject drawings (label ``none``),
 and, when given (``--extra``), images of the generator model itself on training seeds labelled by the judge
@@ -76,6 +79,9 @@ SPECS: dict[str, dict] = {
         "input": "canny",
     },
 }
+# PGD-trained at about 8/255 (adversarial.py), starting from their plain twin's shipped weights
+SPECS["resnet_adv"] = {**SPECS["resnet"], "adv_eps": 0.031, "warm_start": "resnet"}
+SPECS["densenet_adv"] = {**SPECS["densenet"], "adv_eps": 0.031, "warm_start": "densenet"}
 NAMES = tuple(SPECS)  # the default ensemble's members, in its order (plugin.default_ensemble)
 
 
@@ -291,13 +297,16 @@ def params_of(module: nn.Module) -> int:
 
 def train(name: str, steps: int = 1500, batch_size: int = 128, n_train: int = 24000, n_reject: int = 6000,
           seed: int = 0, n_test: int = 2000, export: bool = True, extra: str | None = None,
-          init_from: str | None = None, lr: float = 3e-3, data_cache: str | None = None, adv_eps: float = 0.0,
+          init_from: str | None = None, lr: float = 3e-3, data_cache: str | None = None, adv_eps: float | None = None,
           adv_steps: int = 3, out: str | None = None) -> dict:
     """Train member ``name`` (seeded), measure it on ``n_test`` fresh drawings and rejects, and ship it.
 
     ``data_cache``: an ``.npz`` path where the training set is saved once and reloaded (several members'
     trainings share one); the record counts the images the run trained on, from the set's ``sources``."""
     torch.set_num_threads(1)
+    adv_eps = SPECS[name].get("adv_eps", 0.0) if adv_eps is None else adv_eps
+    if init_from is None and "warm_start" in SPECS[name]:
+        init_from = str(_weights_dir(SPECS[name]["warm_start"]))
     L.seed_everything(seed, workers=True)
     t0 = time.time()
     cache = Path(data_cache) if data_cache else None
@@ -368,8 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--extra", default=None, help=".npz of judge-labelled generator images (images, labels)")
     t.add_argument("--init-from", default=None, help="member folder whose weights start training (warm start)")
     t.add_argument("--data-cache", default=None, help=".npz where the training set is saved once and reused")
-    t.add_argument("--adv-eps", type=float, default=0.0, help="PGD radius in [0, 1] pixels (0: no adversarial "
-                   "training; RGB members only)")
+    t.add_argument("--adv-eps", type=float, default=None, help="PGD radius in [0, 1] pixels (default: the member's, "
+                   "0.031 (about 8/255) for the *_adv ones, else 0: no adversarial training; RGB members only)")
     t.add_argument("--adv-steps", type=int, default=3, help="PGD steps per training batch")
     t.add_argument("--out", default=None, help="write the member under OUT/<name>/ instead of the shipped weights")
     e = sub.add_parser("eval", help="accuracy of shipped members on fresh images")

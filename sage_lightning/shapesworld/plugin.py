@@ -18,8 +18,9 @@ SHAPESWORLD_VIEWS = ("image", "gbr", "brg", "gray", "blur", "half")
 
 
 def default_ensemble() -> ClassifierEnsemble:
-    """The world's own classifiers, in ``classifiers.NAMES`` order (two timm architectures and the Canny-edge
-    member): the shipped ones of them, in the nuisance views ``SHAPESWORLD_VIEWS``."""
+    """The world's own classifiers, in ``classifiers.NAMES`` order (two timm architectures, the Canny-edge
+    member, and the two architectures adversarially trained): the shipped ones of them, in the nuisance views
+    ``SHAPESWORLD_VIEWS``."""
     from sage_lightning.shapesworld.classifiers import NAMES
 
     folder = SHAPESWORLD_DIR / "classifiers"
