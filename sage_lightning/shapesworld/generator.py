@@ -162,6 +162,8 @@ def _arrow() -> np.ndarray:
     return pts * 0.97
 
 
+CRESCENT_BITE = (0.42, -0.12, 0.85)  # the crescent's bite: a circle at this offset (x, y) and radius, x the radius
+
 POLYGONS: dict[str, np.ndarray] = {
     "square": _regular(4, np.pi / 4) * 0.97,
     "triangle": _regular(3) * 1.05,
@@ -173,8 +175,10 @@ POLYGONS: dict[str, np.ndarray] = {
 }
 
 
-def _mask(scene: Scene, size: int) -> np.ndarray:
-    """Anti-aliased object coverage in [0, 1], ``size`` x ``size`` float32."""
+def _mask(scene: Scene, size: int, polygon: np.ndarray | None = None,
+          bite: tuple[float, float, float] = CRESCENT_BITE) -> np.ndarray:
+    """Anti-aliased object coverage in [0, 1], ``size`` x ``size`` float32. ``polygon`` (unit outline) and ``bite``
+    replace the shape's own outline; the judge uses them for variants of a shape (a fatter star, a thinner crescent)."""
     s = size / IMAGE_SIZE * SUPERSAMPLE
     hi = size * SUPERSAMPLE
     m = np.zeros((hi, hi), np.uint8)
@@ -194,10 +198,11 @@ def _mask(scene: Scene, size: int) -> np.ndarray:
         circle(cx, cy, r * 0.55, 0)
     elif scene.shape == "crescent":
         circle(cx, cy, r, 255)
-        dx, dy = rot @ np.array([0.42, -0.12])
-        circle(cx + dx * r, cy + dy * r, r * 0.85, 0)
+        dx, dy = rot @ np.array(bite[:2])
+        circle(cx + dx * r, cy + dy * r, r * bite[2], 0)
     else:
-        pts = POLYGONS[scene.shape] @ rot.T * r + np.array([cx, cy])
+        outline = POLYGONS[scene.shape] if polygon is None else polygon
+        pts = outline @ rot.T * r + np.array([cx, cy])
         cv2.fillPoly(m, [np.round(pts * f).astype(np.int32)], 255, cv2.LINE_8, shift)
     return cv2.resize(m, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
 

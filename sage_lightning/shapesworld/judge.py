@@ -19,8 +19,9 @@ member of the surrogate ensemble. Only OpenCV/NumPy geometry:
    convexity defects, holes, mirror symmetry, extent; reported in ``features``.
 5. **Shape.** Geometric template matching: the mask, normalised for position (centroid) and scale
    (area), is compared by soft IoU with each shape's ideal outline at every rotation (3 degree steps
-   over the shape's symmetry period, mirrored too; a ring also with a narrower and a wider hole, since a
-   person calls any annulus a ring). The best IoU names the shape when it reaches that
+   over the shape's symmetry period, mirrored too; also the variants a person still calls by the shape's
+   name: a ring with any hole, fatter stars, a thinner crescent; ``RING_HOLES``, ``STAR_INNER``,
+   ``CRESCENT_BITES``). The best IoU names the shape when it reaches that
    shape's fit floor (``FIT``: what the world's own clean drawings reach, with a margin); below it the
    object is **distorted** (a blob, a fragment, a smear: no clean shape) and the judge names none
    (``shape=None``), which counts as a failure of the prompt.
@@ -43,7 +44,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from sage_lightning.shapesworld.generator import COLOURS, SHAPES, Scene, _mask
+from sage_lightning.shapesworld.generator import COLOURS, SHAPES, Scene, _mask, _star
 
 CANVAS = 40  # side of the normalised frame (px)
 CANVAS_AREA = 0.16 * CANVAS * CANVAS  # object area in the normalised frame
@@ -58,7 +59,13 @@ MIN_AREA_FRAC = 0.01  # least object area, as a share of the image
 MIN_COMPONENT_SHARE = 0.5  # the object must hold this share of all object-coloured pixels
 MAX_BACKGROUND_RESIDUAL = 0.3  # median border distance to the background model, as a share of contrast
 MAX_CLUTTER = 0.3  # share of non-object pixels as far from the background as half the object's contrast
-RING_HOLES = (0.4, 0.7)  # extra ring outlines: hole radius as a share of the ring's (the generator's is 0.55)
+# Outline variants a person still calls by the shape's name, which the world's model draws: a ring with any hole
+# (hole radius as a share of the ring's; the generator's is 0.55; at equal area the fit is sensitive to the hole, so
+# a fine grid), fatter stars (inner radius; the generator's is 0.42) and a thinner crescent (bite offset x, y and
+# radius; the generator's is CRESCENT_BITE). Chosen on training-seed generator images (5,710,000 and 5,720,000).
+RING_HOLES = (0.4, 0.45, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8)
+STAR_INNER = (0.5, 0.58)
+CRESCENT_BITES = ((0.3, -0.086, 0.9),)
 MIN_IOU = 0.6  # below this best template IoU no shape is named, whatever the shape's fit floor
 # Fit floor of each shape: below it the object is "distorted", not that shape. The 1st percentile of the
 # best IoU on 2,000 fresh generator drawings (seed 424242) less 0.15, and never below 0.63 (reject blobs are
@@ -102,6 +109,15 @@ def _normalise(mask: np.ndarray) -> np.ndarray | None:
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
 
 
+def _variants(shape: str) -> list[dict]:
+    """``_mask`` keyword sets of a shape's outlines: its own, then the variants above."""
+    if shape == "star":
+        return [{}] + [{"polygon": _star(inner=inner)} for inner in STAR_INNER]
+    if shape == "crescent":
+        return [{}] + [{"bite": bite} for bite in CRESCENT_BITES]
+    return [{}]
+
+
 @lru_cache(maxsize=1)
 def _templates() -> tuple[np.ndarray, np.ndarray]:
     """All shapes' normalised outlines at every rotation (and mirrored): ``[T, CANVAS*CANVAS]``, class ids."""
@@ -110,15 +126,16 @@ def _templates() -> tuple[np.ndarray, np.ndarray]:
     for k, shape in enumerate(SHAPES):
         period = PERIODS[shape]
         angles = [0.0] if period == 0 else list(np.arange(0.0, period, ANGLE_STEP))
-        for angle in angles:
-            scene = Scene(shape=shape, colour="red", size="large", background="plain",
-                          background_colour="white", style="photo", center=(32.0, 32.0), radius=26.0,
-                          rotation=float(angle))
-            mask = _mask(scene, size)
-            for mirrored in (False, True) if period == 360 else (False,):
-                t = _normalise(mask[:, ::-1] if mirrored else mask)
-                rows.append(t.ravel())
-                labels.append(k)
+        for variant in _variants(shape):
+            for angle in angles:
+                scene = Scene(shape=shape, colour="red", size="large", background="plain",
+                              background_colour="white", style="photo", center=(32.0, 32.0), radius=26.0,
+                              rotation=float(angle))
+                mask = _mask(scene, size, **variant)
+                for mirrored in (False, True) if period == 360 else (False,):
+                    t = _normalise(mask[:, ::-1] if mirrored else mask)
+                    rows.append(t.ravel())
+                    labels.append(k)
     for inner in RING_HOLES:  # a ring is any annulus: the world draws its hole at 0.55 of the radius
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) - (size - 1) / 2
         r = np.hypot(xx, yy) / (0.4 * size)
