@@ -27,6 +27,15 @@ def bound_channel_means(z: Tensor, sigmas: float) -> Tensor:
     return (flat - (means - means.clamp(-bound, bound))).view_as(z)
 
 
+def bound_mean(z: Tensor, z0: Tensor, sigmas: float) -> Tensor:
+    """``z`` ``[B, ...]`` with its mean over all ``d`` entries moved (by a constant) into ``+/- sigmas / sqrt(d)``, the
+    spread of that mean under N(0, I), or into ``+/- |mean(z0)|`` where z0's own mean lies farther out (so z0 stays)."""
+    flat, flat0 = z.flatten(1), z0.flatten(1)
+    bound = flat0.mean(1, keepdim=True).abs().clamp(min=sigmas / math.sqrt(flat.shape[1]))
+    mean = flat.mean(1, keepdim=True)
+    return (flat - (mean - torch.maximum(torch.minimum(mean, bound), -bound))).view_as(z)
+
+
 class LatentProjection(L.Callback):
     """After each step, for stepped targets: z onto the shell |z| = sqrt(d), delta kept in the run's box.
 
@@ -47,16 +56,25 @@ class LatentProjection(L.Callback):
             above. A constant offset of a latent channel is a global colour or brightness shift of the image (the
             same shape recoloured or washed out, which fools D without being a failure of the generator); with 0
             the search can only move what is drawn where.
+        mean_sigmas: (ours, off by default) keep the latent's mean over all its entries within this many standard
+            deviations of that mean under N(0, I) (``1 / sqrt(d)``), or within z0's own if that lies farther
+            (``bound_mean``), alternated with the shell as above. One direction of d: the search keeps its channel
+            contrasts; what it loses is a drift of every channel the same way, which the entries' KS test sees
+            (several channels at +3 sigma) and the norm does not.
     """
 
-    def __init__(self, channel_mean_sigmas: float | None = None, channel_shift_sigmas: float | None = None) -> None:
+    def __init__(self, channel_mean_sigmas: float | None = None, channel_shift_sigmas: float | None = None,
+                 mean_sigmas: float | None = None) -> None:
         if channel_mean_sigmas is not None and not channel_mean_sigmas > 0:
             raise ValueError(f"channel_mean_sigmas={channel_mean_sigmas} must be > 0 (e.g. 3.0), or null for none")
         if channel_shift_sigmas is not None and not channel_shift_sigmas >= 0:
             raise ValueError(f"channel_shift_sigmas={channel_shift_sigmas} must be >= 0 (0: z keeps z0's channel "
                              "means), or null for none")
+        if mean_sigmas is not None and not mean_sigmas > 0:
+            raise ValueError(f"mean_sigmas={mean_sigmas} must be > 0 (e.g. 1.0), or null for none")
         self.channel_mean_sigmas = channel_mean_sigmas
         self.channel_shift_sigmas = channel_shift_sigmas
+        self.mean_sigmas = mean_sigmas
 
     def _onto_shell(self, z0: Tensor, delta: Tensor, box: tuple[float, float] | None) -> Tensor:
         if box is None:
@@ -74,9 +92,12 @@ class LatentProjection(L.Callback):
         z0 = pl_module.initial_latents(rows)
         box = run_box(trainer)
         step = delta[rows]
-        for _ in range(2 if self.channel_mean_sigmas or self.channel_shift_sigmas is not None else 1):
+        bounded = self.channel_mean_sigmas or self.channel_shift_sigmas is not None or self.mean_sigmas
+        for _ in range(2 if bounded else 1):
             if self.channel_mean_sigmas:
                 step = bound_channel_means(z0 + step, self.channel_mean_sigmas) - z0
+            if self.mean_sigmas:
+                step = bound_mean(z0 + step, z0, self.mean_sigmas) - z0
             if self.channel_shift_sigmas is not None:
                 step = bound_channel_means(step, self.channel_shift_sigmas)
             step = self._onto_shell(z0, step, box)

@@ -152,3 +152,31 @@ def test_channel_shift_zero_keeps_z0s_channel_means_and_the_shell(search):
     assert ((z0 + plain)[:, 2].flatten(1).mean(1) - z0[:, 2].flatten(1).mean(1) < -0.2).all()
     with pytest.raises(ValueError, match="channel_shift_sigmas=-1"):
         LatentProjection(channel_shift_sigmas=-1.0)
+
+
+def test_mean_bound_stops_every_channel_drifting_one_way_and_keeps_channel_contrasts(search):
+    """``mean_sigmas``: a step that moves every channel the same way (the drift behind the KS rejections: several
+    channels at +3 sigma) is pulled back to the N(0, I) spread of the latent's overall mean (or z0's own, if that
+    lies farther out), while a step that moves channels in opposite directions (a colour contrast, mean 0) is left
+    as it was; z on the shell, delta in the box."""
+    z0 = search.initial_latents(torch.arange(len(search.targets)))
+    d = z0[0].numel()
+    bound = torch.maximum(z0.flatten(1).mean(1).abs(), torch.full((len(z0),), 1.0 / math.sqrt(d)))
+    clamp = ClampPerturbation(-1.0, 1.0)
+    drift = torch.full(search.delta.shape, 0.15)
+    plain = _step(search, drift, [clamp, LatentProjection()])
+    bounded = _step(search, drift, [clamp, LatentProjection(mean_sigmas=1.0)])
+    assert ((z0 + plain).flatten(1).mean(1) > 3 * bound).all()
+    assert ((z0 + bounded).flatten(1).mean(1).abs() <= bound * 1.05).all()
+    ratio = (z0 + bounded).flatten(1).norm(dim=1) / math.sqrt(d)
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5) and bounded.abs().max() <= 1.0
+    contrast = torch.zeros(search.delta.shape)
+    contrast[:, 0], contrast[:, 1] = 0.2, -0.2
+    kept = _step(search, contrast, [clamp, LatentProjection(mean_sigmas=1.0)])
+    free = _step(search, contrast, [clamp, LatentProjection()])
+    assert torch.allclose(kept, free, atol=1e-4)
+    zero = torch.zeros(search.delta.shape)  # z0 itself, whatever its mean: the bound adds nothing to the shell's move
+    assert torch.allclose(_step(search, zero, [LatentProjection(mean_sigmas=1.0)]),
+                          _step(search, zero, [LatentProjection()]), atol=1e-6)
+    with pytest.raises(ValueError, match="mean_sigmas=0"):
+        LatentProjection(mean_sigmas=0.0)
