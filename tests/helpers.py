@@ -14,6 +14,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(script: str, name: str):
+    """Import ``benchmarks/<script>`` as module ``name`` (registered in ``sys.modules``: dataclasses look it up)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 SAGE = [sys.executable, "-m", "sage_lightning.cli"]
 

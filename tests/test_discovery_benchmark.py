@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import sys
 
 import pytest
-from helpers import REPO
+from helpers import REPO, load_benchmark
 
 from sage_lightning.analysis.target_statistics import statistics_of
 from sage_lightning.sampler import FullGradient, ResidualGradient
 from sage_lightning.searches import LatentSearch, RandomLatentSearch
 
-spec = importlib.util.spec_from_file_location("discovery", REPO / "benchmarks" / "discovery.py")
-discovery = importlib.util.module_from_spec(spec)
-sys.modules["discovery"] = discovery  # its dataclass looks its module up
-spec.loader.exec_module(discovery)
+discovery = load_benchmark("discovery.py", "discovery")
 
 
 @pytest.mark.parametrize("iterations", [1, 2, 20])

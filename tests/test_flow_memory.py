@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO
+from helpers import REPO, load_benchmark
 
 from sage_lightning.flow_sampler import FlowSampler
 from sage_lightning.sampler import FullGradient, LastKGradient, ResidualGradient
 
-spec = importlib.util.spec_from_file_location("flow_memory", REPO / "benchmarks" / "flow_memory.py")
-flow_memory = importlib.util.module_from_spec(spec)
-sys.modules["flow_memory"] = flow_memory
-spec.loader.exec_module(flow_memory)
+flow_memory = load_benchmark("flow_memory.py", "flow_memory")
 
 TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
                 joint_attention_dim=4096, caption_projection_dim=16, pooled_projection_dim=2048, out_channels=16,

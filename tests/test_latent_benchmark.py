@@ -4,15 +4,12 @@ target's own generator, as the searches do, so a noisy scheduler runs and both s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import load_benchmark
 
-spec = importlib.util.spec_from_file_location("latent_benchmark", REPO / "benchmarks" / "latent_search.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = load_benchmark("latent_search.py", "latent_benchmark")
 
 
 @pytest.mark.parametrize(("scheduler", "eta"), [("euler-a", 0.0), ("ddim", 0.5)])

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import torch
-from helpers import REPO
+from helpers import load_benchmark
 from jsonargparse import ArgumentParser
 
 from sage_lightning.models import default_ensemble
 from sage_lightning.shapesworld.generator import make_batch
 from sage_lightning.surrogate import ClassifierEnsemble
 
-spec = importlib.util.spec_from_file_location("prompt_benchmark", REPO / "benchmarks" / "prompt_search.py")
-prompt_benchmark = importlib.util.module_from_spec(spec)
-sys.modules["prompt_benchmark"] = prompt_benchmark
-spec.loader.exec_module(prompt_benchmark)
+prompt_benchmark = load_benchmark("prompt_search.py", "prompt_benchmark")
 
 
 def test_snapshot_ensemble_is_the_shipped_default_d(tmp_path):

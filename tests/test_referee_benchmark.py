@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
-from helpers import REPO
+from helpers import load_benchmark
 
 from sage_lightning.metrics import judge_agreement
 from sage_lightning.shapesworld.classifiers import NAMES
 from sage_lightning.shapesworld.generator import SHAPES, render, sample_scene
 
-spec = importlib.util.spec_from_file_location("referee_benchmark", REPO / "benchmarks" / "referee_agreement.py")
-referee_benchmark = importlib.util.module_from_spec(spec)
-sys.modules["referee_benchmark"] = referee_benchmark
-spec.loader.exec_module(referee_benchmark)
+referee_benchmark = load_benchmark("referee_agreement.py", "referee_benchmark")
 
 
 def test_clean_items_are_seeded_and_mix_template_and_captions():
