@@ -180,3 +180,21 @@ def test_mean_bound_stops_every_channel_drifting_one_way_and_keeps_channel_contr
                           _step(search, zero, [LatentProjection()]), atol=1e-6)
     with pytest.raises(ValueError, match="mean_sigmas=0"):
         LatentProjection(mean_sigmas=0.0)
+
+
+def test_the_shipped_latent_config_bounds_channel_means_and_the_overall_mean(search):
+    """configs/latent_search.yaml's projection, built from the file as LightningCLI builds it, pulls an all-channel
+    drift back within the overall-mean bound (the setting measured in benchmarks/README.md, "Fifth round")."""
+    import importlib
+
+    import yaml
+    from helpers import REPO
+
+    config = yaml.safe_load((REPO / "configs" / "latent_search.yaml").read_text())
+    spec = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("LatentProjection"))
+    module, name = spec["class_path"].rsplit(".", 1)
+    projection = getattr(importlib.import_module(module), name)(**spec["init_args"])
+    z0 = search.initial_latents(torch.arange(len(search.targets)))
+    bound = torch.maximum(z0.flatten(1).mean(1).abs(), torch.full((len(z0),), 1.0 / math.sqrt(z0[0].numel())))
+    moved = _step(search, torch.full(search.delta.shape, 0.15), [ClampPerturbation(-1.0, 1.0), projection])
+    assert ((z0 + moved).flatten(1).mean(1).abs() <= bound * 1.05).all()
