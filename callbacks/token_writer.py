@@ -82,6 +82,7 @@ class TokenWriter(FailureWriter):
         meta = {
             "placeholder": pl_module.placeholder,
             "slot": "[*]",
+            "placement": getattr(pl_module, "placement", "end"),
             "text_encoder": f"{pl_module.diffusion_source}:{'+'.join(type(e).__name__ for e in encoders)}",
             "dimension": str(pl_module.frozen.encoder.embed_dim),
             "target": pl_module.target_name,
@@ -147,8 +148,7 @@ def _rates(results: list[dict], key: str) -> dict[str, float | None]:
 def _held_out_similarity(pl_module) -> float | None:
     """Mean ``cos(text(p + e), text(p))`` over the held-out prompts (the text term of the loss; SAGE's "the CLIP
     score moves little" on the text side)."""
-    prompts = [t.prompt for t in pl_module.held_out]
-    if not prompts:
+    if not pl_module.held_out:
         return None
     with torch.no_grad():
-        return float(pl_module.text_similarity(prompts).mean())
+        return float(pl_module.text_similarity(pl_module.held_out).mean())

@@ -121,7 +121,7 @@ def test_the_universal_token_export_carries_the_stream_widths_and_reloads(stack,
     token, reloaded = reference_token(tmp_path)
     assert reloaded == meta and torch.equal(token, search.token.detach())
     # a plain pipeline: the placeholder added to each stream's tokenizer (copies), its share into that stream's table
-    expected = search.encode(["a photo of a ring"], with_token=True)
+    expected = search.encode([Target(0, "ring", "a photo of a ring", 0)], with_token=True)
     flow, placeholder, loaded = search.frozen.model, reloaded["placeholder"], {}
     shares = token.split([int(w) for w in reloaded["widths"].split(",")])
     for k, share in enumerate(shares):
@@ -143,6 +143,6 @@ def test_the_text_term_reads_the_clip_streams_pooled_features(stack):
     search.prepare(lambda known: [Target(0, "ring", "a photo of a ring", 0)])
     pooled = search.frozen.encoder.pooled(["a photo of a ring"])
     assert pooled.shape == (1, 32 * (len(widths) - 1)) and torch.isclose(pooled.norm(), torch.tensor(1.0))
-    search.text_similarity(["a photo of a ring"]).sum().backward()
+    search.text_similarity([Target(0, "ring", "a photo of a ring", 0)]).sum().backward()
     *clip, t5 = search.token.grad.split(widths)
     assert all(share.abs().sum() > 0 for share in clip) and not t5.any()

@@ -50,7 +50,7 @@ def _token(dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     search.prepare(data.targets, data.held_out)
     images = search.render(search.targets, with_token=True)
     output = search.frozen.ensemble.targeted_loss(images, search.target_index.expand(len(search.targets)))
-    similarity = search.text_similarity([t.prompt for t in search.targets])
+    similarity = search.text_similarity(search.targets)
     (output.per_sample_loss + search.text_weight * (1 - similarity)).sum().backward()
     return images.detach(), search.token, search.token.grad
 

@@ -23,6 +23,7 @@ from sage_lightning.candidates import WordListCandidates
 from sage_lightning.datamodules import ClassPromptDataModule
 from sage_lightning.errors import SageError
 from sage_lightning.searches import LatentSearch, PromptSearch, UniversalTokenSearch
+from sage_lightning.targets import Target
 from sage_lightning.text import XLConditioning
 
 CONFIGS = REPO / "configs"
@@ -79,7 +80,7 @@ def test_the_searches_take_both_encoders_and_the_pipelines_unconditional_branch(
     token.prepare(PromptSetDataModule(classes=["ring"], held_out_templates=["a drawing of a {}"]).targets)
     red = token.frozen.encoder.word_ids("red")
     assert torch.equal(token.token.data, token.frozen.encoder.embedding_rows(red)[0].float())
-    similarity = token.text_similarity(["a photo of a ring"])
+    similarity = token.text_similarity([Target(0, "ring", "a photo of a ring", 0)])
     similarity.sum().backward()
     assert token.token.grad[:32].abs().sum() > 0 and token.token.grad[32:].abs().sum() > 0
 

@@ -22,6 +22,8 @@ from sage_lightning.cli import main
 from sage_lightning.datamodules import PromptSetDataModule
 from sage_lightning.errors import SageError
 from sage_lightning.searches import UniversalTokenSearch
+from sage_lightning.targets import Target
+from sage_lightning.text import readable
 
 TINY = REPO / "configs" / "universal_token_tiny.yaml"
 CLASSES = ["ring", "heart", "circle"]
@@ -88,7 +90,8 @@ def test_gradient_reaches_the_token_and_nothing_else():
     frozen = [p for m in search.frozen.model.modules() for p in m.parameters()]
     assert all(p.grad is None and not p.requires_grad for p in frozen)
     search.token.grad = None
-    (1 - search.text_similarity(["a photo of a ring"])).sum().backward()  # the text term alone also reaches it
+    ring = Target(0, "ring", "a photo of a ring", 0)
+    (1 - search.text_similarity([ring])).sum().backward()  # the text term alone also reaches it
     assert search.token.grad.abs().sum() > 0
 
 
@@ -339,3 +342,26 @@ def test_bad_input_is_one_clear_line(extra, needle, capsys, tmp_path):
 def test_clip_logger_names_a_missing_model():
     with pytest.raises(SageError, match="cannot load CLIP model"):
         ClipScoreLogger(model="/no/such/clip").load()
+
+
+def test_placement_before_class_slots_the_token_before_the_class_word_where_the_encoder_lets_it_act():
+    """``placement: before_class`` writes "a photo of a [*] ring"; under CLIP's causal attention an appended token
+    cannot change the class word's own state, one before it does (issue 20: benchmarks/word_position.py)."""
+    ring = Target(0, "ring", "a photo of a ring", 0)
+    end, _ = _prepared()
+    before, _ = _prepared(placement="before_class")
+    assert readable(end.with_slot(ring)) == "a photo of a ring [*]"
+    assert readable(before.with_slot(ring)) == "a photo of a [*] ring"
+    for search in (end, before):
+        search.token.data.normal_(generator=torch.Generator().manual_seed(0))
+    word = len(end.frozen.model.tokenizer("a photo of a ring").input_ids) - 2  # the class word (BOS ... ring EOS)
+    plain = end.encode([ring], with_token=False)[0]
+    appended, inserted = end.encode([ring], with_token=True)[0], before.encode([ring], with_token=True)[0]
+    assert torch.allclose(appended[: word + 1], plain[: word + 1])  # the prompt's states, class word included
+    assert torch.allclose(inserted[:word], plain[:word])  # before the slot nothing moves
+    assert not torch.allclose(inserted[word + 1], plain[word], atol=1e-4)  # the class word's state, after the token
+    assert TokenWriter.metadata(before)["placement"] == "before_class"
+    with pytest.raises(SageError, match="no 'ring'"):
+        before.with_slot(Target(0, "ring", "a photo of a donut", 0))
+    with pytest.raises(SageError, match="placement='middle'"):
+        UniversalTokenSearch(diffusion="tiny", placement="middle")

@@ -42,6 +42,7 @@ from sage_lightning.targets import Target, seeded_latent
 from sage_lightning.text import slot
 
 SLOT = slot("*")  # shown as [*]
+PLACEMENTS = ("end", "before_class")
 
 
 @dataclass
@@ -66,6 +67,9 @@ class UniversalTokenSearch(EmbeddingSearch):
             noise of each dimension's std, drawn from ``init_seed``; ``word`` when ``init_word`` is given).
         init_word: a one-token word whose embedding starts ``e`` (``init: word``).
         placeholder: the token's name for export into a tokenizer (default ``<sage-TARGET>``).
+        placement: where the slot sits in each prompt: ``end`` (appended, the paper's) or ``before_class``
+            (right before the prompt's class word, e.g. "a drawing of a [*] circle": a causal text encoder lets
+            a word change the class word's own state only from before it; benchmarks/word_position.py).
         include_target_class: keep prompts of the target class itself (default: dropped, they hit trivially).
         eval_batch_size: prompts per generation call when the held-out set is rendered.
         **kwargs: :class:`EmbeddingSearch` (step_units, box, loss, init_seed) and :class:`TargetSearch`
@@ -88,6 +92,7 @@ class UniversalTokenSearch(EmbeddingSearch):
         init: str | None = None,
         init_word: str | None = None,
         placeholder: str | None = None,
+        placement: str = "end",
         include_target_class: bool = False,
         eval_batch_size: int = 8,
         **kwargs,
@@ -99,6 +104,9 @@ class UniversalTokenSearch(EmbeddingSearch):
             raise SageError(f"text_weight={text_weight} must be >= 0")
         if eval_batch_size < 1:
             raise SageError(f"eval_batch_size={eval_batch_size} must be at least 1")
+        if placement not in PLACEMENTS:
+            raise SageError(f"placement={placement!r} is not one of {', '.join(PLACEMENTS)}")
+        self.placement = placement
         self.target, self.text_weight, self.init_word = target, text_weight, init_word
         self.include_target_class, self.eval_batch_size = include_target_class, eval_batch_size
         self._placeholder = placeholder
@@ -168,31 +176,37 @@ class UniversalTokenSearch(EmbeddingSearch):
         return self.token.view(1, -1)
 
     # ------------------------------------------------------------------------------- generation
-    @staticmethod
-    def with_slot(prompt: str) -> str:
-        return f"{prompt} {SLOT}"
+    def with_slot(self, target: Target) -> str:
+        """The target's prompt with the slot ``[*]`` where ``placement`` puts it."""
+        if self.placement == "end":
+            return f"{target.prompt} {SLOT}"
+        at = target.prompt.rfind(target.class_name)
+        if at < 0:
+            raise SageError(f"placement=before_class needs the class word in every prompt; {target.prompt!r} has no "
+                            f"{target.class_name!r}: use templates with {{}} or placement: end")
+        return f"{target.prompt[:at]}{SLOT} {target.prompt[at:]}"
 
     def latents_of(self, targets: list[Target]) -> Tensor:
         shape = self.latent_shape()
         return torch.stack([seeded_latent(t.seed, shape) for t in targets]).to(self.device)
 
-    def encode(self, prompts: list[str], with_token: bool) -> Tensor:
-        """Prompt embeddings ``[B, L, D]``, the token appended through the slot when ``with_token``."""
+    def encode(self, targets: list[Target], with_token: bool) -> Tensor:
+        """Prompt embeddings ``[B, L, D]`` of the targets' prompts, the token in its slot when ``with_token``."""
         if not with_token:
-            return self.prompt_embeddings(prompts)
-        return self.frozen.encoder([self.with_slot(p) for p in prompts], {"*": self.token})
+            return self.prompt_embeddings([t.prompt for t in targets])
+        return self.frozen.encoder([self.with_slot(t) for t in targets], {"*": self.token})
 
     def render(self, targets: list[Target], with_token: bool) -> Tensor:
         """Images ``[B, 3, H, W]`` in [0, 1] of the targets' prompts and seeds."""
-        cond = self.encode([t.prompt for t in targets], with_token)
+        cond = self.encode(targets, with_token)
         return self.generate(self.latents_of(targets), cond, [t.seed for t in targets])
 
-    def text_similarity(self, prompts: list[str]) -> Tensor:
+    def text_similarity(self, targets: list[Target]) -> Tensor:
         """``cos(text(p + e), text(p))`` per prompt (pooled EOS features), differentiable in the token."""
         encoder = self.frozen.encoder
         with torch.no_grad():
-            plain = encoder.pooled(prompts)
-        slotted = encoder.pooled([self.with_slot(p) for p in prompts], {"*": self.token})
+            plain = encoder.pooled([t.prompt for t in targets])
+        slotted = encoder.pooled([self.with_slot(t) for t in targets], {"*": self.token})
         return F.cosine_similarity(slotted.float(), plain.float(), dim=-1)
 
     # --------------------------------------------------------------------------------- training
@@ -201,7 +215,7 @@ class UniversalTokenSearch(EmbeddingSearch):
         targets = [self.targets[int(i)] for i in ids.clamp(min=0)]
         images = self.render(targets, with_token=True)
         output = self.surrogate(images, self.target_index.expand(len(targets)).to(self.device), towards=True)
-        similarity = self.text_similarity([t.prompt for t in targets])
+        similarity = self.text_similarity(targets)
         per_sample = output.per_sample_loss + self.text_weight * (1 - similarity)
         self.stop_if_not_finite(
             ids, {"token": self.token.expand(len(ids), -1), "loss": per_sample,
