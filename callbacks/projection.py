@@ -18,22 +18,25 @@ def shell_in_box(z0: Tensor, delta: Tensor, low: float, high: float) -> Tensor:
     return sphere_in_box(z0, delta, low, high, math.sqrt(delta[0].numel()))
 
 
+def _mean_into(flat: Tensor, bound: float | Tensor) -> Tensor:
+    """``flat`` ``[..., n]`` moved by a constant along its last axis so that its mean lies in ``[-bound, bound]``."""
+    mean = flat.mean(-1, keepdim=True)
+    return flat - (mean - mean.clamp(-bound, bound))
+
+
 def bound_channel_means(z: Tensor, sigmas: float) -> Tensor:
     """``z`` ``[B, C, ...]`` with each channel's mean moved (by a constant over the channel) into
     ``+/- sigmas / sqrt(n)``, ``n`` entries per channel: the spread of a channel mean of N(0, I)."""
     flat = z.flatten(2)
-    bound = sigmas / math.sqrt(flat.shape[-1])
-    means = flat.mean(-1, keepdim=True)
-    return (flat - (means - means.clamp(-bound, bound))).view_as(z)
+    return _mean_into(flat, sigmas / math.sqrt(flat.shape[-1])).view_as(z)
 
 
 def bound_mean(z: Tensor, z0: Tensor, sigmas: float) -> Tensor:
     """``z`` ``[B, ...]`` with its mean over all ``d`` entries moved (by a constant) into ``+/- sigmas / sqrt(d)``, the
     spread of that mean under N(0, I), or into ``+/- |mean(z0)|`` where z0's own mean lies farther out (so z0 stays)."""
-    flat, flat0 = z.flatten(1), z0.flatten(1)
-    bound = flat0.mean(1, keepdim=True).abs().clamp(min=sigmas / math.sqrt(flat.shape[1]))
-    mean = flat.mean(1, keepdim=True)
-    return (flat - (mean - torch.maximum(torch.minimum(mean, bound), -bound))).view_as(z)
+    flat = z.flatten(1)
+    bound = z0.flatten(1).mean(1, keepdim=True).abs().clamp(min=sigmas / math.sqrt(flat.shape[1]))
+    return _mean_into(flat, bound).view_as(z)
 
 
 class LatentProjection(L.Callback):

@@ -82,7 +82,7 @@ class TokenWriter(FailureWriter):
         meta = {
             "placeholder": pl_module.placeholder,
             "slot": "[*]",
-            "placement": getattr(pl_module, "placement", "end"),
+            "placement": pl_module.placement,
             "text_encoder": f"{pl_module.diffusion_source}:{'+'.join(type(e).__name__ for e in encoders)}",
             "dimension": str(pl_module.frozen.encoder.embed_dim),
             "target": pl_module.target_name,

@@ -136,9 +136,9 @@ def _templates() -> tuple[np.ndarray, np.ndarray]:
                     t = _normalise(mask[:, ::-1] if mirrored else mask)
                     rows.append(t.ravel())
                     labels.append(k)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) - (size - 1) / 2
+    r = np.hypot(xx, yy) / (0.4 * size)
     for inner in RING_HOLES:  # a ring is any annulus: the world draws its hole at 0.55 of the radius
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) - (size - 1) / 2
-        r = np.hypot(xx, yy) / (0.4 * size)
         rows.append(_normalise(((r <= 1) & (r > inner)).astype(np.float32)).ravel())
         labels.append(SHAPES.index("ring"))
     return np.clip(np.stack(rows), 0, 1).astype(np.float32), np.array(labels)
