@@ -18,12 +18,11 @@ smear; ``rejects.py``), so that D can say "nothing of the kind is drawn" (issue 
 
 Training data (``train``): the generator's drawings (label: their shape), reject drawings (label ``none``),
 and, when given (``--extra``), images of the generator model itself on training seeds labelled by the judge
-(``none`` where it sees no clean shape), including the hard examples SAGE found against the previous D on
-training seeds (``hard_examples.py``: its D-only failures; never the seeds evaluation uses). The RGB members
-are trained with
-heavy style augmentation (channel permutations, per-channel gains and offsets, inversion, grayscale, colour
-mixing, smooth colour fields, noise, blur), contrast lowered towards the image's border colour down to a
-tenth, and shapes shrunk to half or enlarged, so they follow shape rather than colour, contrast or size.
+(``none`` where it sees no clean shape), including the hard examples SAGE found against the previous D on training
+seeds (``hard_examples.py``: its D-only failures; never the seeds evaluation uses). The RGB members are trained with
+heavy style augmentation (channel permutations, per-channel gains and offsets, inversion, grayscale, colour mixing,
+smooth colour fields, noise, blur), contrast lowered towards the image's border colour down to a tenth, and shapes
+shrunk to half or enlarged, so they follow shape rather than colour, contrast or size.
 
 Shipped as ``weights/classifiers/<name>/config.json`` + ``model.safetensors`` (float16 on disk). The
 config holds ``model_name`` and ``model_kwargs`` for ``timm.create_model`` (including a
@@ -41,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sage_lightning.shapesworld.adversarial import pgd_images
+from sage_lightning.shapesworld.adversarial import ColourBox, pgd_images
 from sage_lightning.shapesworld.augment import contrast_augment, geometric_augment, style_augment
 from sage_lightning.shapesworld.generator import IMAGE_SIZE, SHAPES, make_batch
 from sage_lightning.shapesworld.rejects import REJECT_NAME, make_rejects
@@ -180,10 +180,8 @@ def load_classifier(name: str, root: str | Path | None = None) -> ShapesClassifi
 
     folder = _weights_dir(name, Path(root) if root else None)
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(
-            f"no classifier {name!r} at {folder}: choose one of {', '.join(NAMES)} or train it with "
-            "`python -m sage_lightning.shapesworld.classifiers train`"
-        )
+        raise FileNotFoundError(f"no classifier {name!r} at {folder}: choose one of {', '.join(NAMES)} or train it "
+                                "with `python -m sage_lightning.shapesworld.classifiers train`")
     cfg = json.loads((folder / "config.json").read_text())
     module = ShapesClassifier(cfg)
     state = load_file(str(folder / "model.safetensors"))
@@ -227,7 +225,7 @@ class ClassifierModule(L.LightningModule):
     size differs, e.g. the 10-class members before the ``none`` output)."""
 
     def __init__(self, name: str, steps: int, lr: float = 3e-3, seed: int = 0, init_from: str | None = None,
-                 adv_eps: float = 0.0, adv_steps: int = 3) -> None:
+                 adv_eps: float = 0.0, adv_steps: int = 3, adv_colour: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.cfg = full_config(name)
@@ -267,7 +265,8 @@ class ClassifierModule(L.LightningModule):
         x = self.inputs(images, train=True)
         if self.hparams.adv_eps > 0:  # clean and PGD-attacked halves of one batch (adversarial.py)
             attacked = pgd_images(self.net, self.net.classify_prepared, x, labels, self.hparams.adv_eps,
-                                  self.hparams.adv_steps, self.gen)
+                                  self.hparams.adv_steps, self.gen,
+                                  colour=ColourBox() if self.hparams.adv_colour else None)
             x, labels = torch.cat([x, attacked]), torch.cat([labels, labels])
         logits = self.net.classify_prepared(x)
         loss = F.cross_entropy(logits, labels, label_smoothing=0.05)
@@ -291,20 +290,19 @@ def accuracy(module: ShapesClassifier, images_u8: np.ndarray, labels: np.ndarray
     return hits / max(len(images_u8), 1)
 
 
-def params_of(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def train(name: str, steps: int = 1500, batch_size: int = 128, n_train: int = 24000, n_reject: int = 6000,
           seed: int = 0, n_test: int = 2000, export: bool = True, extra: str | None = None,
           init_from: str | None = None, lr: float = 3e-3, data_cache: str | None = None, adv_eps: float | None = None,
-          adv_steps: int = 3, out: str | None = None) -> dict:
-    """Train member ``name`` (seeded), measure it on ``n_test`` fresh drawings and rejects, and ship it.
+          adv_steps: int = 3, out: str | None = None, adv_colour: bool = False) -> dict:
+    """Train member ``name`` (seeded), measure it on ``n_test`` fresh drawings and rejects, and ship it;
+    ``adv_colour``: PGD against a recolouring too (``adversarial.ColourBox``; needs ``adv_eps > 0``).
 
     ``data_cache``: an ``.npz`` path where the training set is saved once and reloaded (several members'
     trainings share one); the record counts the images the run trained on, from the set's ``sources``."""
     torch.set_num_threads(1)
     adv_eps = SPECS[name].get("adv_eps", 0.0) if adv_eps is None else adv_eps
+    if adv_colour and adv_eps <= 0:
+        raise ValueError(f"adv_colour recolours before the PGD ball, and adv_eps is {adv_eps}: give adv_eps > 0")
     if init_from is None and "warm_start" in SPECS[name]:
         init_from = str(_weights_dir(SPECS[name]["warm_start"]))
     L.seed_everything(seed, workers=True)
@@ -321,7 +319,7 @@ def train(name: str, steps: int = 1500, batch_size: int = 128, n_train: int = 24
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(seed))
     module = ClassifierModule(name, steps=steps, seed=seed, init_from=init_from, lr=lr, adv_eps=adv_eps,
-                              adv_steps=adv_steps)
+                              adv_steps=adv_steps, adv_colour=adv_colour)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, deterministic=False)
     trainer.fit(module, loader)
@@ -330,11 +328,11 @@ def train(name: str, steps: int = 1500, batch_size: int = 128, n_train: int = 24
     acc = accuracy(net, test_images, test_ids)
     reject_acc = accuracy(net, make_rejects(n_test // 4, seed=3000 + seed), np.full(n_test // 4, NONE_ID))
     counts = np.bincount(sources, minlength=len(SOURCES))  # what was trained on, cached or built here
-    record = {"steps": steps, "batch_size": batch_size, "n_train_images": int(counts[0]),
-              "n_reject_images": int(counts[1]), "extra_images": int(counts[2]), "seed": seed,
-              "train_data_seed": 1000 + seed,
+    record = {"steps": steps, "batch_size": batch_size, "n_train_images": int(counts[0]), "n_reject_images":
+              int(counts[1]), "extra_images": int(counts[2]), "seed": seed, "train_data_seed": 1000 + seed,
               "test_seed": 987_654 + seed, "fresh_accuracy": acc, "reject_accuracy": reject_acc, "n_test": n_test,
-              "params": params_of(net.model), "init_from": init_from, "adv_eps": adv_eps, "adv_steps": adv_steps,
+              "params": sum(p.numel() for p in net.model.parameters()), "init_from": init_from, "adv_eps": adv_eps,
+              "adv_steps": adv_steps, **({"adv_colour": asdict(ColourBox())} if adv_colour else {}),
               "train_seconds": round(time.time() - t0, 1)}
     print(f"[{name}] fresh accuracy {acc:.4f} on {n_test}; rejects {reject_acc:.4f}; {record['params']} params; "
           f"{record['train_seconds']} s", flush=True)
@@ -380,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--adv-eps", type=float, default=None, help="PGD radius in [0, 1] pixels (default: the member's, "
                    "0.031 (about 8/255) for the *_adv ones, else 0: no adversarial training; RGB members only)")
     t.add_argument("--adv-steps", type=int, default=3, help="PGD steps per training batch")
+    t.add_argument("--adv-colour", action="store_true", help="recolour each image adversarially "
+                   "(adversarial.ColourBox) before the pixel ball; with --adv-eps > 0")
     t.add_argument("--out", default=None, help="write the member under OUT/<name>/ instead of the shipped weights")
     e = sub.add_parser("eval", help="accuracy of shipped members on fresh images")
     e.add_argument("--n", type=int, default=2000)
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in NAMES if args.name == "all" else (args.name,):
             train(name, steps=args.steps, seed=args.seed, export=not args.no_export, extra=args.extra,
                   init_from=args.init_from, lr=args.lr, data_cache=args.data_cache, adv_eps=args.adv_eps,
-                  adv_steps=args.adv_steps, out=args.out)
+                  adv_steps=args.adv_steps, out=args.out, adv_colour=args.adv_colour)
     else:
         images, _, ids, _ = make_batch(args.n, seed=args.seed)
         for name in NAMES:
