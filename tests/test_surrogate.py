@@ -362,6 +362,25 @@ def test_views_average_each_member_over_nuisance_views_and_carry_the_gradient():
     assert stack_views(red.detach(), ["image", "half"]).shape == (4, 3, 16, 16)
 
 
+def test_stretch_view_shows_a_washed_out_shape_at_full_contrast_and_leaves_a_flat_field_flat():
+    """``stretch`` maps the luminance 1st-99th percentiles to 0-1 with one gain for every channel: a shape washed
+    out to a luminance contrast of 0.16 comes out at full contrast with its hue order kept; a field with 1% noise is
+    amplified at most by 1 / STRETCH_FLOOR; the gradient reaches the image."""
+    from sage_lightning.surrogate.views import STRETCH_FLOOR, VIEWS
+
+    washed = torch.full((1, 3, 32, 32), 0.5)
+    washed[:, :, 8:24, 8:24] += torch.tensor([0.2, 0.15, 0.1]).view(1, 3, 1, 1)  # a pale orange square
+    washed.requires_grad_(True)
+    out = VIEWS["stretch"](washed).clamp(0, 1)
+    inside, outside = out[0, :, 16, 16], out[0, :, 2, 2]
+    assert (outside == 0).all() and inside[0] > 0.9 and inside[0] > inside[1] > inside[2]
+    out.sum().backward()
+    assert washed.grad.abs().sum() > 0
+    noise = 0.5 + 0.01 * torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    spread = VIEWS["stretch"](noise).std() / noise.std()
+    assert spread <= 1 / STRETCH_FLOOR + 1e-4
+
+
 def test_unknown_or_empty_views_are_refused_in_one_line():
     with pytest.raises(SageError, match="unknown view 'grey'.*did you mean 'gray'"):
         ClassifierEnsemble([RedMember()], views=["image", "grey"])

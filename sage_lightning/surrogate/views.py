@@ -1,7 +1,7 @@
 """Nuisance views of an image for D (ours; METHOD.md, "The surrogate (discriminator D)"): the same picture
-recoloured, grey, blurred or at half resolution. A person names the shape in every view; an adversarial
-perturbation against D's members rarely survives them all, while a real failure of the generator (an empty
-field, a blob, the wrong shape) does. D averages each member's probabilities over the views (expectation over
+recoloured, grey, blurred, at half resolution or contrast-stretched. A person names the shape in every view; an
+adversarial perturbation against D's members rarely survives them all, while a real failure of the generator (an
+empty field, a blob, the wrong shape) does. D averages each member's probabilities over the views (expectation over
 transformations), so the search can only make D fail by changing what every view shows.
 
 Every view is differentiable and deterministic (no random draw), so a search stays reproducible.
@@ -37,6 +37,16 @@ def _half(x: Tensor) -> Tensor:
     return F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+STRETCH_FLOOR = 0.1  # least luminance range the stretch divides by: a flat field's noise is not blown up
+
+
+def _stretch(x: Tensor) -> Tensor:
+    """The image's luminance 1st-99th percentiles stretched to 0-1 (one gain and offset for all channels, so hues
+    keep): a washed-out shape a person still sees is shown at full contrast."""
+    low, high = torch.quantile((x * _GRAY.to(x)).sum(1).flatten(1), torch.tensor([0.01, 0.99]).to(x), dim=1)
+    return (x - low.view(-1, 1, 1, 1)) / (high - low).clamp_min(STRETCH_FLOOR).view(-1, 1, 1, 1)
+
+
 VIEWS: dict[str, Callable[[Tensor], Tensor]] = {
     "image": lambda x: x,
     "gbr": lambda x: x[:, [1, 2, 0]],  # hue rotated by a third
@@ -44,6 +54,7 @@ VIEWS: dict[str, Callable[[Tensor], Tensor]] = {
     "gray": _gray,
     "blur": _blur,
     "half": _half,
+    "stretch": _stretch,
 }
 
 
