@@ -61,8 +61,8 @@ class ClassifierEnsemble(nn.Module):
         top_k: k of the failure test; None: :func:`default_top_k` of the class count.
         tau: probability threshold of the failure test.
         views: (ours) nuisance views of each image (:mod:`sage_lightning.surrogate.views`: ``image``, ``gbr``,
-            ``brg``, ``gray``, ``blur``, ``half``); each member's probabilities are averaged over them before the
-            loss and the failure test. ``["image"]`` (default): D on the image alone, as in the paper.
+            ``brg``, ``gray``, ``blur``, ``half``, ``stretch``); each member's probabilities are averaged over them
+            before the loss and the failure test. ``["image"]`` (default): D on the image alone, as in the paper.
 
     Shape:
         - images: :math:`(B, 3, H, W)` in [0, 1], any size (members resize).
