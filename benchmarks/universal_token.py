@@ -11,13 +11,14 @@ the optimisation never sees; prompts of the target shape itself excluded):
   with and without the token.
 * with ``--random-tokens K`` (default 3): the same hit rates for K random tokens of the trained token's norm
   on the same held-out prompts and seeds (``configs/random_token.yaml``): the chance level (issue 14).
-* the obvious baseline (issue 20): the target's own word appended instead of the token (its embedding
-  through the same slot, nothing optimised), with its hit rates, CLIP score and text similarity.
+* the obvious baseline (issue 20): the target's own word instead of the token (its embedding through the same
+  slot, where the config's ``placement`` puts it; nothing optimised), with its hit rates, CLIP score and text
+  similarity.
 * text similarity: mean ``cos(text(p + e), text(p))`` over the held-out prompts (pooled text features).
 
 Examples::
 
-    python benchmarks/universal_token.py                                    # star, heart, cross
+    python benchmarks/universal_token.py                                    # star, triangle, crescent
     python benchmarks/universal_token.py --targets star --passes 2 --num-steps 10 --out runs/bench_ut
     python benchmarks/universal_token.py --accelerator gpu --passes 10
     python benchmarks/universal_token.py --config configs/universal_token_tiny.yaml --targets star --passes 1
@@ -142,7 +143,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", default="star,heart,cross", help="comma-separated ShapesWorld shapes")
+    parser.add_argument("--targets", default="star,triangle,crescent", help="comma-separated ShapesWorld shapes")
     parser.add_argument("--passes", type=int, default=5, help="passes over the training prompts")
     parser.add_argument("--num-steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per (class, template)")

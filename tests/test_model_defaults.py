@@ -83,8 +83,9 @@ def test_shapesworld_clip_never_scores_another_model():
 
 
 def test_a_shapesworld_target_is_refused_for_imagenet_in_one_line():
-    search = UniversalTokenSearch(target=_init_args("universal_token.yaml")["target"], diffusion=SD15)
+    target = _init_args("universal_token.yaml")["target"]
+    search = UniversalTokenSearch(target=target, diffusion=SD15)
     with pytest.raises(SageError) as err:
         search._resolve_target(imagenet_class_names())
-    assert "'star'" in str(err.value) and "model.init_args.target" in str(err.value)
+    assert f"'{target}'" in str(err.value) and "model.init_args.target" in str(err.value)
     assert len(str(err.value).splitlines()) == 1
