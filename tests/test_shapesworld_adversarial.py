@@ -98,49 +98,51 @@ def test_edge_member_refuses_pixel_attacks():
         ClassifierModule("edge", steps=10, adv_eps=0.03)
 
 
+class _Built(Exception):
+    """Raised in place of building the training module: the test has seen its arguments."""
+
+
+@pytest.fixture
+def module_arguments(monkeypatch) -> dict:
+    """The keyword arguments ``classifiers.train`` builds its ``ClassifierModule`` with (it raises ``_Built``
+    instead of training)."""
+    import sage_lightning.shapesworld.classifiers as classifiers
+
+    seen: dict = {}
+
+    def capture(member, **kwargs):
+        seen.update(kwargs)
+        raise _Built
+
+    monkeypatch.setattr(classifiers, "ClassifierModule", capture)
+    return seen
+
+
 @pytest.mark.parametrize(("name", "eps", "twin"), [("resnet_adv", 0.031, "resnet"), ("densenet_adv", 0.031, "densenet"),
                                                    ("resnet", 0.0, None)])
-def test_members_train_with_their_own_recipe(name, eps, twin, monkeypatch):
+def test_members_train_with_their_own_recipe(name, eps, twin, module_arguments):
     """``train`` (and so ``sage-shapesworld build``) trains the *_adv members with PGD, warm-started from their
     plain twin's shipped weights; the plain members without either; no shipped member is recoloured."""
     import sage_lightning.shapesworld.classifiers as classifiers
 
-    class Built(Exception):
-        pass
-
-    seen = {}
-
-    def capture(member, **kwargs):
-        seen.update(kwargs)
-        raise Built
-
-    monkeypatch.setattr(classifiers, "ClassifierModule", capture)
-    with pytest.raises(Built):
+    seen = module_arguments
+    with pytest.raises(_Built):
         classifiers.train(name, n_train=4, n_reject=4, export=False)
     assert seen["adv_eps"] == eps and seen["adv_colour"] is False
     assert seen["init_from"] == (str(classifiers.CLASSIFIERS_DIR / twin) if twin else None)
 
 
-def test_colour_attack_is_asked_for_on_the_command_line(monkeypatch):
+def test_colour_attack_is_asked_for_on_the_command_line(module_arguments, monkeypatch):
     """``classifiers train --adv-colour`` reaches the training step's PGD as a ``ColourBox``; without a pixel ball
     it is refused."""
     import numpy as np
 
     import sage_lightning.shapesworld.classifiers as classifiers
 
-    class Built(Exception):
-        pass
-
-    seen = {}
-
-    def capture(member, **kwargs):
-        seen.update(kwargs)
-        raise Built
-
+    seen = module_arguments
     tiny = (np.zeros((4, 64, 64, 3), np.uint8), np.zeros(4, np.int64), np.zeros(4, np.int64))
     monkeypatch.setattr(classifiers, "training_set", lambda *a, **k: tiny)
-    monkeypatch.setattr(classifiers, "ClassifierModule", capture)
-    with pytest.raises(Built):
+    with pytest.raises(_Built):
         classifiers.main(["train", "--name", "resnet_adv", "--adv-colour", "--no-export"])
     assert seen["adv_colour"] is True and seen["adv_eps"] == 0.031
     with pytest.raises(ValueError, match="adv_eps > 0"):
