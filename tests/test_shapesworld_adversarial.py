@@ -132,9 +132,9 @@ def test_members_train_with_their_own_recipe(name, eps, twin, module_arguments):
     assert seen["init_from"] == (str(classifiers.CLASSIFIERS_DIR / twin) if twin else None)
 
 
-def test_colour_attack_is_asked_for_on_the_command_line(module_arguments, monkeypatch):
+def test_colour_attack_is_asked_for_on_the_command_line(module_arguments, monkeypatch, capsys):
     """``classifiers train --adv-colour`` reaches the training step's PGD as a ``ColourBox``; without a pixel ball
-    it is refused."""
+    it is refused, on the command line in one line."""
     import numpy as np
 
     import sage_lightning.shapesworld.classifiers as classifiers
@@ -147,6 +147,9 @@ def test_colour_attack_is_asked_for_on_the_command_line(module_arguments, monkey
     assert seen["adv_colour"] is True and seen["adv_eps"] == 0.031
     with pytest.raises(ValueError, match="adv_eps > 0"):
         classifiers.train("resnet", export=False, adv_colour=True)
+    with pytest.raises(SystemExit) as refused:  # on the command line: one line, no traceback
+        classifiers.main(["train", "--name", "resnet", "--adv-colour", "--no-export"])
+    assert refused.value.code == 2 and "give adv_eps > 0" in capsys.readouterr().err.splitlines()[-1]
     monkeypatch.undo()
     module = ClassifierModule("resnet", steps=10, adv_eps=0.03, adv_colour=True)
     module.log = lambda *a, **k: None

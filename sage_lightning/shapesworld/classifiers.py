@@ -294,8 +294,7 @@ def train(name: str, steps: int = 1500, batch_size: int = 128, n_train: int = 24
           seed: int = 0, n_test: int = 2000, export: bool = True, extra: str | None = None,
           init_from: str | None = None, lr: float = 3e-3, data_cache: str | None = None, adv_eps: float | None = None,
           adv_steps: int = 3, out: str | None = None, adv_colour: bool = False) -> dict:
-    """Train member ``name`` (seeded), measure it on ``n_test`` fresh drawings and rejects, and ship it;
-    ``adv_colour``: PGD against a recolouring too (``adversarial.ColourBox``; needs ``adv_eps > 0``).
+    """Train member ``name`` (seeded; ``adv_colour``: PGD recolours too), measure it on fresh drawings, ship it.
 
     ``data_cache``: an ``.npz`` path where the training set is saved once and reloaded (several members'
     trainings share one); the record counts the images the run trained on, from the set's ``sources``."""
@@ -375,21 +374,22 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--extra", default=None, help=".npz of judge-labelled generator images (images, labels)")
     t.add_argument("--init-from", default=None, help="member folder whose weights start training (warm start)")
     t.add_argument("--data-cache", default=None, help=".npz where the training set is saved once and reused")
-    t.add_argument("--adv-eps", type=float, default=None, help="PGD radius in [0, 1] pixels (default: the member's, "
-                   "0.031 (about 8/255) for the *_adv ones, else 0: no adversarial training; RGB members only)")
+    t.add_argument("--adv-eps", type=float, default=None, help="PGD radius in [0, 1] pixels (default: the member's)")
     t.add_argument("--adv-steps", type=int, default=3, help="PGD steps per training batch")
-    t.add_argument("--adv-colour", action="store_true", help="recolour each image adversarially "
-                   "(adversarial.ColourBox) before the pixel ball; with --adv-eps > 0")
+    t.add_argument("--adv-colour", action="store_true", help="PGD recolours first (adversarial.ColourBox)")
     t.add_argument("--out", default=None, help="write the member under OUT/<name>/ instead of the shipped weights")
     e = sub.add_parser("eval", help="accuracy of shipped members on fresh images")
     e.add_argument("--n", type=int, default=2000)
     e.add_argument("--seed", type=int, default=31337)
     args = parser.parse_args(argv)
     if args.cmd == "train":
-        for name in NAMES if args.name == "all" else (args.name,):
-            train(name, steps=args.steps, seed=args.seed, export=not args.no_export, extra=args.extra,
-                  init_from=args.init_from, lr=args.lr, data_cache=args.data_cache, adv_eps=args.adv_eps,
-                  adv_steps=args.adv_steps, out=args.out, adv_colour=args.adv_colour)
+        try:
+            for name in NAMES if args.name == "all" else (args.name,):
+                train(name, steps=args.steps, seed=args.seed, export=not args.no_export, extra=args.extra,
+                      init_from=args.init_from, lr=args.lr, data_cache=args.data_cache, adv_eps=args.adv_eps,
+                      adv_steps=args.adv_steps, out=args.out, adv_colour=args.adv_colour)
+        except ValueError as err:  # options that do not go together: one line, no traceback
+            parser.error(str(err))
     else:
         images, _, ids, _ = make_batch(args.n, seed=args.seed)
         for name in NAMES:
