@@ -43,7 +43,7 @@ STRETCH_FLOOR = 0.1  # least luminance range the stretch divides by: a flat fiel
 def _stretch(x: Tensor) -> Tensor:
     """The image's luminance 1st-99th percentiles stretched to 0-1 (one gain and offset for all channels, so hues
     keep): a washed-out shape a person still sees is shown at full contrast."""
-    low, high = torch.quantile((x * _GRAY.to(x)).sum(1).flatten(1), torch.tensor([0.01, 0.99]).to(x), dim=1)
+    low, high = torch.quantile(_gray(x)[:, 0].flatten(1), torch.tensor([0.01, 0.99]).to(x), dim=1)
     return (x - low.view(-1, 1, 1, 1)) / (high - low).clamp_min(STRETCH_FLOOR).view(-1, 1, 1, 1)
 
 
