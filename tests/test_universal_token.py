@@ -363,5 +363,9 @@ def test_placement_before_class_slots_the_token_before_the_class_word_where_the_
     assert TokenWriter.metadata(before)["placement"] == "before_class"
     with pytest.raises(SageError, match="no 'ring'"):
         before.with_slot(Target(0, "ring", "a photo of a donut", 0))
+    star = Target(0, "star", "a star under a starry sky", 0)  # the class word as a word, not inside "starry"
+    assert readable(before.with_slot(star)) == "a [*] star under a starry sky"
+    with pytest.raises(SageError, match="no 'ring'"):
+        before.with_slot(Target(0, "ring", "a photo of earrings", 0))
     with pytest.raises(SageError, match="placement='middle'"):
         UniversalTokenSearch(diffusion="tiny", placement="middle")

@@ -22,6 +22,7 @@ the whole global batch.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -180,10 +181,11 @@ class UniversalTokenSearch(EmbeddingSearch):
         """The target's prompt with the slot ``[*]`` where ``placement`` puts it."""
         if self.placement == "end":
             return f"{target.prompt} {SLOT}"
-        at = target.prompt.rfind(target.class_name)
-        if at < 0:
+        words = list(re.finditer(rf"(?<!\w){re.escape(target.class_name)}(?!\w)", target.prompt))
+        if not words:  # the class name as a whole word, not inside another ("star" in "starry")
             raise SageError(f"placement=before_class needs the class word in every prompt; {target.prompt!r} has no "
                             f"{target.class_name!r}: use templates with {{}} or placement: end")
+        at = words[-1].start()
         return f"{target.prompt[:at]}{SLOT} {target.prompt[at:]}"
 
     def latents_of(self, targets: list[Target]) -> Tensor:
