@@ -173,6 +173,24 @@ def test_a_reject_output_takes_part_in_softmax_and_top_k_but_is_never_a_class():
         ClassifierEnsemble([rejecting, other])
 
 
+def test_reject_misses_lets_a_member_that_sees_nothing_miss_whatever_its_class_probability():
+    """Top-1 ``none`` with p(c) = 0.3 >= tau: a miss only under ``reject_misses``; a member whose top-1 is another
+    class at p(c) = 0.3 still holds the class either way."""
+    none_top1 = FixedProbsMember([[0.07, 0.07, 0.07, 0.3] + [0.0] * 6 + [0.49]])  # class 3 at 0.3, none top-1
+    none_top1.reject_names = ["none"]
+    holding = FixedProbsMember([[0.4, 0.0, 0.0, 0.3] + [0.05] * 6 + [0.0]])  # top-1 class 0, class 3 at 0.3
+    holding.reject_names = ["none"]
+    target = torch.tensor([3])
+    for waiver, expected in ((False, False), (True, True)):
+        ens = ClassifierEnsemble([none_top1], tau=0.1, reject_misses=waiver)
+        out = ens(_images(1), target)
+        assert out.topk[0, 0, 0].item() == 10 and out.probs[0, 0].item() == pytest.approx(0.3, abs=1e-5)
+        assert out.failed.tolist() == [expected]
+    ens = ClassifierEnsemble([none_top1, holding], tau=0.1, reject_misses=True)
+    assert ens(_images(1), target).failed.tolist() == [False]  # the second member's top-1 is not a reject
+    assert ens(_images(1), target).topk[1, 0, 0].item() == 0
+
+
 def test_timm_member_with_a_reject_output_has_one_more_logit():
     member = TimmMember("test_resnet", NAMES, reject_names=["none"])
     assert member.output_names == [*NAMES, "none"] and member.num_classes == 10

@@ -63,6 +63,8 @@ class ClassifierEnsemble(nn.Module):
         views: (ours) nuisance views of each image (:mod:`sage_lightning.surrogate.views`: ``image``, ``gbr``,
             ``brg``, ``gray``, ``blur``, ``half``, ``stretch``); each member's probabilities are averaged over them
             before the loss and the failure test. ``["image"]`` (default): D on the image alone, as in the paper.
+        reject_misses: (ours) a member whose top-1 output is a reject (``none``: nothing of the kind is drawn)
+            misses the class whatever its ``p_m(c)``; False (default): it must also hold ``p_m(c) < tau``.
 
     Shape:
         - images: :math:`(B, 3, H, W)` in [0, 1], any size (members resize).
@@ -71,7 +73,7 @@ class ClassifierEnsemble(nn.Module):
     """
 
     def __init__(self, members: list[EnsembleMember], top_k: int | None = None, tau: float = 0.1,
-                 views: Sequence[str] = ("image",)) -> None:
+                 views: Sequence[str] = ("image",), reject_misses: bool = False) -> None:
         super().__init__()
         self.views = check_views(views)
         members = list(members)
@@ -109,6 +111,7 @@ class ClassifierEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.top_k = int(top_k)
         self.tau = float(tau)
+        self.reject_misses = bool(reject_misses)
         self.requires_grad_(False)
         self.train(False)
 
@@ -159,7 +162,10 @@ class ClassifierEnsemble(nn.Module):
         p = probs_all.gather(-1, idx).squeeze(-1)  # [M, B]
         topk = probs_all.detach().topk(self.top_k, dim=-1).indices  # [M, B, k]
         in_topk = (topk == idx).any(-1)  # [M, B]
-        failed = (~in_topk & (p.detach() < self.tau)).all(0)  # [B]
+        below = p.detach() < self.tau
+        if self.reject_misses:  # top-1 is a reject output: the member sees nothing of the kind
+            below = below | (topk[..., 0] >= self.num_classes)
+        failed = (~in_topk & below).all(0)  # [B]
         per_sample = (1 - 2 * p).mean(0) if towards else (2 * p - 1).mean(0)
         return EnsembleOutput(
             loss=per_sample.mean(), per_sample_loss=per_sample, probs=p, topk=topk, failed=failed
