@@ -173,22 +173,32 @@ def test_a_reject_output_takes_part_in_softmax_and_top_k_but_is_never_a_class():
         ClassifierEnsemble([rejecting, other])
 
 
-def test_reject_misses_lets_a_member_that_sees_nothing_miss_whatever_its_class_probability():
-    """Top-1 ``none`` with p(c) = 0.3 >= tau: a miss only under ``reject_misses``; a member whose top-1 is another
-    class at p(c) = 0.3 still holds the class either way."""
+def test_nothing_drawn_rules_let_a_top_1_reject_fail_the_class_whatever_its_probability():
+    """Top-1 ``none`` with p(c) = 0.3 >= tau: a miss under ``member``, not under ``ignore`` (the paper's test); under
+    ``all`` the image fails only when every member's top-1 is a reject. A member whose top-1 is another class at
+    p(c) = 0.3 holds the class under every rule."""
     none_top1 = FixedProbsMember([[0.07, 0.07, 0.07, 0.3] + [0.0] * 6 + [0.49]])  # class 3 at 0.3, none top-1
     none_top1.reject_names = ["none"]
     holding = FixedProbsMember([[0.4, 0.0, 0.0, 0.3] + [0.05] * 6 + [0.0]])  # top-1 class 0, class 3 at 0.3
     holding.reject_names = ["none"]
+    missing = FixedProbsMember([[0.9, 0.0, 0.0, 0.02] + [0.08 / 6] * 6 + [0.0]])  # top-1 class 0, class 3 below tau
+    missing.reject_names = ["none"]
     target = torch.tensor([3])
-    for waiver, expected in ((False, False), (True, True)):
-        ens = ClassifierEnsemble([none_top1], tau=0.1, reject_misses=waiver)
-        out = ens(_images(1), target)
-        assert out.topk[0, 0, 0].item() == 10 and out.probs[0, 0].item() == pytest.approx(0.3, abs=1e-5)
-        assert out.failed.tolist() == [expected]
-    ens = ClassifierEnsemble([none_top1, holding], tau=0.1, reject_misses=True)
-    assert ens(_images(1), target).failed.tolist() == [False]  # the second member's top-1 is not a reject
-    assert ens(_images(1), target).topk[1, 0, 0].item() == 0
+    cases = {  # members -> failed under ignore / member / all
+        "one member, top-1 none": ([none_top1], (False, True, True)),
+        "two members, both top-1 none": ([none_top1, none_top1], (False, True, True)),
+        "top-1 none beside a member that misses": ([none_top1, missing], (False, True, False)),
+        "top-1 none beside a member that holds": ([none_top1, holding], (False, False, False)),
+    }
+    for case, (members, expected) in cases.items():
+        got = tuple(ClassifierEnsemble(members, tau=0.1, nothing_drawn=rule)(_images(1), target).failed.item()
+                    for rule in ("ignore", "member", "all"))
+        assert got == expected, case
+    out = ClassifierEnsemble([none_top1, holding, missing], tau=0.1)(_images(1), target)
+    assert out.topk[:, 0, 0].tolist() == [10, 0, 0]
+    assert out.probs[:, 0].tolist() == pytest.approx([0.3, 0.3, 0.02], abs=1e-5)
+    with pytest.raises(SageError, match="nothing_drawn='some'"):
+        ClassifierEnsemble([none_top1], nothing_drawn="some")
 
 
 def test_timm_member_with_a_reject_output_has_one_more_logit():

@@ -45,6 +45,9 @@ def default_top_k(num_classes: int) -> int:
     return max(1, math.floor(0.005 * num_classes + 0.5))
 
 
+NOTHING_DRAWN = ("ignore", "member", "all")  # ClassifierEnsemble's nothing_drawn rules
+
+
 class ClassifierEnsemble(nn.Module):
     """The discriminator D of SAGE: frozen classifiers that must all miss the class.
 
@@ -63,8 +66,10 @@ class ClassifierEnsemble(nn.Module):
         views: (ours) nuisance views of each image (:mod:`sage_lightning.surrogate.views`: ``image``, ``gbr``,
             ``brg``, ``gray``, ``blur``, ``half``, ``stretch``); each member's probabilities are averaged over them
             before the loss and the failure test. ``["image"]`` (default): D on the image alone, as in the paper.
-        reject_misses: (ours) a member whose top-1 output is a reject (``none``: nothing of the kind is drawn)
-            misses the class whatever its ``p_m(c)``; False (default): it must also hold ``p_m(c) < tau``.
+        nothing_drawn: (ours) what a top-1 reject output (``none``: nothing of the kind is drawn) does to the failure
+            test: ``ignore`` (default, the paper's test), ``member`` (that member misses the class whatever its
+            ``p_m(c)``), ``all`` (the image fails when every member's top-1 is a reject). Both measured in
+            benchmarks/README.md (issue 19, seventh round); ShapesWorld ships ``ignore``.
 
     Shape:
         - images: :math:`(B, 3, H, W)` in [0, 1], any size (members resize).
@@ -73,7 +78,7 @@ class ClassifierEnsemble(nn.Module):
     """
 
     def __init__(self, members: list[EnsembleMember], top_k: int | None = None, tau: float = 0.1,
-                 views: Sequence[str] = ("image",), reject_misses: bool = False) -> None:
+                 views: Sequence[str] = ("image",), nothing_drawn: str = "ignore") -> None:
         super().__init__()
         self.views = check_views(views)
         members = list(members)
@@ -111,7 +116,9 @@ class ClassifierEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.top_k = int(top_k)
         self.tau = float(tau)
-        self.reject_misses = bool(reject_misses)
+        if nothing_drawn not in NOTHING_DRAWN:
+            raise SageError(f"nothing_drawn={nothing_drawn!r} is not one of {', '.join(NOTHING_DRAWN)}")
+        self.nothing_drawn = nothing_drawn
         self.requires_grad_(False)
         self.train(False)
 
@@ -162,10 +169,13 @@ class ClassifierEnsemble(nn.Module):
         p = probs_all.gather(-1, idx).squeeze(-1)  # [M, B]
         topk = probs_all.detach().topk(self.top_k, dim=-1).indices  # [M, B, k]
         in_topk = (topk == idx).any(-1)  # [M, B]
+        sees_nothing = topk[..., 0] >= self.num_classes  # [M, B]: top-1 is a reject output
         below = p.detach() < self.tau
-        if self.reject_misses:  # top-1 is a reject output: the member sees nothing of the kind
-            below = below | (topk[..., 0] >= self.num_classes)
+        if self.nothing_drawn == "member":
+            below = below | sees_nothing
         failed = (~in_topk & below).all(0)  # [B]
+        if self.nothing_drawn == "all":
+            failed = failed | sees_nothing.all(0)
         per_sample = (1 - 2 * p).mean(0) if towards else (2 * p - 1).mean(0)
         return EnsembleOutput(
             loss=per_sample.mean(), per_sample_loss=per_sample, probs=p, topk=topk, failed=failed
