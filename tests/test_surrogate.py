@@ -201,6 +201,36 @@ def test_nothing_drawn_rules_let_a_top_1_reject_fail_the_class_whatever_its_prob
         ClassifierEnsemble([none_top1], nothing_drawn="some")
 
 
+class NoneFromBrightness(FixedProbsMember):
+    """Fixed probabilities, but the ``none`` logit grows with the image's mean: the only way the image moves it."""
+
+    def logits(self, images01: torch.Tensor) -> torch.Tensor:
+        out = self.fixed[: images01.shape[0]].clone()
+        out[:, -1] = out[:, -1] + 4 * images01.mean((1, 2, 3))
+        return out
+
+
+def test_loss_over_classes_gives_no_reward_for_moving_a_member_onto_none():
+    """``loss_over: classes`` renormalises p(c) over the classes: the loss is ``2 p(c) / sum_classes p - 1``, and an
+    image change that only raises the ``none`` logit leaves it unchanged (gradient 0); under ``outputs`` that same
+    change lowers the loss. The failure test and ``probs`` stay on the softmax over every output."""
+    member = NoneFromBrightness([[0.07, 0.07, 0.07, 0.3] + [0.0] * 6 + [0.49]])
+    member.reject_names = ["none"]
+    target = torch.tensor([3])
+    grads = {}
+    for rule in ("outputs", "classes"):
+        images = torch.zeros(1, 3, 8, 8, requires_grad=True)
+        out = ClassifierEnsemble([member], tau=0.1, loss_over=rule)(images, target)
+        expected = 2 * 0.3 / 0.51 - 1 if rule == "classes" else 2 * 0.3 - 1
+        assert out.loss.item() == pytest.approx(expected, abs=1e-5), rule
+        assert out.probs.item() == pytest.approx(0.3, abs=1e-5) and out.failed.tolist() == [False]
+        out.loss.backward()
+        grads[rule] = images.grad.abs().sum().item()
+    assert grads["outputs"] > 1e-3 and grads["classes"] < 1e-7
+    with pytest.raises(SageError, match="loss_over='rejects'"):
+        ClassifierEnsemble([member], loss_over="rejects")
+
+
 def test_timm_member_with_a_reject_output_has_one_more_logit():
     member = TimmMember("test_resnet", NAMES, reject_names=["none"])
     assert member.output_names == [*NAMES, "none"] and member.num_classes == 10

@@ -46,6 +46,7 @@ def default_top_k(num_classes: int) -> int:
 
 
 NOTHING_DRAWN = ("ignore", "member", "all")  # ClassifierEnsemble's nothing_drawn rules
+LOSS_OVER = ("outputs", "classes")  # what the surrogate loss's p_m(c) is normalised over
 
 
 class ClassifierEnsemble(nn.Module):
@@ -70,6 +71,10 @@ class ClassifierEnsemble(nn.Module):
             test: ``ignore`` (default, the paper's test), ``member`` (that member misses the class whatever its
             ``p_m(c)``), ``all`` (the image fails when every member's top-1 is a reject). Both measured in
             benchmarks/README.md (issue 19, seventh round); ShapesWorld ships ``ignore``.
+        loss_over: (ours) the ``p_m(c)`` of the surrogate loss: ``outputs`` (default: the softmax over every output,
+            rejects included) or ``classes`` (renormalised over the classes: moving a member onto a reject output
+            does not lower the loss). The same for members without reject outputs; the failure test always uses
+            ``outputs``.
 
     Shape:
         - images: :math:`(B, 3, H, W)` in [0, 1], any size (members resize).
@@ -78,7 +83,8 @@ class ClassifierEnsemble(nn.Module):
     """
 
     def __init__(self, members: list[EnsembleMember], top_k: int | None = None, tau: float = 0.1,
-                 views: Sequence[str] = ("image",), nothing_drawn: str = "ignore") -> None:
+                 views: Sequence[str] = ("image",), nothing_drawn: str = "ignore",
+                 loss_over: str = "outputs") -> None:
         super().__init__()
         self.views = check_views(views)
         members = list(members)
@@ -119,6 +125,9 @@ class ClassifierEnsemble(nn.Module):
         if nothing_drawn not in NOTHING_DRAWN:
             raise SageError(f"nothing_drawn={nothing_drawn!r} is not one of {', '.join(NOTHING_DRAWN)}")
         self.nothing_drawn = nothing_drawn
+        if loss_over not in LOSS_OVER:
+            raise SageError(f"loss_over={loss_over!r} is not one of {', '.join(LOSS_OVER)}")
+        self.loss_over = loss_over
         self.requires_grad_(False)
         self.train(False)
 
@@ -176,7 +185,10 @@ class ClassifierEnsemble(nn.Module):
         failed = (~in_topk & below).all(0)  # [B]
         if self.nothing_drawn == "all":
             failed = failed | sees_nothing.all(0)
-        per_sample = (1 - 2 * p).mean(0) if towards else (2 * p - 1).mean(0)
+        p_loss = p
+        if self.loss_over == "classes":  # p_m(c) among the classes: a reject output's share does not count
+            p_loss = p / probs_all[..., : self.num_classes].sum(-1).clamp_min(1e-6)
+        per_sample = (1 - 2 * p_loss).mean(0) if towards else (2 * p_loss - 1).mean(0)
         return EnsembleOutput(
             loss=per_sample.mean(), per_sample_loss=per_sample, probs=p, topk=topk, failed=failed
         )
