@@ -95,6 +95,13 @@ def test_d_says_nothing_is_drawn_on_empty_fields_and_blobs():
     failed = [ensemble.from_probs(probs[:, torch.from_numpy(empty)], torch.full((int(empty.sum()),), k)).failed
               for k in range(len(SHAPES))]
     assert torch.cat(failed).float().mean() >= 0.95
+    # the search's loss is over the classes (loss_over="classes"): on an empty field, where the members put much of
+    # their mass on none, the loss's p_m(k) still sum to 1 over the 10 classes, so sum_k mean_m (2 p_m(k) - 1) = 2 - 10
+    # (with the paper's p_m(k) it would be 2 * (class mass) - 10: moving mass onto none would pay)
+    losses = torch.stack([ensemble.from_probs(probs[:, torch.from_numpy(empty)], torch.full((int(empty.sum()),), k))
+                          .per_sample_loss for k in range(len(SHAPES))])  # [classes, empty fields]
+    assert probs[:, torch.from_numpy(empty), : len(SHAPES)].sum(-1).mean() < 0.5  # so the two sums differ
+    assert torch.allclose(losses.sum(0), torch.full((int(empty.sum()),), 2.0 - len(SHAPES)), atol=1e-4)
 
 
 def _washed(images, fraction: float):

@@ -20,14 +20,16 @@ SHAPESWORLD_VIEWS = ("image", "gbr", "brg", "gray", "blur", "half")
 def default_ensemble() -> ClassifierEnsemble:
     """The world's own classifiers, in ``classifiers.NAMES`` order (two timm architectures, the Canny-edge
     member, and the two architectures adversarially trained): the shipped ones of them, in the nuisance views
-    ``SHAPESWORLD_VIEWS``."""
+    ``SHAPESWORLD_VIEWS``, with the surrogate loss over the classes only (``loss_over="classes"``: moving a member
+    onto ``none`` does not pay; benchmarks/README.md, issue 19's seventh round)."""
     from sage_lightning.shapesworld.classifiers import NAMES
 
     folder = SHAPESWORLD_DIR / "classifiers"
     shipped = [name for name in NAMES if (folder / name / "config.json").exists()]
     if not shipped:
         raise SageError(f"ShapesWorld classifiers are missing in {folder}: rebuild them (`sage-shapesworld build`)")
-    return ClassifierEnsemble([shapesworld_member(folder / name) for name in shipped], views=SHAPESWORLD_VIEWS)
+    return ClassifierEnsemble([shapesworld_member(folder / name) for name in shipped], views=SHAPESWORLD_VIEWS,
+                              loss_over="classes")
 
 
 def judge(images: object) -> list[str | None]:

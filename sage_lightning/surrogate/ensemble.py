@@ -73,8 +73,9 @@ class ClassifierEnsemble(nn.Module):
             benchmarks/README.md (issue 19, seventh round); ShapesWorld ships ``ignore``.
         loss_over: (ours) the ``p_m(c)`` of the surrogate loss: ``outputs`` (default: the softmax over every output,
             rejects included) or ``classes`` (renormalised over the classes: moving a member onto a reject output
-            does not lower the loss). The same for members without reject outputs; the failure test always uses
-            ``outputs``.
+            does not lower the loss; ShapesWorld's D). The same for members without reject outputs; the failure
+            test always uses ``outputs``. Only this paper loss (:meth:`from_probs`); the embedding searches' ``log``
+            and ``margin`` losses (``sage_lightning.embedding.member_loss``) are their own.
 
     Shape:
         - images: :math:`(B, 3, H, W)` in [0, 1], any size (members resize).
