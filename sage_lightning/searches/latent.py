@@ -2,7 +2,8 @@
 
 For each target (class c, prompt p, seed s): z0 = N(0, I) from s; find delta so that the image of
 z = z0 + delta under prompt p fails the discriminator D, by sign-gradient steps on
-``loss = mean_m (2 p_m(c) - 1)``; after each step delta is clamped to its box and z projected onto the Gaussian
+``loss = mean_m (2 p_m(c) - 1)`` (p_m(c) over the classes only where D says so: ``ClassifierEnsemble(loss_over=...)``);
+after each step delta is clamped to its box and z projected onto the Gaussian
 shell, by the search's own constraints (:meth:`LatentSearch.constraints`:
 ``sage_lightning.callbacks.ClampPerturbation(-1, 1)``, ``sage_lightning.callbacks.LatentProjection``; a config
 changes them by listing its own).
