@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sage_lightning.embedding import check_choice
 from sage_lightning.errors import SageError
 from sage_lightning.surrogate.classnames import resolve_classes
 from sage_lightning.surrogate.members import EnsembleMember, _check_images
@@ -123,12 +124,8 @@ class ClassifierEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.top_k = int(top_k)
         self.tau = float(tau)
-        if nothing_drawn not in NOTHING_DRAWN:
-            raise SageError(f"nothing_drawn={nothing_drawn!r} is not one of {', '.join(NOTHING_DRAWN)}")
-        self.nothing_drawn = nothing_drawn
-        if loss_over not in LOSS_OVER:
-            raise SageError(f"loss_over={loss_over!r} is not one of {', '.join(LOSS_OVER)}")
-        self.loss_over = loss_over
+        self.nothing_drawn = check_choice(nothing_drawn, NOTHING_DRAWN, "nothing_drawn")
+        self.loss_over = check_choice(loss_over, LOSS_OVER, "loss_over")
         self.requires_grad_(False)
         self.train(False)
 
